@@ -1,0 +1,12 @@
+"""Base architectures (chosen by name), the mixing network and the composite model."""
+from adaptive_smoothing.models.base import BaseClassifier, BaseOutput
+from adaptive_smoothing.models.registry import create_model, list_models, register_model
+
+# Importing the architecture modules fills the registry.
+from adaptive_smoothing.models import bit, resnet, wide_resnet  # noqa: F401,E402
+from adaptive_smoothing.models.composite import (CompositeModel, CompositeOutput,  # noqa: E402
+                                                 LogProbClassifier)
+from adaptive_smoothing.models.mixing import MixingNet  # noqa: E402
+
+__all__ = ["BaseClassifier", "BaseOutput", "CompositeModel", "CompositeOutput",
+           "LogProbClassifier", "MixingNet", "create_model", "list_models", "register_model"]

@@ -1,0 +1,182 @@
+"""The adaptively smoothed ("composite", "mixed") classifier of Bai et al. (SPEC section 1).
+
+    out(x) = log((1 - alpha(x)) * softmax(s_std * g(x)) + alpha(x) * softmax(s_rob * h(x)))
+
+The composite only mixes: the base models produce logits and features, the mixing network produces
+gamma, and this module turns gamma into alpha and mixes the probabilities.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from adaptive_smoothing.models.base import BaseClassifier
+from adaptive_smoothing.models.mixing import MixingNet
+
+# Training-mode clamp of gamma to [mean - k * std, mean + k * std] before the gamma BatchNorm.
+_CLAMP_STDS = 0.6
+
+
+class CompositeOutput(NamedTuple):
+    log_probs: torch.Tensor  # (B, classes): used as logits downstream
+    gamma: torch.Tensor      # (B,): after BN and the gamma constants; -inf/+inf in one-model modes
+    alpha: torch.Tensor      # (B,): the weight of the ROB model's probabilities
+
+
+class CompositeModel(nn.Module):
+    """Mix a frozen accurate (STD) and a frozen robust (ROB) classifier.
+
+    Args:
+        std_model, rob_model: base classifiers; frozen here (eval mode, no parameter grads).
+        mixer: the mixing network, or None for a fixed ``gamma``.
+        std_scale, rob_scale: positive logit scales s_std, s_rob.
+        gamma: fixed gamma when there is no mixer; -inf = STD only, +inf = ROB only.
+        train_gamma, eval_gamma: (scale, bias) applied to the BN-normalised gamma in training and
+            evaluation mode.
+        alpha_scale, alpha_bias: with scale_alpha on, alpha <- alpha * alpha_scale + alpha_bias.
+            (0, 0) means STD only, alpha_bias == 1 ROB only.
+        unsafe_detach_mixer_inputs: detach the features fed to the mixer, hiding the mixer from
+            gradient-based attacks. NOT VALID FOR EVALUATION: robustness measured with it on is
+            overstated. It exists only to reproduce the original code's ``policy_graph: false``.
+    """
+
+    def __init__(self, std_model: BaseClassifier, rob_model: BaseClassifier,
+                 mixer: Optional[MixingNet] = None, *, std_scale: float = 1.0,
+                 rob_scale: float = 1.0, gamma: float = 0.0,
+                 train_gamma: tuple[float, float] = (2.0, 0.4),
+                 eval_gamma: tuple[float, float] = (2.0, 1.3),
+                 alpha_scale: float = 1.0, alpha_bias: float = 0.0,
+                 unsafe_detach_mixer_inputs: bool = False) -> None:
+        super().__init__()
+        if not (std_scale > 0 and rob_scale > 0):
+            raise ValueError(f"logit scales must be positive, got std_scale={std_scale}, "
+                             f"rob_scale={rob_scale}")
+        if alpha_bias < 0 or alpha_scale < 0 or alpha_bias + alpha_scale > 1 + 1e-12:
+            raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
+                             f"({alpha_bias}, {alpha_bias + alpha_scale}) must lie in [0, 1]")
+        if math.isnan(gamma):
+            raise ValueError("gamma must not be NaN")
+        self.std_model = std_model
+        self.rob_model = rob_model
+        for model in (self.std_model, self.rob_model):
+            model.eval()
+            model.requires_grad_(False)
+        self.mixer = mixer
+        # Running statistics of gamma are learned with the mixer and saved as its "bn" state.
+        self.gamma_bn = nn.BatchNorm1d(1, affine=False, momentum=0.01)
+        self.std_scale = float(std_scale)
+        self.rob_scale = float(rob_scale)
+        self.gamma = float(gamma)
+        self.train_gamma = (float(train_gamma[0]), float(train_gamma[1]))
+        self.eval_gamma = (float(eval_gamma[0]), float(eval_gamma[1]))
+        self.alpha_scale = float(alpha_scale)
+        self.alpha_bias = float(alpha_bias)
+        self.unsafe_detach_mixer_inputs = unsafe_detach_mixer_inputs
+        self.scale_alpha = True
+        self.train(False)
+
+    # -- modes -------------------------------------------------------------------------------
+    def train(self, mode: bool = True, scale_alpha: Optional[bool] = None) -> "CompositeModel":
+        """Set the mixer and gamma BN to ``mode``; the base models always stay in eval mode.
+
+        ``scale_alpha`` defaults to ``not mode`` (on for evaluation, off for training).
+        """
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode must be a bool, got {mode!r}")
+        self.training = mode
+        if self.mixer is not None:
+            self.mixer.train(mode)
+        self.gamma_bn.train(mode)
+        self.scale_alpha = (not mode) if scale_alpha is None else bool(scale_alpha)
+        return self
+
+    def eval(self, scale_alpha: Optional[bool] = None) -> "CompositeModel":
+        return self.train(False, scale_alpha=scale_alpha)
+
+    @property
+    def std_only(self) -> bool:
+        return ((self.mixer is None and self.gamma == -math.inf)
+                or (self.alpha_scale == 0 and self.alpha_bias == 0))
+
+    @property
+    def rob_only(self) -> bool:
+        return (self.mixer is None and self.gamma == math.inf) or self.alpha_bias == 1
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> CompositeOutput:
+        batch = x.shape[0]
+        if self.std_only:
+            logits = self.std_model(x).float() * self.std_scale
+            return CompositeOutput(logits, _full(batch, -math.inf, x), _full(batch, 0.0, x))
+        if self.rob_only:
+            logits = self.rob_model(x).float() * self.rob_scale
+            return CompositeOutput(logits, _full(batch, math.inf, x), _full(batch, 1.0, x))
+
+        std_out = self.std_model.forward_features(x)
+        rob_out = self.rob_model.forward_features(x)
+        gamma, alpha = self._mixing_weight(std_out.features, rob_out.features, x)
+
+        std_probs = torch.softmax(std_out.logits.float() * self.std_scale, dim=1)
+        rob_probs = torch.softmax(rob_out.logits.float() * self.rob_scale, dim=1)
+        a = alpha.float().unsqueeze(1)
+        log_probs = torch.log((1 - a) * std_probs + a * rob_probs)
+        return CompositeOutput(log_probs, gamma, alpha)
+
+    def _mixing_weight(self, std_features: tuple[torch.Tensor, torch.Tensor],
+                       rob_features: tuple[torch.Tensor, torch.Tensor],
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = x.shape[0]
+        if self.mixer is None:
+            gamma = _full(batch, self.gamma, x)
+            return gamma, torch.sigmoid(gamma)
+        if self.alpha_scale == 0:
+            # A degenerate range: alpha is the constant alpha_bias; report its logit as gamma.
+            alpha = _full(batch, self.alpha_bias, x)
+            return torch.logit(alpha), alpha
+
+        firsts = [std_features[0], rob_features[0]]
+        seconds = [std_features[1], rob_features[1]]
+        if self.unsafe_detach_mixer_inputs:
+            firsts = [f.detach() for f in firsts]
+            seconds = [f.detach() for f in seconds]
+        gamma = self.mixer(firsts, seconds).float()  # (B, 1)
+        if self.training:
+            # Clamping before the BN keeps outliers from dominating its running statistics.
+            mean, std = gamma.mean().detach(), gamma.std().detach()
+            gamma = torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
+        scale, bias = self.train_gamma if self.training else self.eval_gamma
+        gamma = self.gamma_bn(gamma) * scale + bias
+        alpha = torch.sigmoid(gamma)
+        if self.scale_alpha:
+            alpha = alpha * self.alpha_scale + self.alpha_bias
+        return gamma.reshape(-1), alpha.reshape(-1)
+
+
+def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.full((batch,), value, device=like.device, dtype=torch.float32)
+
+
+class LogProbClassifier(nn.Module):
+    """The composite as a plain classifier: returns log-probabilities only.
+
+    This is the model AutoAttack and RobustBench see; ``train``/``eval`` pass through so that
+    ``model.eval()`` gives the evaluation behaviour (scale_alpha on).
+    """
+
+    def __init__(self, composite: CompositeModel) -> None:
+        super().__init__()
+        self.composite = composite
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.composite(x).log_probs
+
+    def train(self, mode: bool = True, scale_alpha: Optional[bool] = None) -> "LogProbClassifier":
+        self.training = mode
+        self.composite.train(mode, scale_alpha=scale_alpha)
+        return self
+
+    def eval(self, scale_alpha: Optional[bool] = None) -> "LogProbClassifier":
+        return self.train(False, scale_alpha=scale_alpha)
