@@ -1,0 +1,24 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_cifar10() -> Path:
+    """The offline CIFAR-10 copy (../shared/data/cifar10), skipped where absent."""
+    path = SHARED_DATA / "cifar10"
+    if not (path / "test.npz").exists():
+        pytest.skip(f"offline CIFAR-10 not found at {path}")
+    return path
