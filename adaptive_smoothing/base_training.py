@@ -1,0 +1,175 @@
+"""Training the base classifiers: standard training and adversarial training (PGD-AT, FGSM-RS).
+
+The paper mixes an accurate (standard) and a robust (adversarially trained) classifier; this module
+produces both for the small-scale experiments. FGSM with a random start and step 1.25 * eps is the
+"fast adversarial training" of Wong et al. (2020); PGD-AT is Madry et al. (2018).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from adaptive_smoothing.attacks import pgd
+from adaptive_smoothing.checkpoints import save_checkpoint
+from adaptive_smoothing.data import build_loader
+from adaptive_smoothing.models import create_model
+from adaptive_smoothing.runtime import autocast_context, resolve_device, resolve_precision
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("standard", "pgd", "fgsm")
+
+
+@dataclass(frozen=True)
+class BaseTrainingSettings:
+    """Everything one base-model training run needs (the CLI fills it from its flags)."""
+
+    arch: str = "resnet18"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int = 10
+    method: str = "standard"          # standard | pgd | fgsm
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1                   # peak of the one-cycle schedule (SGD, Nesterov momentum)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 8 / 255              # Linf radius for adversarial training
+    pgd_steps: int = 7
+    pgd_step_size: float = 2 / 255
+    fgsm_step_factor: float = 1.25    # FGSM-RS step = factor * eps (Wong et al. 2020)
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("epochs", "batch_size", "pgd_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "eps", "pgd_step_size", "fgsm_step_factor"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def _adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       settings: BaseTrainingSettings) -> torch.Tensor:
+    """Training inputs for this step: clean for standard training, else attacked."""
+    if settings.method == "standard":
+        return x
+    # Attacks see the model in eval mode so BatchNorm statistics track only the training inputs.
+    model.eval()
+    try:
+        if settings.method == "pgd":
+            return pgd(model, x, y, settings.eps, n_iter=settings.pgd_steps,
+                       step_size=settings.pgd_step_size, random_start=True).x_adv
+        # FGSM-RS: one step from a uniform random start, projected back into the eps-ball.
+        return pgd(model, x, y, settings.eps, n_iter=1,
+                   step_size=settings.fgsm_step_factor * settings.eps, random_start=True).x_adv
+    finally:
+        model.train()
+
+
+def _one_cycle(step: int, total: int) -> float:
+    """Linear warm-up to the peak over the first 40% of steps, then linear decay to 0."""
+    peak_at = 0.4 * total
+    if step < peak_at:
+        return min(1.0, (step + 1) / peak_at)
+    return max(0.0, (total - step) / (total - peak_at))
+
+
+def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output: Path,
+                     resume: bool = True) -> nn.Module:
+    """Train one base classifier, checkpointing atomically after every epoch.
+
+    The checkpoint at ``output`` holds {"model", "arch", "arch_kwargs", "num_classes", "method",
+    "optimizer", "epoch", "settings"}; its "model" entry is what the composite's STD/ROB loaders
+    read. With ``resume`` an existing checkpoint is continued from its last finished epoch.
+    """
+    device = resolve_device(settings.device)
+    precision = resolve_precision(settings.precision, device)
+    torch.manual_seed(settings.seed)
+    model = create_model(settings.arch, num_classes=settings.num_classes,
+                         **settings.arch_kwargs).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay, nesterov=True)
+    loader = build_loader(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
+                          drop_last=True, num_workers=settings.num_workers)
+    steps_per_epoch = len(loader)
+    total_steps = settings.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _one_cycle(step, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+
+    start_epoch = 0
+    if resume and output.exists():
+        state = torch.load(output, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        torch.set_rng_state(state["rng_state"])
+        logger.info("resuming %s from epoch %d", output, start_epoch)
+
+    for epoch in range(start_epoch, settings.epochs):
+        model.train()
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        correct = seen = 0
+        loss_sum = 0.0
+        bar = tqdm(loader, desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}",
+                   leave=False)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            x_train = _adversarial_batch(model, x, y, settings)
+            with autocast_context(device, precision):
+                logits = model(x_train)
+                loss = F.cross_entropy(logits.float(), y)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"non-finite training loss at epoch {epoch + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.4f}")
+        logger.info("epoch %d/%d: loss %.4f, %s accuracy %.4f", epoch + 1, settings.epochs,
+                    loss_sum / max(seen, 1), "clean" if settings.method == "standard"
+                    else "adversarial", correct / max(seen, 1))
+        save_checkpoint({
+            "model": model.state_dict(), "arch": settings.arch,
+            "arch_kwargs": dict(settings.arch_kwargs), "num_classes": settings.num_classes,
+            "method": settings.method, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+            "rng_state": torch.get_rng_state(),
+            "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
+        }, output)
+    model.eval()
+    return model
+
+
+def load_base_model(path: Path, device: Optional[torch.device] = None) -> nn.Module:
+    """Rebuild a model saved by :func:`train_base_model` (architecture from the checkpoint)."""
+    state = torch.load(path, map_location=device or "cpu", weights_only=True)
+    for key in ("model", "arch", "num_classes"):
+        if key not in state:
+            raise KeyError(f"{path}: not a base-training checkpoint (no {key!r} entry)")
+    model = create_model(state["arch"], num_classes=int(state["num_classes"]),
+                         **dict(state.get("arch_kwargs", {})))
+    model.load_state_dict(state["model"])
+    return model.to(device or "cpu").eval()
