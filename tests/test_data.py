@@ -1,0 +1,278 @@
+"""Datasets and loaders: offline .npz, ImageFolder, torchvision error path, loaders."""
+from __future__ import annotations
+
+import io
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adaptive_smoothing import data
+from adaptive_smoothing.data import DataError, build_dataset, build_loader, load_tensors, take_first
+
+
+def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    # Flat colour blocks survive JPEG almost unchanged, so decoded pixels can be compared.
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        images[i, : size // 2] = rng.integers(0, 256, 3)
+        images[i, size // 2:] = rng.integers(0, 256, 3)
+    return images
+
+
+def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray,
+               override: dict | None = None) -> Path:
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    arrays = {"jpeg": np.concatenate(blobs), "offsets": offsets,
+              "labels": labels.astype(np.int64), "classes": np.array(data.CIFAR10_CLASSES)}
+    arrays.update(override or {})
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def small_npz_dir(tmp_path: Path) -> Path:
+    labels = np.arange(12) % 10
+    _write_npz(tmp_path / "test.npz", _images(12), labels)
+    _write_npz(tmp_path / "train.npz", _images(20, seed=1), np.arange(20) % 10)
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- npz
+
+
+def test_small_npz_decodes(small_npz_dir: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    assert len(dataset) == 12
+    image, label = dataset[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert label == 3
+    expected = torch.from_numpy(_images(12)[3]).permute(2, 0, 1).float() / 255
+    assert (image - expected).abs().mean() < 0.02
+    assert dataset.classes == list(data.CIFAR10_CLASSES)
+
+    # A file path works as well as the directory, and 'CIFAR-10' as well as 'cifar10'.
+    same = build_dataset("CIFAR-10", "test", "npz", small_npz_dir / "test.npz")
+    assert torch.equal(same[3][0], image)
+    assert len(build_dataset("cifar10", "train", "npz", small_npz_dir)) == 20
+
+
+def test_npz_in_dataset_subfolder(small_npz_dir: Path) -> None:
+    # --data-dir ../shared/data (the parent of cifar10/) is found too.
+    (small_npz_dir / "cifar10").mkdir()
+    (small_npz_dir / "test.npz").rename(small_npz_dir / "cifar10" / "test.npz")
+    assert len(build_dataset("cifar10", "test", "npz", small_npz_dir)) == 12
+
+
+def test_npz_missing_file_lists_candidates(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="looked for") as info:
+        build_dataset("cifar10", "test", "npz", tmp_path)
+    assert str(tmp_path / "test.npz") in str(info.value)
+    with pytest.raises(DataError, match="does not exist"):
+        build_dataset("cifar10", "test", "npz", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="needs a path"):
+        build_dataset("cifar10", "test", "npz", None)
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ({"labels": None}, r"missing array\(s\) \['labels'\]"),
+    ({"labels": np.arange(5)}, r"'offsets' has length 7 .* 'labels' has length 5"),
+    ({"offsets": np.array([0, 5, 3, 9, 12, 15, 18])}, r"'offsets' must"),
+    ({"labels": np.array([0, 1, 2, 3, 4, 10])}, r"'labels' has values in \[0, 10\]"),
+    ({"jpeg": np.zeros(10, dtype=np.float32)}, r"'jpeg' must be a 1-D uint8"),
+])
+def test_bad_npz_names_file_and_key(tmp_path: Path, override: dict, pattern: str) -> None:
+    path = _write_npz(tmp_path / "test.npz", _images(6), np.arange(6), override)
+    with pytest.raises(DataError, match=pattern) as info:
+        build_dataset("cifar10", "test", "npz", path)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_jpeg_and_non_npz(tmp_path: Path) -> None:
+    path = _write_npz(tmp_path / "test.npz", _images(4), np.arange(4))
+    with np.load(path) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    start, end = arrays["offsets"][2], arrays["offsets"][3]
+    arrays["jpeg"][start:end] = 7  # wipe image 2, SOI marker included
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="image 2"):
+        build_dataset("cifar10", "test", "npz", path)
+
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"this is not a zip")
+    with pytest.raises(DataError, match="junk.npz"):
+        build_dataset("cifar10", "test", "npz", junk)
+
+
+def test_shared_cifar10_test_set(shared_cifar10: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", shared_cifar10)
+    assert len(dataset) == 10000
+    with np.load(shared_cifar10 / "test.npz") as raw:
+        labels = raw["labels"]
+    x, y = load_tensors(dataset, 1000)
+    assert x.shape == (1000, 3, 32, 32) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.1
+    assert torch.equal(y, torch.from_numpy(labels[:1000]))
+    counts = torch.bincount(y, minlength=10)
+    assert counts.min() >= 60 and counts.max() <= 140, counts
+    # CIFAR-10 channel means are about (0.49, 0.48, 0.45).
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.tensor([0.49, 0.48, 0.45]), atol=0.03)
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_augmentation_changes_images_not_shapes(small_npz_dir: Path) -> None:
+    plain = build_dataset("cifar10", "train", "npz", small_npz_dir, augment=False)
+    augmented = build_dataset("cifar10", "train", "npz", small_npz_dir)  # train: augment default
+    reference = plain[0][0]
+    draws = [augmented[0][0] for _ in range(8)]
+    assert all(d.shape == reference.shape for d in draws)
+    assert any(not torch.equal(d, reference) for d in draws)
+    assert augmented[0][1] == plain[0][1]
+
+
+def test_test_transform_is_deterministic(small_npz_dir: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    assert torch.equal(dataset[5][0], dataset[5][0])
+    x1, _ = load_tensors(dataset)
+    x2, _ = load_tensors(dataset)
+    assert torch.equal(x1, x2)
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+
+def _save_png(path: Path, size: int = 32, value: int = 100) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_uses_canonical_indices(tmp_path: Path) -> None:
+    for i in range(3):
+        _save_png(tmp_path / "test" / "cat" / f"{i}.png", value=10 * i)
+        _save_png(tmp_path / "test" / "truck" / f"{i}.png", value=200)
+    dataset = build_dataset("cifar10", "test", "imagefolder", tmp_path)
+    assert len(dataset) == 6
+    x, y = load_tensors(dataset)
+    assert x.shape == (6, 3, 32, 32) and 0.0 <= x.min() and x.max() <= 1.0
+    assert sorted(y.tolist()) == [3, 3, 3, 9, 9, 9]  # cat = 3, truck = 9 in CIFAR-10
+    assert torch.allclose(x[y == 9], torch.full_like(x[y == 9], 200 / 255))
+
+
+def test_image_folder_bad_size_and_classes(tmp_path: Path) -> None:
+    _save_png(tmp_path / "a" / "cat" / "small.png", size=16)
+    dataset = build_dataset("cifar10", "test", "imagefolder", tmp_path / "a")
+    with pytest.raises(DataError, match=r"small.png: image is 16x16, expected 32x32"):
+        dataset[0]
+
+    _save_png(tmp_path / "b" / "foo" / "0.png")
+    _save_png(tmp_path / "b" / "bar" / "0.png")
+    with pytest.raises(DataError, match="found 2 class folders"):
+        build_dataset("cifar10", "test", "imagefolder", tmp_path / "b")
+
+
+# ----------------------------------------------------------------------------- names, torchvision
+
+
+def test_unknown_names() -> None:
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        build_dataset("mnist", "test", "npz", ".")
+    with pytest.raises(DataError, match="unknown dataset format 'hdf5'"):
+        build_dataset("cifar10", "test", "hdf5", ".")
+    with pytest.raises(DataError, match="unknown split 'val'"):
+        build_dataset("cifar10", "val", "npz", ".")
+    assert data.normalize_dataset_name("CIFAR-100") == "cifar100"
+    assert data.normalize_dataset_name("cifar_10") == "cifar10"
+
+
+def test_torchvision_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as info:
+        build_dataset("CIFAR-10", "test", "torchvision", root)
+    message = str(info.value)
+    assert str(root) in message and "cifar-10-python.tar.gz" in message and "npz" in message
+    with pytest.raises(DataError, match="cifar-100-python"):
+        build_dataset("cifar100", "train", "torchvision", root)
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+        build_dataset("cifar10", "test", "torchvision", root, download=False)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def test_take_first_and_load_tensors(small_npz_dir: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    subset = take_first(dataset, 5)
+    assert len(subset) == 5
+    assert torch.equal(subset[4][0], dataset[4][0])
+    assert len(take_first(dataset, 100)) == 12
+    assert take_first(dataset, None) is dataset
+    with pytest.raises(ValueError):
+        take_first(dataset, -1)
+    x, y = load_tensors(dataset, 7, batch_size=3)
+    assert x.shape == (7, 3, 32, 32) and y.dtype == torch.int64
+    assert y.tolist() == list(range(7))
+
+
+def test_loader_is_seeded(small_npz_dir: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+
+    def order(seed: int) -> list[int]:
+        loader = build_loader(dataset, batch_size=4, shuffle=True, seed=seed)
+        return [label for _, y in loader for label in y.tolist()]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    loader = build_loader(dataset, batch_size=5, drop_last=True)
+    assert [len(y) for _, y in loader] == [5, 5]
+
+
+def test_loader_with_workers(small_npz_dir: Path) -> None:
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    loader = build_loader(dataset, batch_size=6, num_workers=2)
+    assert sum(len(y) for _, y in loader) == 12
+
+
+def test_distributed_sampler_when_initialised(small_npz_dir: Path, tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    assert not isinstance(build_loader(dataset, 4).sampler, DistributedSampler)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        loader = build_loader(dataset, batch_size=4, shuffle=True, seed=3)
+        assert isinstance(loader.sampler, DistributedSampler)
+        assert sum(len(y) for _, y in loader) == 12
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pil_fallback_decodes_the_same(small_npz_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    monkeypatch.setattr(data, "_decode_torchvision", lambda *args: None)
+    slow = build_dataset("cifar10", "test", "npz", small_npz_dir)
+    assert torch.equal(fast.images, slow.images)
