@@ -1,0 +1,105 @@
+"""Build the composite model a :class:`~adaptive_smoothing.config.Config` describes."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from adaptive_smoothing.config import Config, ConfigError
+from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
+
+logger = logging.getLogger(__name__)
+
+# The authors' README names the STD file Base/{dataset}_bit_rn152.tar while their benchmark
+# script looked for .pt; either is accepted (SPEC section 4).
+_STD_ALTERNATIVE_SUFFIXES = {".tar": ".pt", ".pt": ".tar"}
+
+
+def resolve_device(name: Union[str, torch.device]) -> torch.device:
+    """'auto' -> the first GPU when there is one, else the CPU; other names as torch reads them."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_composite(config: Config, device: Union[str, torch.device] = "cpu") -> CompositeModel:
+    """Base models (random weights), the mixing network and the composite, on ``device``.
+
+    Weights are loaded separately by :func:`load_composite_weights`.
+    """
+    fwd = config.forward_settings
+    num_classes = config.dataset_settings.num_classes
+    std_kwargs = dict(fwd.std_model_kwargs)
+    if fwd.std_resize is not None:
+        std_kwargs["resize_to"] = fwd.std_resize
+    std_model = _create(config, "std", fwd.std_model_type, num_classes, std_kwargs)
+    rob_model = _create(config, "rob", fwd.rob_model_type, num_classes,
+                        dict(fwd.rob_model_kwargs))
+
+    channels = (std_model.feature_channels[0], rob_model.feature_channels[0])
+    mixer: Optional[MixingNet] = None
+    if fwd.use_policy:
+        if fwd.in_planes is not None and tuple(fwd.in_planes) != channels:
+            raise ConfigError(f"expected the first-feature channels of the base models "
+                              f"{channels} (or None to read them from the models)",
+                              key="forward_settings.in_planes", value=fwd.in_planes,
+                              file=config.source)
+        mixer = MixingNet(channels, version=fwd.pn_version)
+
+    if not fwd.policy_graph:
+        logger.warning("forward_settings.policy_graph is false: the mixing network's inputs are "
+                       "detached, which hides the mixer from gradient-based attacks. Robust "
+                       "accuracy measured with this model is NOT VALID (overstated).")
+    gamma_consts = config.training_settings.gamma_consts
+    composite = CompositeModel(
+        std_model, rob_model, mixer,
+        std_scale=fwd.std_model_scale, rob_scale=fwd.rob_model_scale, gamma=fwd.gamma,
+        train_gamma=gamma_consts.train, eval_gamma=gamma_consts.eval,
+        alpha_scale=fwd.alpha_scale, alpha_bias=fwd.alpha_bias,
+        unsafe_detach_mixer_inputs=not fwd.policy_graph)
+    logger.info("built composite: STD %s, ROB %s, mixer %s", fwd.std_model_type,
+                fwd.rob_model_type, f"V{fwd.pn_version} {channels}" if mixer else "none")
+    return composite.to(resolve_device(device))
+
+
+def _create(config: Config, which: str, name: str, num_classes: int,
+            kwargs: dict) -> BaseClassifier:
+    try:
+        return create_model(name, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as err:
+        # Bad architecture arguments come from the config's *_model_kwargs (or std_resize).
+        raise ConfigError(f"cannot build {name!r} with these arguments: {err}",
+                          key=f"forward_settings.{which}_model_kwargs", value=kwargs,
+                          file=config.source) from None
+
+
+def load_composite_weights(composite: CompositeModel, config: Config) -> None:
+    """Load the checkpoints of ``config.model_load_path`` (relative to ``log_dir``).
+
+    STD and ROB are always loaded; the mixer when ``comp`` is set and the model has one.
+    All files are checked before any is loaded (see ``checkpoints.load_authors_checkpoints``).
+    """
+    from adaptive_smoothing.checkpoints import load_authors_checkpoints
+
+    std_path = _existing_std_path(config.model_path("std"))
+    rob_path = config.model_path("rob")
+    mixer_path = config.model_path("comp")
+    if mixer_path is not None and composite.mixer is None:
+        logger.warning("model_load_path.comp (%s) is ignored: forward_settings.use_policy is "
+                       "false, so the model has no mixing network", mixer_path)
+        mixer_path = None
+    if mixer_path is None and composite.mixer is not None:
+        logger.info("no mixer checkpoint (model_load_path.comp is None): the mixing network "
+                    "keeps its random initial weights")
+    load_authors_checkpoints(composite, std_path, rob_path, mixer_path)
+
+
+def _existing_std_path(path: Optional[Path]) -> Path:
+    assert path is not None  # model_load_path.std is a required key
+    other = _STD_ALTERNATIVE_SUFFIXES.get(path.suffix)
+    if not path.exists() and other is not None and path.with_suffix(other).exists():
+        logger.info("STD checkpoint %s not found; using %s", path, path.with_suffix(other))
+        return path.with_suffix(other)
+    return path
