@@ -1,0 +1,499 @@
+"""Batched white-box attacks on the composite model (and on plain classifiers).
+
+- :func:`apgd`: APGD (Croce & Hein 2020) for Linf and L2, step for step as pyautoattack's
+  ``APGDAttack.attack_single_run``, but with a per-sample eps, per-sample loss weights, targets and
+  the composite attack loss (1 - w) * CE|DLR|DLR-T + w * BCE(gamma, 1).
+- :func:`pgd`: PGD with per-sample momentum and eps (the training attacks' PGD variant).
+- :class:`RandomizedAttackSettings` / :func:`generate_training_attacks`: the randomized attacks
+  used to train the mixing network (SPEC section 5 step 1).
+- :func:`adaptive_attack`: APGD-CE + APGD-T with the composite loss, for evaluation beside
+  AutoAttack (AutoAttack sees the log-probabilities only and never aims at the mixer).
+
+Attacks differentiate w.r.t. the input only (``torch.autograd.grad``): parameter ``.grad`` fields
+are never touched, and the model's mode is left as the caller set it, except in
+:func:`generate_training_attacks`, which sets the mode the method prescribes and restores it.
+All randomness comes from an optional ``torch.Generator`` so that runs are reproducible.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptive_smoothing.losses import AttackLossName, composite_attack_loss
+
+logger = logging.getLogger(__name__)
+
+Norm = Literal["Linf", "L2"]
+PerSample = Union[float, torch.Tensor]
+AttackOutput = tuple[torch.Tensor, Optional[torch.Tensor]]
+
+_NORMS = ("Linf", "L2")
+_NORM_ALIASES = {"Linf": "Linf", "linf": "Linf", "l_inf": "Linf", "L2": "L2", "l2": "L2",
+                 "l_2": "L2"}
+# Keeps the normalisation of zero vectors finite (AutoAttack's constant).
+_NORMALIZE_EPS = 1e-12
+
+
+# -- the attacked function ------------------------------------------------------------------------
+class AttackTarget:
+    """``forward(x) -> (logits, gamma or None)`` for a composite model or a plain classifier.
+
+    A module returning a ``CompositeOutput`` (or anything with ``log_probs`` and ``gamma``) gives
+    both; a module returning a tensor gives ``(logits, None)``.
+    """
+
+    def __init__(self, module: Callable[[torch.Tensor], object]) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> AttackOutput:
+        out = self.module(x)
+        if isinstance(out, torch.Tensor):
+            return out, None
+        if hasattr(out, "log_probs") and hasattr(out, "gamma"):
+            return out.log_probs, out.gamma
+        if isinstance(out, tuple) and len(out) == 2:
+            return out[0], out[1]
+        raise TypeError(f"cannot attack a model whose output is {type(out).__name__}; expected a "
+                        "tensor of logits, a CompositeOutput or a (logits, gamma) pair")
+
+
+def as_attack_target(model: Union[AttackTarget, Callable[[torch.Tensor], object]]) -> AttackTarget:
+    """Wrap ``model`` as an :class:`AttackTarget` (idempotent).
+
+    A ``LogProbClassifier`` is unwrapped to its composite: the function is the same, and the
+    attack then also sees gamma.
+    """
+    if isinstance(model, AttackTarget):
+        return model
+    from adaptive_smoothing.models.composite import LogProbClassifier
+    if isinstance(model, LogProbClassifier):
+        return AttackTarget(model.composite)
+    return AttackTarget(model)
+
+
+class AttackResult(NamedTuple):
+    x_adv: torch.Tensor   # (B, C, H, W) in [0, 1], within each sample's eps ball
+    loss: torch.Tensor    # (B,): best attack loss found (APGD) / loss at x_adv (PGD)
+    fooled: torch.Tensor  # (B,) bool: misclassified (argmax != y) at an evaluated point
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def _check_norm(norm: str) -> Norm:
+    if norm not in _NORM_ALIASES:
+        raise ValueError(f"unknown norm {norm!r}; expected one of {_NORMS}")
+    return _NORM_ALIASES[norm]  # type: ignore[return-value]
+
+
+def _per_sample(value: PerSample, batch: int, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        return t.expand(batch).clone()
+    if t.shape != (batch,):
+        raise ValueError(f"per-sample value must be a scalar or have shape ({batch},), "
+                         f"got {tuple(t.shape)}")
+    return t.clone()
+
+
+def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _rand(shape: tuple[int, ...], generator: Optional[torch.Generator], like: torch.Tensor,
+          normal: bool = False) -> torch.Tensor:
+    # Draw on the generator's device so one CPU generator serves CPU and GPU runs alike.
+    device = generator.device if generator is not None else like.device
+    fn = torch.randn if normal else torch.rand
+    return fn(shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def _norm(v: torch.Tensor, norm: Norm) -> torch.Tensor:
+    flat = v.flatten(1)
+    return flat.abs().amax(1) if norm == "Linf" else flat.pow(2).sum(1).sqrt()
+
+
+def _normalize(v: torch.Tensor, norm: Norm) -> torch.Tensor:
+    return v / (_view(_norm(v, norm), v) + _NORMALIZE_EPS)
+
+
+def _project(x_new: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Project onto the eps ball around x (eps viewed (B, 1, 1, 1)) and onto [0, 1].
+
+    Clipping to [0, 1] after the ball projection moves every coordinate towards x (x is in
+    [0, 1]), so the result stays in the ball.
+    """
+    if norm == "Linf":
+        return torch.clamp(torch.min(torch.max(x_new, x - eps), x + eps), 0.0, 1.0)
+    delta = x_new - x
+    length = _view(_norm(delta, "L2"), delta)
+    return torch.clamp(x + _normalize(delta, "L2") * torch.min(eps, length), 0.0, 1.0)
+
+
+def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: Norm,
+                  generator: Optional[torch.Generator]) -> torch.Tensor:
+    # AutoAttack's start: a random direction scaled to the boundary of the ball.
+    if norm == "Linf":
+        t = 2 * _rand(tuple(x.shape), generator, x) - 1
+    else:
+        t = _rand(tuple(x.shape), generator, x, normal=True)
+    return (x + eps * _normalize(t, norm)).clamp(0.0, 1.0)
+
+
+def _loss_and_grad(target: AttackTarget, x_adv: torch.Tensor, y: torch.Tensor,
+                   bce_weight: torch.Tensor, loss: AttackLossName,
+                   y_target: Optional[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits, per-sample loss and the gradient of the summed loss w.r.t. the input only."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits, gamma = target(x_adv)
+        loss_indiv = composite_attack_loss(logits, gamma, y, bce_weight, loss, y_target)
+        grad, = torch.autograd.grad(loss_indiv.sum(), [x_adv])
+    return logits.detach(), loss_indiv.detach(), grad.detach()
+
+
+def _check_oscillation(loss_steps: torch.Tensor, j: int, k: int, rho: float) -> torch.Tensor:
+    # pyautoattack's check, negative row indices (wrapping to the zero-filled end) included.
+    t = torch.zeros_like(loss_steps[0])
+    for c in range(k):
+        t += (loss_steps[j - c] > loss_steps[j - c - 1]).to(t.dtype)
+    return (t <= k * rho).to(t.dtype)
+
+
+# -- APGD -----------------------------------------------------------------------------------------
+def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.Tensor,
+         y: torch.Tensor, eps: PerSample, *, norm: Norm = "Linf", n_iter: int = 100,
+         loss: AttackLossName = "ce", y_target: Optional[torch.Tensor] = None,
+         bce_weight: PerSample = 0.0, momentum: float = 0.75, rho: float = 0.75,
+         random_start: bool = True, return_adversarial: bool = False,
+         generator: Optional[torch.Generator] = None) -> AttackResult:
+    """One APGD run (Croce & Hein 2020), batched, every sample with its own eps and loss weight.
+
+    Follows pyautoattack's ``APGDAttack.attack_single_run``: step size 2 * eps, halved per sample
+    at the checkpoints (first after 22% of the iterations, then shrinking by 3% down to 6%) when
+    the loss oscillated or stalled, restarting from the best point; momentum ``momentum`` (0.75)
+    from the second step on.
+
+    Args:
+        model: a composite model, a plain classifier or an :class:`AttackTarget`; its mode
+            (eval, scale_alpha) is used as set by the caller.
+        eps: radius, a float or per-sample (B,) tensor.
+        loss: 'ce', 'dlr' or 'dlr_targeted' (then ``y_target`` (B,) is required).
+        bce_weight: w in (1 - w) * loss + w * BCEWithLogits(gamma, 1); float or (B,).
+        return_adversarial: False returns the highest-loss point per sample (training use).
+            True (evaluation use, like AutoAttack) returns, for every sample that was
+            misclassified at some iterate, the first misclassified iterate, and the highest-loss
+            point for the others.
+        generator: source of the random start (global RNG if None).
+
+    Returns:
+        :class:`AttackResult` with ``fooled`` = misclassified at some evaluated iterate.
+    """
+    norm = _check_norm(norm)
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    target = as_attack_target(model)
+    x = x.detach()
+    batch = x.shape[0]
+    eps_v = _view(_per_sample(eps, batch, x), x)
+    w = _per_sample(bce_weight, batch, x)
+
+    # Checkpoint schedule of APGD.
+    n_iter_2 = max(int(0.22 * n_iter), 1)
+    n_iter_min = max(int(0.06 * n_iter), 1)
+    size_decr = max(int(0.03 * n_iter), 1)
+
+    x_adv = _random_start(x, eps_v, norm, generator) if random_start else x.clone()
+    x_best = x_adv.clone()
+    x_first_adv = x_adv.clone()
+    loss_steps = torch.zeros(n_iter, batch, device=x.device)
+
+    logits, loss_indiv, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
+    grad_best = grad.clone()
+    fooled = logits.argmax(1) != y
+    loss_best = loss_indiv.clone()
+
+    step_size = 2.0 * eps_v * torch.ones_like(eps_v)
+    x_adv_old = x_adv.clone()
+    counter3 = 0
+    k = n_iter_2
+    loss_best_last_check = loss_best.clone()
+    reduced_last_check = torch.ones_like(loss_best)
+
+    for i in range(n_iter):
+        with torch.no_grad():
+            grad2 = x_adv - x_adv_old
+            x_adv_old = x_adv.clone()
+            a = momentum if i > 0 else 1.0
+            direction = grad.sign() if norm == "Linf" else _normalize(grad, norm)
+            x_step = _project(x_adv + step_size * direction, x, eps_v, norm)
+            x_adv = _project(x_adv + (x_step - x_adv) * a + grad2 * (1 - a), x, eps_v, norm)
+
+        logits, loss_indiv, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
+
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y
+            newly = wrong & ~fooled
+            x_first_adv[newly] = x_adv[newly]
+            fooled |= wrong
+
+            loss_steps[i] = loss_indiv
+            improved = loss_indiv > loss_best
+            x_best[improved] = x_adv[improved]
+            grad_best[improved] = grad[improved]
+            loss_best[improved] = loss_indiv[improved]
+
+            counter3 += 1
+            if counter3 == k:
+                reduce = _check_oscillation(loss_steps, i, k, rho)
+                no_improvement = (1.0 - reduced_last_check) * (
+                    loss_best_last_check >= loss_best).to(reduce.dtype)
+                reduce = torch.max(reduce, no_improvement)
+                reduced_last_check = reduce.clone()
+                loss_best_last_check = loss_best.clone()
+                halve = reduce > 0
+                if halve.any():
+                    step_size[halve] /= 2.0
+                    x_adv[halve] = x_best[halve]
+                    grad[halve] = grad_best[halve]
+                k = max(k - size_decr, n_iter_min)
+                counter3 = 0
+
+    x_out = torch.where(_view(fooled, x), x_first_adv, x_best) if return_adversarial else x_best
+    return AttackResult(x_out.detach(), loss_best, fooled)
+
+
+# -- PGD ------------------------------------------------------------------------------------------
+def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.Tensor,
+        y: torch.Tensor, eps: PerSample, *, norm: Norm = "Linf", n_iter: int = 10,
+        step_size: Optional[PerSample] = None, alpha_factor: float = 2.5,
+        momentum_decay: PerSample = 0.0, loss: AttackLossName = "ce",
+        y_target: Optional[torch.Tensor] = None, bce_weight: PerSample = 0.0,
+        random_start: bool = True, generator: Optional[torch.Generator] = None) -> AttackResult:
+    """PGD with (MI-FGSM style) momentum, per-sample eps and momentum decay.
+
+    g <- mu * g + grad / mean|grad|;  x <- proj(x + step * sign(g))  (Linf) or
+    x <- proj(x + step * g / ||g||_2)  (L2). The step is ``step_size`` if given, else
+    eps / n_iter * alpha_factor per sample (SPEC section 9). mu = 0 is plain PGD. Returns the last
+    iterate, with its loss and whether it is misclassified.
+    """
+    norm = _check_norm(norm)
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    target = as_attack_target(model)
+    x = x.detach()
+    batch = x.shape[0]
+    eps_b = _per_sample(eps, batch, x)
+    eps_v = _view(eps_b, x)
+    w = _per_sample(bce_weight, batch, x)
+    mu = _view(_per_sample(momentum_decay, batch, x), x)
+    if step_size is None:
+        step = eps_v / n_iter * alpha_factor
+    else:
+        step = _view(_per_sample(step_size, batch, x), x)
+
+    if random_start:
+        if norm == "Linf":
+            x_adv = x + (2 * _rand(tuple(x.shape), generator, x) - 1) * eps_v
+        else:
+            radius = eps_v * _view(_rand((batch,), generator, x), x)
+            x_adv = x + radius * _normalize(_rand(tuple(x.shape), generator, x, True), "L2")
+        x_adv = _project(x_adv, x, eps_v, norm)
+    else:
+        x_adv = x.clone()
+
+    g = torch.zeros_like(x)
+    for _ in range(n_iter):
+        _, _, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
+        with torch.no_grad():
+            l1 = _view(grad.abs().flatten(1).mean(1), grad)
+            g = mu * g + grad / (l1 + _NORMALIZE_EPS)
+            direction = g.sign() if norm == "Linf" else _normalize(g, "L2")
+            x_adv = _project(x_adv + step * direction, x, eps_v, norm)
+
+    with torch.no_grad():
+        logits, gamma = target(x_adv)
+        final_loss = composite_attack_loss(logits, gamma, y, w, loss, y_target)
+    return AttackResult(x_adv.detach(), final_loss.detach(), logits.argmax(1) != y)
+
+
+# -- randomized training attacks (SPEC section 5 step 1) ------------------------------------------
+@dataclass(frozen=True)
+class RandomizedAttackSettings:
+    """Settings of the randomized attacks that generate the mixer's adversarial training data.
+
+    Per run: iterations = max(1, round(chi2(iters_df) + iters_const)). Per run and sample:
+    eps_i = eps * U(eps_factor_loc, eps_factor_loc + eps_factor_scale), w_i ~ U(0, comp_loss_wmax)
+    and, for PGD, momentum decay ~ U(mom_decay_loc, mom_decay_loc + mom_decay_scale).
+    The eps, iteration and w defaults are the paper's (SPEC section 5); the PGD-only
+    defaults (momentum, alpha_factor) are this project's choice.
+    """
+
+    eps: float = 8 / 255
+    norm: Norm = "Linf"
+    n_target: int = 9
+    apgd: bool = True
+    random_start: bool = True
+    eps_factor_loc: float = 0.4
+    eps_factor_scale: float = 0.7
+    mom_decay_loc: float = 0.0
+    mom_decay_scale: float = 1.0
+    iters_df: float = 75.0
+    iters_const: float = 0.0
+    alpha_factor: float = 2.5
+    comp_loss_wmax: float = 0.4
+    apgd_momentum: float = 0.75
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", _check_norm(self.norm))
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.n_target < 0:
+            raise ValueError(f"n_target must be >= 0, got {self.n_target}")
+        if self.eps_factor_scale < 0 or self.mom_decay_scale < 0:
+            raise ValueError("eps_factor_scale and mom_decay_scale must be >= 0")
+        if self.iters_df <= 0:
+            raise ValueError(f"iters_df must be positive, got {self.iters_df}")
+        if not 0 <= self.comp_loss_wmax <= 1:
+            raise ValueError(f"comp_loss_wmax must lie in [0, 1], got {self.comp_loss_wmax}")
+
+
+class AttackRunDraw(NamedTuple):
+    n_iter: int
+    eps: torch.Tensor             # (B,)
+    bce_weight: torch.Tensor      # (B,)
+    momentum_decay: torch.Tensor  # (B,), used by PGD only
+
+
+def draw_attack_run(settings: RandomizedAttackSettings, batch: int,
+                    generator: Optional[torch.Generator] = None,
+                    device: Union[str, torch.device] = "cpu") -> AttackRunDraw:
+    """Draw one run's random settings (tensors on ``device``)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+
+    def uniform(low: float, width: float) -> torch.Tensor:
+        u = torch.rand(batch, generator=generator, device=gen_device)
+        return (low + width * u).to(device)
+
+    # torch has no seeded chi-square sampler; seed numpy's from the same torch generator.
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device).item())
+    chi2 = float(np.random.default_rng(seed).chisquare(settings.iters_df))
+    n_iter = max(1, int(round(chi2 + settings.iters_const)))
+    eps = settings.eps * uniform(settings.eps_factor_loc, settings.eps_factor_scale)
+    bce_weight = uniform(0.0, settings.comp_loss_wmax)
+    momentum = uniform(settings.mom_decay_loc, settings.mom_decay_scale)
+    return AttackRunDraw(n_iter, eps, bce_weight, momentum)
+
+
+def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                              settings: RandomizedAttackSettings,
+                              generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+    """1 untargeted + ``n_target`` targeted adversarial batches for training the mixer.
+
+    Untargeted run: loss (1 - w) * CE + w * BCE(gamma, 1); targeted run j (j = 1..n_target):
+    (1 - w) * DLR_targeted + w * BCE(gamma, 1) with target the (j + 1)-th highest class of the
+    composite's clean output. Each batch holds the highest-loss point per sample (fooled or not).
+    The composite runs in eval mode with scale_alpha off (SPEC section 5); the caller's mode is
+    restored afterwards, also on error.
+    """
+    from adaptive_smoothing.models.composite import CompositeModel
+    was_training = composite.training
+    was_scale_alpha = getattr(composite, "scale_alpha", None)
+    if isinstance(composite, CompositeModel):
+        composite.train(False, scale_alpha=False)
+    else:
+        composite.eval()
+    try:
+        target = as_attack_target(composite)
+        x = x.detach()
+        with torch.no_grad():
+            clean_logits, _ = target(x)
+        n_classes = clean_logits.shape[1]
+        if settings.n_target > n_classes - 1:
+            raise ValueError(f"n_target={settings.n_target} needs more than {n_classes} classes")
+        # Ascending sort, column -(j + 1) = the (j + 1)-th highest class, as in AutoAttack.
+        order = clean_logits.sort(dim=1)[1]
+        batches = []
+        for run in range(1 + settings.n_target):
+            draw = draw_attack_run(settings, x.shape[0], generator, x.device)
+            loss: AttackLossName = "ce" if run == 0 else "dlr_targeted"
+            y_target = None if run == 0 else order[:, -(run + 1)]
+            if settings.apgd:
+                result = apgd(target, x, y, draw.eps, norm=settings.norm, n_iter=draw.n_iter,
+                              loss=loss, y_target=y_target, bce_weight=draw.bce_weight,
+                              momentum=settings.apgd_momentum,
+                              random_start=settings.random_start, generator=generator)
+            else:
+                result = pgd(target, x, y, draw.eps, norm=settings.norm, n_iter=draw.n_iter,
+                             alpha_factor=settings.alpha_factor,
+                             momentum_decay=draw.momentum_decay, loss=loss, y_target=y_target,
+                             bce_weight=draw.bce_weight, random_start=settings.random_start,
+                             generator=generator)
+            logger.debug("training attack %d: %d iterations, fooled %d/%d", run, draw.n_iter,
+                         int(result.fooled.sum()), x.shape[0])
+            batches.append(result.x_adv)
+    finally:
+        if isinstance(composite, CompositeModel):
+            composite.train(was_training, scale_alpha=was_scale_alpha)
+        else:
+            composite.train(was_training)
+    return batches
+
+
+# -- evaluation-side adaptive attack --------------------------------------------------------------
+class AdaptiveAttackResult(NamedTuple):
+    robust: torch.Tensor         # (B,) bool: correct on x and not fooled by any run
+    clean_correct: torch.Tensor  # (B,) bool
+    x_adv: torch.Tensor          # first adversarial example found per sample, else x
+
+
+def adaptive_attack(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
+                    x: torch.Tensor, y: torch.Tensor, eps: PerSample, norm: Norm = "Linf",
+                    n_iter: int = 100, bce_weight: float = 0.5, n_target: int = 9,
+                    generator: Optional[torch.Generator] = None) -> AdaptiveAttackResult:
+    """APGD-CE and APGD-T with the composite loss ((1 - w) * CE|DLR-T + w * BCE(gamma, 1)).
+
+    Like AutoAttack, each run attacks only the points still robust; a point is robust only if it
+    is classified correctly on x and survives every run (worst case over runs). Targets of
+    APGD-T are the 2nd..(n_target + 1)-th highest classes of the model's output on x, taken for
+    the remaining points before each run. The model's mode (eval with scale_alpha on, for the
+    published evaluation) is the caller's. ``generator`` defaults to one seeded with 0, so that a
+    rerun attacks with the same random starts.
+    """
+    target = as_attack_target(model)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    x = x.detach()
+    batch = x.shape[0]
+    eps_b = _per_sample(eps, batch, x)
+    with torch.no_grad():
+        clean_logits, _ = target(x)
+    clean_correct = clean_logits.argmax(1) == y
+    robust = clean_correct.clone()
+    x_adv = x.clone()
+    n_target = min(n_target, clean_logits.shape[1] - 1)
+
+    runs: list[tuple[AttackLossName, int]] = [("ce", 0)]
+    runs += [("dlr_targeted", j) for j in range(2, n_target + 2)]
+    for loss, target_rank in runs:
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        y_target = None
+        if loss == "dlr_targeted":
+            with torch.no_grad():
+                y_target = target(x[idx])[0].sort(dim=1)[1][:, -target_rank]
+        result = apgd(target, x[idx], y[idx], eps_b[idx], norm=norm, n_iter=n_iter, loss=loss,
+                      y_target=y_target, bce_weight=bce_weight, return_adversarial=True,
+                      generator=generator)
+        fooled_idx = idx[result.fooled]
+        robust[fooled_idx] = False
+        x_adv[fooled_idx] = result.x_adv[result.fooled]
+        logger.info("adaptive attack %s%s: robust %d/%d", loss,
+                    f" (target rank {target_rank})" if target_rank else "",
+                    int(robust.sum()), batch)
+    return AdaptiveAttackResult(robust, clean_correct, x_adv)
