@@ -142,7 +142,8 @@ class CompositeModel(nn.Module):
         if self.unsafe_detach_mixer_inputs:
             firsts = [f.detach() for f in firsts]
             seconds = [f.detach() for f in seconds]
-        gamma = self.mixer(firsts, seconds).float()  # (B, 1)
+        # The gamma BN runs in its own dtype (fp32 under autocast, fp64 after .double()).
+        gamma = self.mixer(firsts, seconds).to(self.gamma_bn.running_mean.dtype)  # (B, 1)
         if self.training:
             # Clamping before the BN keeps outliers from dominating its running statistics.
             mean, std = gamma.mean().detach(), gamma.std().detach()

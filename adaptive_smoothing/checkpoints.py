@@ -1,0 +1,492 @@
+"""Reading, checking and writing every checkpoint format of the project (SPEC section 4).
+
+Formats read:
+
+- STD (BiT): a torch file whose ``"model"`` entry is the state_dict (``module.`` prefix from
+  DataParallel), a plain state_dict, or BiT's own ``.npz`` release (TensorFlow names).
+- ROB: EDM (DM-Improves-AT) files hold ``"model_state_dict"`` with keys prefixed ``module.0.``;
+  DeepMind's TRADES files are a plain state_dict.
+- Mixer: ``{"model": mixing-network state_dict, "bn": gamma BatchNorm state, ...training state}``.
+- RobustBench: three files per model (BiT state_dict, WRN state_dict, ``{"model", "bn"}``), and
+  robustbench's ``CompositeModel`` state dict (converted by :func:`from_robustbench_state_dict`).
+
+Checkpoints come from the internet, so every torch file is read with ``weights_only=True`` and
+``.npz`` files with ``allow_pickle=False``. Every problem with a file raises
+:class:`CheckpointError` naming the file, what was expected and the first differing keys/shapes.
+Loading validates every part against the module first and only then copies, so a failed load
+changes nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from adaptive_smoothing.models.bit import ResNetV2
+from adaptive_smoothing.models.composite import CompositeModel
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+StateDict = dict[str, torch.Tensor]
+
+# How many offending keys an error message lists before it says "and N more".
+_SHOWN = 5
+
+STD_FORMAT = ("STD checkpoint: a torch file whose 'model' entry is the BiT state_dict "
+              "('module.' prefix allowed), a plain BiT state_dict, or BiT's .npz release")
+ROB_FORMAT = ("ROB checkpoint: a torch file whose 'model_state_dict' entry is the WideResNet "
+              "state_dict (EDM, keys prefixed 'module.0.'), or a plain state_dict (TRADES)")
+ROBUSTBENCH_STD_FORMAT = "RobustBench file 0: the BiT state_dict"
+ROBUSTBENCH_ROB_FORMAT = "RobustBench file 1: the WideResNet state_dict"
+MIXER_FORMAT = ("mixer checkpoint: a torch file with entries 'model' (mixing-network state_dict) "
+                "and 'bn' (gamma BatchNorm state)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, unreadable, or does not match the model it is loaded into."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint file does not exist (also a FileNotFoundError)."""
+
+
+# -- constants of the composite ------------------------------------------------------------
+@dataclass(frozen=True)
+class CompositeConstants:
+    """The fixed numbers of a composite model that are not tensors in our state dict."""
+
+    std_scale: float
+    rob_scale: float
+    eval_gamma: tuple[float, float]  # (scale, bias)
+    alpha_scale: float
+    alpha_bias: float
+
+    @classmethod
+    def from_composite(cls, composite: CompositeModel) -> "CompositeConstants":
+        return cls(composite.std_scale, composite.rob_scale, tuple(composite.eval_gamma),
+                   composite.alpha_scale, composite.alpha_bias)
+
+    def __post_init__(self) -> None:
+        if not (self.std_scale > 0 and self.rob_scale > 0):
+            raise ValueError(f"logit scales must be positive, got std_scale={self.std_scale}, "
+                             f"rob_scale={self.rob_scale}")
+        if (self.alpha_bias < 0 or self.alpha_scale < 0
+                or self.alpha_bias + self.alpha_scale > 1 + 1e-6):
+            raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
+                             f"({self.alpha_bias}, {self.alpha_bias + self.alpha_scale}) "
+                             f"must lie in [0, 1]")
+
+    def apply_to(self, composite: CompositeModel) -> None:
+        """Set these constants on ``composite``."""
+        composite.std_scale = float(self.std_scale)
+        composite.rob_scale = float(self.rob_scale)
+        composite.eval_gamma = (float(self.eval_gamma[0]), float(self.eval_gamma[1]))
+        composite.alpha_scale = float(self.alpha_scale)
+        composite.alpha_bias = float(self.alpha_bias)
+
+
+# -- reading files --------------------------------------------------------------------------
+def read_checkpoint(path: PathLike, expected: str = "a torch.save file") -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with clear errors.
+
+    ``expected`` describes the format the caller wants, for the error message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
+    # Mapping the file keeps the tensors in the page cache until they are copied into the model,
+    # instead of a second in-memory copy (2.3 GB for a published model). Only torch's zip format
+    # (the default since 1.6) can be mapped; older files and non-zip junk are read normally.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises several types for corrupt input; all mean "bad file"
+        raise CheckpointError(f"{path}: unreadable, {_describe_unreadable(path, exc)}; "
+                              f"expected {expected}") from exc
+
+
+def _describe_unreadable(path: Path, exc: Exception) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        return "it is an HTML page, probably a failed download (e.g. a login or quota page)"
+    if not head:
+        return "the file is empty"
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return (f"it needs code to unpickle (GLOBAL {match.group(1)}), which weights_only=True "
+                f"refuses because files from the internet are untrusted")
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", text)
+    if match:
+        detail = match.group(1)
+    else:
+        first_line = text.strip().splitlines()[0] if text.strip() else ""
+        detail = f"{type(exc).__name__}: {first_line}"
+    if head.startswith(b"pk"):
+        return f"a zip archive that is truncated or not a torch file ({detail})"
+    return f"not a torch checkpoint ({detail})"
+
+
+def extract_state_dict(obj: Any, source: PathLike, *, entries: Sequence[str],
+                       prefixes: Sequence[str], expected: str) -> StateDict:
+    """The state dict inside a loaded checkpoint: ``obj[entry]`` for the first present entry,
+    else ``obj`` itself if it is a plain state dict. Wrapper prefixes (``module.`` from
+    DataParallel, ``0.`` from nn.Sequential) are removed while every key carries them.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected {expected}; the file holds a "
+                              f"{type(obj).__name__}, not a dict")
+    for entry in entries:
+        if entry in obj:
+            state = obj[entry]
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"{source}: expected {expected}; entry {entry!r} is a "
+                                      f"{type(state).__name__}, not a state_dict")
+            where = f"entry {entry!r}"
+            break
+    else:
+        state, where = obj, "top level"
+    state = dict(state)
+    if not state:
+        raise CheckpointError(f"{source}: expected {expected}; the state_dict ({where}) is empty")
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        found = f"top-level keys {_first(list(obj))}" if where == "top level" else where
+        raise CheckpointError(f"{source}: expected {expected}; found {found}, whose values "
+                              f"are not all tensors (e.g. {_first(not_tensors)})")
+    return strip_prefixes(state, prefixes)
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> StateDict:
+    """Remove each prefix in turn if every key starts with it (DataParallel, nn.Sequential)."""
+    state = dict(state)
+    for prefix in prefixes:
+        if state and all(key.startswith(prefix) for key in state):
+            state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def read_bit_npz(path: PathLike, model: ResNetV2) -> StateDict:
+    """BiT's TensorFlow-named ``.npz`` release as a state dict of ``model``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read as BiT's .npz weights "
+                              f"(allow_pickle=False): {exc}") from exc
+    names = model.tf_names()
+    missing = [theirs for theirs in names.values() if theirs not in arrays]
+    if missing:
+        raise CheckpointError(f"{path}: expected {STD_FORMAT}; the .npz lacks {len(missing)} "
+                              f"of the {len(names)} TensorFlow arrays, e.g. {_first(missing)}")
+    return model.state_dict_from_npz(arrays)
+
+
+def read_std_state_dict(path: PathLike, model: Optional[ResNetV2] = None) -> StateDict:
+    """The STD (BiT) weights of a torch file or, with ``model`` given, of BiT's ``.npz``."""
+    if Path(path).suffix == ".npz":
+        if model is None:
+            raise ValueError(f"{path}: reading BiT's .npz needs the model for its name table")
+        return read_bit_npz(path, model)
+    return extract_state_dict(read_checkpoint(path, STD_FORMAT), path,
+                              entries=("model", "state_dict"), prefixes=("module.",),
+                              expected=STD_FORMAT)
+
+
+def read_rob_state_dict(path: PathLike) -> StateDict:
+    """The ROB (DeepMind WRN) weights: EDM's ``model_state_dict`` or a plain state dict."""
+    return extract_state_dict(read_checkpoint(path, ROB_FORMAT), path,
+                              entries=("model_state_dict", "state_dict", "model"),
+                              prefixes=("module.", "0."), expected=ROB_FORMAT)
+
+
+def read_mixer_state_dicts(path: PathLike) -> tuple[StateDict, StateDict]:
+    """``(mixer state dict, gamma BN state dict)`` of a mixer checkpoint.
+
+    Training state stored beside them (optimizer, schedulers, epoch, ...) is ignored.
+    """
+    obj = read_checkpoint(path, MIXER_FORMAT)
+    if not isinstance(obj, Mapping) or "model" not in obj or "bn" not in obj:
+        found = _first(list(obj)) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected {MIXER_FORMAT}; found {found}")
+    mixer = extract_state_dict(obj["model"], f"{path} entry 'model'", entries=(),
+                               prefixes=("module.",), expected="the mixing network state_dict")
+    bn = extract_state_dict(obj["bn"], f"{path} entry 'bn'", entries=(),
+                            prefixes=("module.",), expected="the gamma BatchNorm1d state")
+    return mixer, bn
+
+
+# -- checking and loading -------------------------------------------------------------------
+def check_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: PathLike,
+                     expected: str) -> None:
+    """Raise CheckpointError unless ``state`` has exactly ``module``'s keys and shapes."""
+    ours = module.state_dict()
+    missing = [key for key in ours if key not in state]
+    unexpected = [key for key in state if key not in ours]
+    wrong = [key for key in ours if key in state
+             and tuple(state[key].shape) != tuple(ours[key].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_first(unexpected)}")
+    if wrong:
+        shapes = ", ".join(f"{key}: file {tuple(state[key].shape)} vs model "
+                           f"{tuple(ours[key].shape)}" for key in wrong[:_SHOWN])
+        more = f" and {len(wrong) - _SHOWN} more" if len(wrong) > _SHOWN else ""
+        problems.append(f"{len(wrong)} wrong shapes: {shapes}{more}")
+        problems.extend(_class_count_hint(module, state, wrong))
+    raise CheckpointError(f"{source}: does not match {type(module).__name__} "
+                          f"(expected {expected}): " + "; ".join(problems))
+
+
+def _class_count_hint(module: nn.Module, state: Mapping[str, torch.Tensor],
+                      wrong: Sequence[str]) -> list[str]:
+    classes = getattr(module, "num_classes", None)
+    ours = module.state_dict()
+    for key in wrong:
+        if (classes is not None and ours[key].ndim >= 1 and ours[key].shape[0] == classes
+                and state[key].ndim == ours[key].ndim
+                and tuple(state[key].shape[1:]) == tuple(ours[key].shape[1:])):
+            return [f"the file has {state[key].shape[0]} classes, the model {classes}"]
+    return []
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: PathLike,
+                 expected: str) -> None:
+    """Check ``state`` against ``module`` (see :func:`check_state_dict`), then load it strictly."""
+    check_state_dict(module, state, source=source, expected=expected)
+    module.load_state_dict(state, strict=True)
+
+
+def _load_parts(parts: Sequence[tuple[nn.Module, Mapping[str, torch.Tensor], PathLike, str]]
+                ) -> None:
+    # Check every part before copying any, so that a bad file leaves the model unchanged.
+    for module, state, source, expected in parts:
+        check_state_dict(module, state, source=source, expected=expected)
+    for module, state, _, _ in parts:
+        module.load_state_dict(state, strict=True)
+
+
+def _require_mixer(composite: CompositeModel) -> nn.Module:
+    if composite.mixer is None:
+        raise ValueError("the composite model has no mixing network to load weights into")
+    return composite.mixer
+
+
+def load_std_checkpoint(model: nn.Module, path: PathLike) -> None:
+    """Load an STD (BiT) checkpoint, torch or ``.npz``, into ``model``."""
+    state = read_std_state_dict(path, model if isinstance(model, ResNetV2) else None)
+    load_checked(model, state, source=path, expected=STD_FORMAT)
+
+
+def load_rob_checkpoint(model: nn.Module, path: PathLike) -> None:
+    """Load a ROB (EDM or TRADES) checkpoint into ``model``."""
+    load_checked(model, read_rob_state_dict(path), source=path, expected=ROB_FORMAT)
+
+
+def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
+    """Load a mixer checkpoint (mixing network + gamma BN) into ``composite``."""
+    mixer_state, bn_state = read_mixer_state_dicts(path)
+    _load_parts([(_require_mixer(composite), mixer_state, f"{path} entry 'model'", MIXER_FORMAT),
+                 (composite.gamma_bn, bn_state, f"{path} entry 'bn'", MIXER_FORMAT)])
+
+
+def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_path: PathLike,
+                             mixer_path: Optional[PathLike]) -> None:
+    """Load the authors' three files (STD, ROB, mixer; SPEC section 4) into ``composite``.
+
+    ``mixer_path`` None loads the base models only. All files are checked before any is loaded.
+    """
+    std = composite.std_model
+    parts = [(std, read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None),
+              std_path, STD_FORMAT),
+             (composite.rob_model, read_rob_state_dict(rob_path), rob_path, ROB_FORMAT)]
+    if mixer_path is not None:
+        mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
+        parts += [(_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'",
+                   MIXER_FORMAT),
+                  (composite.gamma_bn, bn_state, f"{mixer_path} entry 'bn'", MIXER_FORMAT)]
+    _load_parts(parts)
+    logger.info("loaded STD %s, ROB %s, mixer %s", std_path, rob_path, mixer_path)
+
+
+def load_robustbench_checkpoints(composite: CompositeModel, paths: Sequence[PathLike]) -> None:
+    """Load RobustBench's three files (BiT, WRN, ``{"model", "bn"}``) into ``composite``."""
+    if len(paths) != 3:
+        raise ValueError(f"RobustBench stores a composite as 3 files (STD, ROB, mixer), "
+                         f"got {len(paths)}: {list(paths)}")
+    std_path, rob_path, mixer_path = paths
+    # RobustBench's loader accepts an optional 'state_dict' wrapper and strips 'module.'.
+    std_state = extract_state_dict(read_checkpoint(std_path, ROBUSTBENCH_STD_FORMAT), std_path,
+                                   entries=("state_dict",), prefixes=("module.",),
+                                   expected=ROBUSTBENCH_STD_FORMAT)
+    rob_state = extract_state_dict(read_checkpoint(rob_path, ROBUSTBENCH_ROB_FORMAT), rob_path,
+                                   entries=("state_dict",), prefixes=("module.",),
+                                   expected=ROBUSTBENCH_ROB_FORMAT)
+    mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
+    _load_parts([
+        (composite.std_model, std_state, std_path, ROBUSTBENCH_STD_FORMAT),
+        (composite.rob_model, rob_state, rob_path, ROBUSTBENCH_ROB_FORMAT),
+        (_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'", MIXER_FORMAT),
+        (composite.gamma_bn, bn_state, f"{mixer_path} entry 'bn'", MIXER_FORMAT)])
+    logger.info("loaded RobustBench files %s", [str(p) for p in paths])
+
+
+# -- robustbench's CompositeModel state dict ------------------------------------------------
+# robustbench prefix -> ours. Its six constants are scalar Parameters; ours are plain floats.
+_ROBUSTBENCH_PREFIXES = {"models.0.": "std_model.", "models.1.": "rob_model.",
+                         "policy_net.": "mixer.", "bn.": "gamma_bn."}
+_ROBUSTBENCH_CONSTANTS = ("gamma_scale", "gamma_bias", "alpha_scale", "alpha_bias",
+                          "std_scale", "rob_scale")
+
+
+def from_robustbench_state_dict(state: Mapping[str, torch.Tensor],
+                                source: str = "robustbench state dict"
+                                ) -> tuple[StateDict, CompositeConstants]:
+    """Convert robustbench's ``CompositeModel`` (or its wrapper's) state dict to ours.
+
+    Returns our composite state dict and the constants robustbench stores as Parameters.
+    """
+    if any(key.startswith("comp_model.") for key in state):
+        # CompositeModelWrapper(parallel=False) registers the same module twice, as comp_model
+        # and _comp_model, so its state dict holds every tensor under both prefixes.
+        state = {key[len("comp_model."):]: value for key, value in state.items()
+                 if key.startswith("comp_model.")}
+    state = strip_prefixes(state, ("module.",))
+    ours: StateDict = {}
+    values: dict[str, float] = {}
+    unknown = []
+    for key, value in state.items():
+        if key in _ROBUSTBENCH_CONSTANTS:
+            if value.numel() != 1:
+                raise CheckpointError(f"{source}: constant {key!r} has shape "
+                                      f"{tuple(value.shape)}; expected a scalar")
+            values[key] = _float32_to_decimal(value)
+            continue
+        for theirs, mine in _ROBUSTBENCH_PREFIXES.items():
+            if key.startswith(theirs):
+                ours[mine + key[len(theirs):]] = value
+                break
+        else:
+            unknown.append(key)
+    missing = [key for key in _ROBUSTBENCH_CONSTANTS if key not in values]
+    if unknown or missing:
+        raise CheckpointError(f"{source}: not a robustbench CompositeModel state dict: "
+                              f"unknown keys {_first(unknown)}, missing constants {missing}; "
+                              f"expected keys under {list(_ROBUSTBENCH_PREFIXES)} and the "
+                              f"constants {list(_ROBUSTBENCH_CONSTANTS)}")
+    try:
+        constants = CompositeConstants(
+            std_scale=values["std_scale"], rob_scale=values["rob_scale"],
+            eval_gamma=(values["gamma_scale"], values["gamma_bias"]),
+            alpha_scale=values["alpha_scale"], alpha_bias=values["alpha_bias"])
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: invalid constants: {exc}") from exc
+    return ours, constants
+
+
+def to_robustbench_state_dict(composite: CompositeModel) -> StateDict:
+    """Our composite as a state dict of robustbench's ``CompositeModel`` (no wrapper prefix)."""
+    _require_mixer(composite)
+    back = {mine: theirs for theirs, mine in _ROBUSTBENCH_PREFIXES.items()}
+    state: StateDict = {}
+    for key, value in composite.state_dict().items():
+        prefix = next(p for p in back if key.startswith(p))
+        state[back[prefix] + key[len(prefix):]] = value
+    constants = CompositeConstants.from_composite(composite)
+    for name, value in (("gamma_scale", constants.eval_gamma[0]),
+                        ("gamma_bias", constants.eval_gamma[1]),
+                        ("alpha_scale", constants.alpha_scale),
+                        ("alpha_bias", constants.alpha_bias),
+                        ("std_scale", constants.std_scale), ("rob_scale", constants.rob_scale)):
+        state[name] = torch.tensor(value, dtype=torch.float32)
+    return state
+
+
+def load_robustbench_state_dict(composite: CompositeModel, state: Mapping[str, torch.Tensor],
+                                source: str = "robustbench state dict") -> None:
+    """Load robustbench's composite state dict into ``composite``, constants included."""
+    ours, constants = from_robustbench_state_dict(state, source)
+    check_state_dict(composite, ours, source=source,
+                     expected="robustbench CompositeModel weights converted to ours")
+    composite.load_state_dict(ours, strict=True)
+    constants.apply_to(composite)
+
+
+def _float32_to_decimal(value: torch.Tensor) -> float:
+    # robustbench keeps constants as float32 (0.96 -> 0.9599999785); the shortest decimal that
+    # rounds to the same float32 recovers the intended value.
+    return float(str(np.float32(value.detach().cpu().reshape(()).item())))
+
+
+# -- writing --------------------------------------------------------------------------------
+def mixer_checkpoint(composite: CompositeModel, **training_state: Any) -> dict[str, Any]:
+    """The authors' mixer checkpoint: ``{"model", "bn"}`` plus any training state given."""
+    reserved = {"model", "bn"} & set(training_state)
+    if reserved:
+        raise ValueError(f"training state must not use the reserved keys {sorted(reserved)}")
+    return {"model": _require_mixer(composite).state_dict(),
+            "bn": composite.gamma_bn.state_dict(), **training_state}
+
+
+def save_checkpoint(obj: Any, path: PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``.
+
+    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``
+    (atomic on POSIX), so a crash or full disk keeps the previous checkpoint intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as tmp:
+            torch.save(obj, tmp)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    logger.debug("saved checkpoint %s", path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem allows it, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _first(keys: Sequence[Any]) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:_SHOWN])
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return f"[{shown}]{more}"
