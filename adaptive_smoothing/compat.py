@@ -1,24 +1,135 @@
-"""The one place that works around third-party packaging quirks (SPEC section 10)."""
+"""The one place that works around third-party packaging quirks (SPEC section 10).
+
+robustbench 1.1.1 depends on the maintained AutoAttack (PyPI ``pyautoattack``) but imports it as
+``autoattack`` and calls it with the original package's conventions, which pyautoattack changed:
+
+- ``AutoAttack(..., log_path=...)``: pyautoattack takes no ``log_path`` (it logs through the
+  ``auto-attack`` logger);
+- ``run_standard_evaluation(x, y, bs=...)`` returning the adversarial images: pyautoattack takes
+  ``batch_size=`` and returns ``(x_adv, y_adv)``;
+- with ``aa_state_path``, ``benchmark()`` reads ``EvaluationState.robust_flags.mean()``, which
+  fails on pyautoattack's boolean flags.
+
+pyautoattack's own ``state_path`` resume is broken (0.2.0): ``to_disk`` writes the attack sets as
+strings, so ``from_disk`` never matches them ("The state was created with a different set of
+attacks"), and a restored run reaches an unbound ``y_adv``. The adapter therefore resumes at
+batch granularity itself: with ``state_path`` it attacks ``bs`` images at a time through
+pyautoattack (no state), keeps each finished batch's result next to the state file, and finally
+writes the state file robustbench reads.
+"""
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 from types import ModuleType
+from typing import Any, Optional, Sequence
+
+import torch
+
+_AUTOATTACK_LOGGER = "auto-attack"
 
 
 def import_autoattack() -> ModuleType:
-    """The maintained AutoAttack (PyPI ``pyautoattack``), also registered as ``autoattack``.
-
-    robustbench 1.1.1 does ``from autoattack import AutoAttack`` but depends on ``pyautoattack``.
-    """
+    """The maintained AutoAttack package, ``pyautoattack``."""
     import pyautoattack
 
-    sys.modules.setdefault("autoattack", pyautoattack)
     return pyautoattack
 
 
+def _robustbench_autoattack_module() -> ModuleType:
+    """An ``autoattack`` module with robustbench's expected API, backed by pyautoattack."""
+    pyautoattack = import_autoattack()
+    from pyautoattack import state as aa_state
+
+    class AutoAttack(pyautoattack.AutoAttack):
+        """pyautoattack's AutoAttack with the original ``autoattack`` call conventions."""
+
+        def __init__(self, model: torch.nn.Module, norm: str = "Linf", eps: float = 0.3,
+                     seed: Optional[int] = None, verbose: bool = True,
+                     attacks_to_run: Sequence[str] = (), version: str = "standard",
+                     device: Any = "cpu", log_path: Optional[str] = None) -> None:
+            attacks = list(attacks_to_run) if version == "custom" else None
+            super().__init__(model, attacks=attacks, device=device, eps=eps, norm=norm,
+                             seed=seed, version=version)
+            self.verbose = verbose
+            if log_path is not None:
+                _log_to_file(Path(log_path))
+
+        def run_standard_evaluation(self, x_orig: torch.Tensor, y_orig: torch.Tensor,
+                                    bs: int = 250, return_labels: bool = False,
+                                    state_path: Optional[Path] = None) -> Any:
+            if state_path is None:
+                x_adv, y_adv = super().run_standard_evaluation(x_orig, y_orig, batch_size=bs)
+            else:
+                x_adv, y_adv = self._resumable(x_orig, y_orig, bs, Path(state_path))
+            return (x_adv, y_adv) if return_labels else x_adv
+
+        def _resumable(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int,
+                       state_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+            from adaptive_smoothing.checkpoints import save_checkpoint
+
+            batches_dir = state_path.with_name(state_path.name + ".batches")
+            batches_dir.mkdir(parents=True, exist_ok=True)
+            x_parts, y_parts = [], []
+            for index, start in enumerate(range(0, len(y_orig), bs)):
+                batch_file = batches_dir / f"{index:05d}.pt"
+                if batch_file.exists():
+                    part = torch.load(batch_file, map_location="cpu", weights_only=True)
+                else:
+                    x_adv, y_adv = super().run_standard_evaluation(
+                        x_orig[start:start + bs], y_orig[start:start + bs], batch_size=bs)
+                    part = {"x_adv": x_adv.cpu(), "y_adv": y_adv.cpu()}
+                    save_checkpoint(part, batch_file)
+                x_parts.append(part["x_adv"])
+                y_parts.append(part["y_adv"])
+            x_adv, y_adv = torch.cat(x_parts), torch.cat(y_parts)
+            state = aa_state.EvaluationState(set(self.attacks_to_run), path=state_path)
+            state.clean_accuracy = float("nan")  # robustbench reports its own clean pass
+            state.robust_flags = y_adv.eq(y_orig.cpu())  # writes the file
+            return x_adv, y_adv
+
+    class EvaluationState(aa_state.EvaluationState):
+        """pyautoattack's state, whose flags robustbench can average (it reads, never writes)."""
+
+        @property
+        def robust_flags(self) -> Optional[torch.Tensor]:
+            flags = self._robust_flags
+            return None if flags is None else flags.float()
+
+        @robust_flags.setter
+        def robust_flags(self, flags: torch.Tensor) -> None:
+            self._robust_flags = flags
+            self.to_disk(force=True)
+
+    state = ModuleType("autoattack.state")
+    state.EvaluationState = EvaluationState  # type: ignore[attr-defined]
+
+    module = ModuleType("autoattack")
+    module.__doc__ = "robustbench's view of pyautoattack (see adaptive_smoothing.compat)"
+    module.AutoAttack = AutoAttack  # type: ignore[attr-defined]
+    module.state = state  # type: ignore[attr-defined]
+    module.__path__ = []  # a package, so that ``autoattack.state`` can be imported
+    return module
+
+
+def _log_to_file(path: Path) -> None:
+    logger = logging.getLogger(_AUTOATTACK_LOGGER)
+    target = str(path.resolve())
+    if any(getattr(h, "baseFilename", None) == target for h in logger.handlers):
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.addHandler(logging.FileHandler(target))
+    logger.setLevel(min(logger.level or logging.DEBUG, logging.DEBUG))
+
+
 def import_robustbench() -> ModuleType:
-    """Import robustbench after registering the ``autoattack`` alias it needs."""
-    import_autoattack()
+    """Import robustbench after registering the ``autoattack`` module it imports."""
+    if "autoattack" not in sys.modules:
+        module = _robustbench_autoattack_module()
+        sys.modules["autoattack"] = module
+        sys.modules["autoattack.state"] = module.state
     import robustbench
+    import robustbench.eval  # noqa: F401  (benchmark() lives here)
 
     return robustbench

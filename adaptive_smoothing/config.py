@@ -382,13 +382,19 @@ class EvaluationSettings:
                                                   doc="'default': pgd_settings.pgd_eval_loss")
     adaptive_attack: bool = _opt(False, doc="also run the adaptive (mixer-aware) attack")
     adaptive_attack_weight: float = _opt(0.5, ge=0, le=1, doc="BCE weight w of that attack")
+    adaptive_attack_iterations: int = _opt(100, ge=1, doc="APGD iterations of that attack")
+    autoattack_iterations: int = _opt(100, ge=1, doc="APGD iterations inside AutoAttack "
+                                      "(100 in the standard version)")
     save_adversarial: bool = _opt(False, doc="save the adversarial images")
     seed: int = _opt(DERIVED, derived=True, doc="'default': top-level seed")
 
     @property
     def autoattack_version(self) -> str:
-        """'standard' when the attack list is AutoAttack's standard one, else 'custom'."""
-        return "standard" if set(self.attacks_to_run) == set(STANDARD_AUTOATTACK) else "custom"
+        """'standard' when the attack list and iterations are AutoAttack's standard ones, else
+        'custom'."""
+        standard = (set(self.attacks_to_run) == set(STANDARD_AUTOATTACK)
+                    and self.autoattack_iterations == 100)
+        return "standard" if standard else "custom"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
+from torch import nn
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -40,3 +41,54 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> ContextManager
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1); returns
+    ``(rank, world_size, device)``. Each process uses the GPU of its LOCAL_RANK."""
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) outside torch.distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class AutocastModule(nn.Module):
+    """Runs a model under autocast and returns fp32 outputs (what AutoAttack expects)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model, self.device, self.dtype = model, device, dtype
+
+    def forward(self, x: torch.Tensor) -> Any:
+        with autocast_context(self.device, self.dtype):
+            out = self.model(x)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return type(out)(*(t.float() for t in out))  # e.g. CompositeOutput

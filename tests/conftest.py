@@ -6,6 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# One intra-op thread: the test models are tiny, and with two threads on a two-core machine that
+# runs anything else, OpenMP's spin-waiting makes them 10-40x slower.
+torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

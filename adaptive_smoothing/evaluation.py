@@ -1,0 +1,339 @@
+"""Evaluation of a composite model: clean accuracy, AutoAttack, PGD and the adaptive attack.
+
+The attacked function is always the whole composite in eval mode with scale_alpha on (SPEC
+section 6): AutoAttack sees it through :class:`LogProbClassifier`, our own attacks through the
+composite itself (so they also see gamma). Results are persisted per batch under
+``output_dir/batches``: a run that is killed and restarted skips the finished batches, and within a
+batch AutoAttack resumes from its own state file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from adaptive_smoothing.attacks import adaptive_attack, pgd
+from adaptive_smoothing.compat import import_autoattack
+from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings
+from adaptive_smoothing.models import CompositeModel, LogProbClassifier
+from adaptive_smoothing.config import Config
+from adaptive_smoothing.data import build_dataset, load_tensors
+from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
+                                        init_distributed, resolve_precision)
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+MANIFEST_FILE = "manifest.json"
+
+# Per-batch counters; every reported number is a ratio of two of these sums.
+_COUNTERS = ("n", "clean_correct", "autoattack_robust", "pgd_robust", "adaptive_robust",
+             "robust", "gamma_clean_sum", "alpha_clean_sum", "gamma_adv_sum", "alpha_adv_sum",
+             "adv_n", "gamma_nonfinite")
+
+
+class EvaluationError(RuntimeError):
+    pass
+
+
+def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str, Any]:
+    """What must match for finished batches of an earlier run to be reused."""
+    fields = dataclasses.asdict(settings)
+    for key in ("device", "data_dir", "output_dir"):  # where it runs does not change results
+        fields.pop(key, None)
+    return {"settings": fields, "model": model_info}
+
+
+def _atomic_write_json(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_manifest(output_dir: Path, plan: dict[str, Any]) -> None:
+    path = output_dir / MANIFEST_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(plan)):
+            diffs = _first_differences(old, json.loads(json.dumps(plan)))
+            raise EvaluationError(
+                f"{output_dir} holds results of a different evaluation ({'; '.join(diffs)}); "
+                "use another --output-dir, or delete that folder to start over")
+        return
+    _atomic_write_json(plan, path)
+
+
+def _first_differences(old: Any, new: Any, prefix: str = "", limit: int = 3) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _first_differences(old.get(key), new.get(key), f"{prefix}{key}.", limit)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+    return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
+
+
+def _mixing_stats(composite: CompositeModel, x: torch.Tensor,
+                  model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(predictions, gamma, alpha) of the composite on x (no grad)."""
+    with torch.no_grad():
+        out = model(x)
+    return out.log_probs.argmax(1), out.gamma.float(), out.alpha.float()
+
+
+def _sum_finite(values: torch.Tensor) -> tuple[float, int]:
+    finite = torch.isfinite(values)
+    return float(values[finite].sum()), int((~finite).sum())
+
+
+def _use_standard_parameters(adversary: Any, apgd_iterations: int) -> None:
+    """Give every attack of a custom list the parameters of AutoAttack's standard version.
+
+    pyautoattack's 'custom' version otherwise keeps its constructor defaults (5 restarts of
+    APGD and FAB), which is neither the standard evaluation nor what a subset of it should mean.
+    """
+    adversary.apgd.n_restarts = 1
+    adversary.apgd_targeted.n_restarts = 1
+    adversary.apgd_targeted.n_target_classes = 9
+    adversary.fab.n_restarts = 1
+    adversary.fab.n_target_classes = 9
+    adversary.square.n_queries = 5000
+    adversary.apgd.n_iter = apgd_iterations
+    adversary.apgd_targeted.n_iter = apgd_iterations
+
+
+def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
+                   settings: EvaluationSettings, *, device: torch.device, dtype: torch.dtype,
+                   seed: int = 0) -> tuple[dict[str, float], Optional[torch.Tensor]]:
+    """Evaluate one batch; returns its counters and the adversarial images (AutoAttack's, else
+    those of the last attack run)."""
+    composite.eval()  # scale_alpha on: the published evaluation behaviour
+    forward = AutocastModule(composite, device, dtype)
+    x, y = x.to(device), y.to(device)
+    pred, gamma, alpha = _mixing_stats(composite, x, forward)
+    clean_correct = pred == y
+    robust = clean_correct.clone()
+    counters: dict[str, float] = {k: 0.0 for k in _COUNTERS}
+    counters["n"] = len(y)
+    counters["clean_correct"] = int(clean_correct.sum())
+    counters["gamma_clean_sum"], nonfinite = _sum_finite(gamma)
+    counters["alpha_clean_sum"] = float(alpha.sum())
+    x_adv_report: Optional[torch.Tensor] = None
+
+    if settings.attacks_to_run:
+        pyautoattack = import_autoattack()
+        classifier = AutocastModule(LogProbClassifier(composite), device, dtype)
+        standard = set(settings.attacks_to_run) == set(STANDARD_AUTOATTACK)
+        adversary = pyautoattack.AutoAttack(
+            classifier, norm=settings.norm, eps=settings.eps, seed=seed, device=device,
+            version="standard" if standard else "custom",
+            attacks=None if standard else list(settings.attacks_to_run))
+        _use_standard_parameters(adversary, settings.autoattack_iterations)
+        x_aa, _ = adversary.run_standard_evaluation(
+            x, y, batch_size=len(y))
+        pred_aa, gamma_aa, alpha_aa = _mixing_stats(composite, x_aa.to(device), forward)
+        aa_robust = pred_aa == y
+        counters["autoattack_robust"] = int(aa_robust.sum())
+        robust &= aa_robust
+        x_adv_report = x_aa
+
+    generator = torch.Generator().manual_seed(seed)
+    if settings.pgd:
+        result = pgd(forward, x, y, settings.eps, norm=settings.norm, n_iter=settings.pgd_iters,
+                     step_size=settings.pgd_step_size,
+                     loss="ce" if settings.pgd_loss == "comp" else settings.pgd_loss,
+                     bce_weight=settings.adaptive_attack_weight if settings.pgd_loss == "comp"
+                     else 0.0, generator=generator)
+        pred_pgd, _, _ = _mixing_stats(composite, result.x_adv, forward)
+        pgd_robust = clean_correct & (pred_pgd == y)
+        counters["pgd_robust"] = int(pgd_robust.sum())
+        robust &= pgd_robust
+        x_adv_report = x_adv_report if x_adv_report is not None else result.x_adv
+
+    if settings.adaptive_attack:
+        result = adaptive_attack(forward, x, y, settings.eps, norm=settings.norm,
+                                 n_iter=settings.adaptive_attack_iterations,
+                                 bce_weight=settings.adaptive_attack_weight,
+                                 generator=generator)
+        counters["adaptive_robust"] = int(result.robust.sum())
+        robust &= result.robust
+        x_adv_report = x_adv_report if x_adv_report is not None else result.x_adv
+
+    counters["robust"] = int(robust.sum())
+    if x_adv_report is not None:
+        _, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report.to(device), forward)
+        counters["gamma_adv_sum"], nonfinite_adv = _sum_finite(gamma_adv)
+        counters["alpha_adv_sum"] = float(alpha_adv.sum())
+        counters["adv_n"] = len(y)
+        nonfinite += nonfinite_adv
+    counters["gamma_nonfinite"] = nonfinite
+    return counters, x_adv_report
+
+
+def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings,
+              model_info: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate per-batch counters into the reported numbers."""
+    total = {k: 0.0 for k in _COUNTERS}
+    for batch in counters:
+        for k in _COUNTERS:
+            total[k] += batch.get(k, 0.0)
+    n, adv_n = total["n"], total["adv_n"]
+
+    def ratio(num: float, den: float) -> Optional[float]:
+        return None if den == 0 else num / den
+
+    # With -inf/+inf gamma (one-model modes) a mean gamma is meaningless: report None.
+    gamma_ok = total["gamma_nonfinite"] == 0
+    return {
+        "n_examples": int(n),
+        "norm": settings.norm,
+        "eps": settings.eps,
+        "clean_accuracy": ratio(total["clean_correct"], n),
+        "autoattack": list(settings.attacks_to_run),
+        "autoattack_version": settings.autoattack_version if settings.attacks_to_run else None,
+        "autoattack_iterations": (settings.autoattack_iterations if settings.attacks_to_run
+                                  else None),
+        "autoattack_robust_accuracy": (ratio(total["autoattack_robust"], n)
+                                       if settings.attacks_to_run else None),
+        "pgd_robust_accuracy": ratio(total["pgd_robust"], n) if settings.pgd else None,
+        "pgd": ({"iterations": settings.pgd_iters, "step_size": settings.pgd_step_size,
+                 "loss": settings.pgd_loss} if settings.pgd else None),
+        "adaptive_robust_accuracy": (ratio(total["adaptive_robust"], n)
+                                     if settings.adaptive_attack else None),
+        "adaptive_attack_weight": (settings.adaptive_attack_weight
+                                   if settings.adaptive_attack else None),
+        "robust_accuracy": (ratio(total["robust"], n) if adv_n else None),
+        "mean_gamma_clean": ratio(total["gamma_clean_sum"], n) if gamma_ok else None,
+        "mean_alpha_clean": ratio(total["alpha_clean_sum"], n),
+        "mean_gamma_adv": ratio(total["gamma_adv_sum"], adv_n) if gamma_ok else None,
+        "mean_alpha_adv": ratio(total["alpha_adv_sum"], adv_n),
+        "model": model_info,
+        "valid": not model_info.get("unsafe_detach_mixer_inputs", False),
+    }
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of the reported numbers."""
+    def pct(v: Optional[float]) -> str:
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    def num(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = [("examples", str(summary["n_examples"])),
+            ("threat model", f"{summary['norm']}, eps = {summary['eps']:.5f}"),
+            ("clean accuracy", pct(summary["clean_accuracy"]))]
+    if summary["autoattack"]:
+        rows.append((f"AutoAttack {summary['autoattack_version']} "
+                     f"({', '.join(summary['autoattack'])}; "
+                     f"{summary['autoattack_iterations']} APGD iterations)",
+                     pct(summary["autoattack_robust_accuracy"])))
+    if summary["pgd"]:
+        rows.append((f"PGD-{summary['pgd']['iterations']} ({summary['pgd']['loss']})",
+                     pct(summary["pgd_robust_accuracy"])))
+    if summary["adaptive_attack_weight"] is not None:
+        rows.append((f"adaptive APGD-CE/T (w = {summary['adaptive_attack_weight']})",
+                     pct(summary["adaptive_robust_accuracy"])))
+    rows += [("robust accuracy (worst case over attacks)", pct(summary["robust_accuracy"])),
+             ("mean gamma clean / attacked",
+              f"{num(summary['mean_gamma_clean'])} / {num(summary['mean_gamma_adv'])}"),
+             ("mean alpha clean / attacked",
+              f"{num(summary['mean_alpha_clean'])} / {num(summary['mean_alpha_adv'])}")]
+    lines = ["| metric | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
+    if not summary["valid"]:
+        lines.append("\n**NOT VALID**: the mixer's inputs were detached "
+                     "(unsafe_detach_mixer_inputs); robust accuracy is overstated.")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor,
+             settings: EvaluationSettings, output_dir: Path, *, device: torch.device,
+             dtype: torch.dtype = torch.float32,
+             model_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Evaluate on ``x_all, y_all`` (already the first n examples), batch by batch, resumably.
+
+    Under torchrun each process takes every world_size-th batch; rank 0 then aggregates the
+    batch files. Writes ``output_dir/results.json`` and ``results.md`` and returns the summary.
+    """
+    if composite.unsafe_detach_mixer_inputs:
+        logger.warning("the mixer's inputs are detached: this evaluation is NOT VALID "
+                       "(gradient attacks cannot see the mixing network)")
+    model_info = dict(model_info or {})
+    model_info["unsafe_detach_mixer_inputs"] = composite.unsafe_detach_mixer_inputs
+    rank, world_size = distributed_rank_world()
+    batches_dir = output_dir / "batches"
+    if rank == 0:
+        batches_dir.mkdir(parents=True, exist_ok=True)
+        _check_manifest(output_dir, _plan(settings, model_info))
+        if settings.save_adversarial:
+            (output_dir / "adversarial").mkdir(exist_ok=True)
+    barrier()
+
+    n = len(y_all)
+    starts = list(range(0, n, settings.batch_size))
+    mine = [(i, s) for i, s in enumerate(starts) if i % world_size == rank]
+    counters: list[dict[str, float]] = []
+    bar = tqdm(mine, desc="evaluating", unit="batch", disable=rank != 0)
+    for index, start in bar:
+        batch_file = batches_dir / f"{index:05d}.json"
+        if batch_file.exists():
+            counters.append(json.loads(batch_file.read_text()))
+        else:
+            end = min(start + settings.batch_size, n)
+            batch_counters, x_adv = evaluate_batch(
+                composite, x_all[start:end], y_all[start:end], settings, device=device,
+                dtype=dtype, seed=settings.seed + index)
+            if settings.save_adversarial and x_adv is not None:
+                torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
+            batch_counters.update(start=start, end=end)
+            _atomic_write_json(batch_counters, batch_file)
+            counters.append(batch_counters)
+        seen = sum(c["n"] for c in counters)
+        postfix = {"clean": f"{sum(c['clean_correct'] for c in counters) / seen:.3f}"}
+        if counters[-1].get("adv_n"):
+            postfix["robust"] = f"{sum(c['robust'] for c in counters) / seen:.3f}"
+        bar.set_postfix(postfix)
+
+    barrier()
+    if world_size > 1:
+        counters = [json.loads((batches_dir / f"{i:05d}.json").read_text())
+                    for i in range(len(starts))]
+    summary = summarize(counters, settings, model_info)
+    if rank != 0:
+        return summary
+    _atomic_write_json(summary, output_dir / RESULTS_FILE)
+    (output_dir / TABLE_FILE).write_text(format_table(summary))
+    logger.info("results written to %s", output_dir / RESULTS_FILE)
+    return summary
+
+
+def run_evaluation(config: Config) -> str:
+    """``run.py --eval``: build and load the configured model, evaluate it on the first
+    ``n_examples`` test images, write the results, and return the table."""
+    settings = config.evaluation_settings
+    _, _, device = init_distributed(settings.device)
+    dtype = resolve_precision(settings.precision, device)
+    composite = build_composite(config, device)
+    load_composite_weights(composite, config)
+    data = config.dataset_settings
+    dataset = build_dataset(data.name, "test", data.format, settings.data_dir, augment=False)
+    x, y = load_tensors(dataset, settings.n_examples)
+    model_info = {"forward_settings": dataclasses.asdict(config.forward_settings),
+                  "model_load_path": dataclasses.asdict(config.model_load_path),
+                  "dataset": data.name}
+    summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
+                       dtype=dtype, model_info=json.loads(json.dumps(model_info, default=str)))
+    return format_table(summary)

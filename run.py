@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Adaptive smoothing: evaluate (--eval) or train the mixing network (--training) from a config.
+
+    python run.py --eval --config configs/demo.yaml
+    python run.py --training --config configs/rn18_cifar10.yaml
+    torchrun --nproc_per_node 4 run.py --training --config configs/cifar10_edm.yaml
+
+Command-line flags override the config's values; every config key is in docs/CONFIG.md.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from adaptive_smoothing.config import AUTOATTACK_NAMES, ConfigError, apply_overrides, load_config
+
+
+def _attack_list(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    if value.strip().lower() in ("none", ""):
+        return []
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="YAML config (the authors' layout is accepted unchanged).")
+@click.option("--eval", "mode", flag_value="eval", help="Evaluate the composite model.")
+@click.option("--training", "mode", flag_value="training",
+              help="Train the mixing network (SPEC section 5).")
+@click.option("--n-examples", type=int, default=None,
+              help="Evaluation: use the first N test images [evaluation_settings.n_examples].")
+@click.option("--batch-size", type=int, default=None,
+              help="Evaluation batch size, or the GLOBAL training batch size with --training.")
+@click.option("--device", default=None,
+              help="'auto', 'cpu', 'cuda' or 'cuda:N' [evaluation_settings.device].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast dtype (bf16/fp16 need CUDA).")
+@click.option("--data-dir", default=None,
+              help="Dataset folder [dataset_settings.path]; a folder holding train.npz/test.npz "
+                   "selects the offline .npz format.")
+@click.option("--data-format", type=click.Choice(["torchvision", "npz", "imagefolder"]),
+              default=None, help="[dataset_settings.format]; inferred for .npz folders.")
+@click.option("--output-dir", default=None,
+              help="Where results / checkpoints go [log_dir/log_path].")
+@click.option("--attacks", default=None,
+              help=f"Comma-separated AutoAttack attacks out of {', '.join(AUTOATTACK_NAMES)}; "
+                   "'none' to skip AutoAttack [evaluation_settings.attacks_to_run].")
+@click.option("--pgd/--no-pgd", default=None, help="Also run PGD [evaluation_settings.pgd].")
+@click.option("--adaptive/--no-adaptive", default=None,
+              help="Also run the adaptive attack (APGD-CE/T with w * BCE(gamma, 1)) "
+                   "[evaluation_settings.adaptive_attack].")
+@click.option("--save-adversarial/--no-save-adversarial", default=None,
+              help="Save adversarial images under OUTPUT_DIR/adversarial.")
+@click.option("--seed", type=int, default=None, help="Random seed [seed].")
+@click.option("--resume/--no-resume", default=True,
+              help="Training: continue from the newest checkpoint in the output folder.")
+@click.option("--debug", is_flag=True, help="Training: two iterations end to end, then stop.")
+@click.option("--log-level", default="INFO",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
+         batch_size: Optional[int], device: Optional[str], precision: Optional[str],
+         data_dir: Optional[str], data_format: Optional[str], output_dir: Optional[str],
+         attacks: Optional[str], pgd: Optional[bool], adaptive: Optional[bool],
+         save_adversarial: Optional[bool], seed: Optional[int], resume: bool, debug: bool,
+         log_level: str) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if mode is None:
+        raise click.UsageError("choose --eval or --training")
+    if data_dir is not None and data_format is None and (
+            Path(data_dir, "test.npz").exists() or data_dir.endswith(".npz")):
+        data_format = "npz"
+    try:
+        config = load_config(config_path)
+        config = apply_overrides(config, **{
+            "seed": seed,
+            "dataset_settings.path": data_dir,
+            "dataset_settings.format": data_format,
+            "evaluation_settings.device": device,
+            "evaluation_settings.precision": precision,
+            "evaluation_settings.output_dir": output_dir,
+            "evaluation_settings.n_examples": n_examples,
+            "evaluation_settings.attacks_to_run": _attack_list(attacks),
+            "evaluation_settings.pgd": pgd,
+            "evaluation_settings.adaptive_attack": adaptive,
+            "evaluation_settings.save_adversarial": save_adversarial,
+            "evaluation_settings.data_dir": data_dir,
+            ("evaluation_settings.batch_size" if mode == "eval"
+             else "training_settings.batch_size"): batch_size,
+            "training_settings.precision": precision if mode == "training" else None,
+        })
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+
+    if mode == "eval":
+        from adaptive_smoothing.evaluation import run_evaluation
+        summary_table = run_evaluation(config)
+        click.echo(summary_table)
+    else:
+        from adaptive_smoothing.training import run_training
+        run_training(config, resume=resume, debug=debug)
+
+
+if __name__ == "__main__":
+    main()

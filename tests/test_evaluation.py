@@ -1,0 +1,143 @@
+"""Evaluation: clean accuracy, AutoAttack through pyautoattack, PGD, resumability."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_smoothing.config import EvaluationSettings
+from adaptive_smoothing import evaluation
+from adaptive_smoothing.evaluation import EvaluationError, evaluate, format_table
+from synthetic import synthetic_data, tiny_composite
+
+CPU = torch.device("cpu")
+
+
+def _settings(**kw) -> EvaluationSettings:
+    base = dict(n_examples=48, batch_size=16, device="cpu", precision="fp32", data_dir="unused",
+                output_dir="unused", attacks_to_run=(), norm="Linf", eps=8 / 255, pgd=False,
+                pgd_iters=10, pgd_step_size=2 / 255, pgd_loss="ce", adaptive_attack=False,
+                adaptive_attack_weight=0.5, adaptive_attack_iterations=10,
+                autoattack_iterations=10, save_adversarial=False, seed=0)
+    base.update(kw)
+    return EvaluationSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def composite():
+    return tiny_composite(mixer=True, alpha_bias=0.2, alpha_scale=0.75)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_data(48, seed=7)
+
+
+def test_clean_accuracy_and_mixing_stats_equal_direct_computation(composite, data, tmp_path):
+    x, y = data
+    summary = evaluate(composite, x, y, _settings(), tmp_path, device=CPU)
+    with torch.no_grad():
+        out = composite.eval()(x)
+    assert summary["n_examples"] == 48
+    assert summary["clean_accuracy"] == pytest.approx((out.log_probs.argmax(1) == y).float().mean())
+    assert summary["mean_alpha_clean"] == pytest.approx(out.alpha.mean().item(), abs=1e-6)
+    assert summary["mean_gamma_clean"] == pytest.approx(out.gamma.mean().item(), abs=1e-5)
+    assert 0.2 <= summary["mean_alpha_clean"] <= 0.95
+    assert summary["autoattack_robust_accuracy"] is None
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["clean_accuracy"] == summary["clean_accuracy"]
+    assert "clean accuracy" in (tmp_path / "results.md").read_text()
+
+
+def test_autoattack_runs_end_to_end_and_is_bounded_by_clean(composite, data, tmp_path):
+    x, y = data
+    summary = evaluate(composite, x, y, _settings(attacks_to_run=("apgd-ce", "apgd-t")),
+                       tmp_path, device=CPU)
+    assert summary["clean_accuracy"] > 0.8  # the tiny models learned the synthetic task
+    assert summary["autoattack_robust_accuracy"] <= summary["clean_accuracy"]
+    assert summary["robust_accuracy"] <= summary["autoattack_robust_accuracy"]
+    assert summary["autoattack_version"] == "custom"
+    assert summary["mean_alpha_adv"] is not None
+
+
+def test_undefended_model_has_about_zero_robust_accuracy_at_large_eps(data, tmp_path):
+    std_only = tiny_composite(mixer=False, gamma=-math.inf)
+    x, y = data
+    summary = evaluate(std_only, x, y,
+                       _settings(attacks_to_run=("apgd-ce",), eps=0.3, pgd=True),
+                       tmp_path, device=CPU)
+    assert summary["clean_accuracy"] > 0.8
+    assert summary["autoattack_robust_accuracy"] <= 0.05
+    assert summary["pgd_robust_accuracy"] <= 0.1
+    # gamma is -inf for the STD-only model: no mean is reported rather than -inf or NaN.
+    assert summary["mean_gamma_clean"] is None
+    assert summary["mean_alpha_clean"] == 0.0
+
+
+def test_adaptive_attack_is_reported_and_bounded(composite, data, tmp_path):
+    x, y = data
+    summary = evaluate(composite, x[:16], y[:16], _settings(adaptive_attack=True, eps=16 / 255),
+                       tmp_path, device=CPU)
+    assert summary["adaptive_robust_accuracy"] <= summary["clean_accuracy"]
+    assert summary["robust_accuracy"] == summary["adaptive_robust_accuracy"]
+    assert "adaptive" in format_table(summary)
+
+
+def test_interrupted_evaluation_resumes_without_recomputing(composite, data, tmp_path,
+                                                           monkeypatch):
+    x, y = data
+    settings = _settings(attacks_to_run=("apgd-ce",), pgd=True)
+    reference = evaluate(composite, x, y, settings, tmp_path / "reference", device=CPU)
+
+    calls: list[int] = []
+    real = evaluation.evaluate_batch
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C during batch 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_batch", crash_on_third)
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(composite, x, y, settings, out, device=CPU)
+    assert sorted(p.name for p in (out / "batches").glob("0*.json")) == [
+        "00000.json", "00001.json"]
+
+    calls.clear()
+    monkeypatch.setattr(evaluation, "evaluate_batch",
+                        lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = evaluate(composite, x, y, settings, out, device=CPU)
+    assert len(calls) == 1  # only the unfinished third batch ran again
+    assert resumed == reference
+    assert (json.loads((out / "results.json").read_text())
+            == json.loads((tmp_path / "reference" / "results.json").read_text()))
+
+
+def test_output_dir_of_a_different_evaluation_is_refused(composite, data, tmp_path):
+    x, y = data
+    evaluate(composite, x[:16], y[:16], _settings(), tmp_path, device=CPU)
+    with pytest.raises(EvaluationError, match="eps: was .*now"):
+        evaluate(composite, x[:16], y[:16], _settings(eps=4 / 255), tmp_path, device=CPU)
+
+
+def test_adversarial_examples_are_saved_within_eps(composite, data, tmp_path):
+    x, y = data
+    evaluate(composite, x[:16], y[:16],
+             _settings(attacks_to_run=("apgd-ce",), save_adversarial=True, eps=16 / 255),
+             tmp_path, device=CPU)
+    x_adv = torch.load(tmp_path / "adversarial" / "00000.pt", weights_only=True)
+    assert x_adv.shape == x[:16].shape
+    assert (x_adv - x[:16]).abs().max() <= 16 / 255 + 1e-6
+
+
+def test_detached_mixer_marks_results_invalid(data, tmp_path):
+    unsafe = tiny_composite(mixer=True, unsafe_detach_mixer_inputs=True)
+    x, y = data
+    summary = evaluate(unsafe, x[:16], y[:16], _settings(), tmp_path, device=CPU)
+    assert summary["valid"] is False
+    assert "NOT VALID" in (tmp_path / "results.md").read_text()

@@ -1,0 +1,459 @@
+"""The mixer's training loop (SPEC section 5): resumption, NaN policy, outputs and behaviour.
+
+Tiny models (ResNet-18 of width 2, or hand-built synthetic classifiers) and tiny datasets keep
+every run to seconds on a shared 2-core CPU; torch runs single-threaded here because two threads
+contending with other processes were 5-10x slower.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from adaptive_smoothing import training
+from adaptive_smoothing.attacks import generate_training_attacks
+from adaptive_smoothing.checkpoints import load_mixer_checkpoint
+from adaptive_smoothing.config import Config, load_config
+from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.losses import CompLoss
+from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
+from adaptive_smoothing.models import registry
+from adaptive_smoothing.training import (Trainer, TrainingDivergedError, augment_batch,
+                                         run_training)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- a tiny run on random images -------------------------------------------------------------------
+def _write_npz(path: Path, n: int, seed: int) -> None:
+    """The offline .npz format of data.py (JPEG bytes, offsets, labels) with random images."""
+    rng = np.random.default_rng(seed)
+    chunks, offsets = [], [0]
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(
+            buffer, format="JPEG", quality=95)
+        chunks.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        offsets.append(offsets[-1] + len(chunks[-1]))
+    np.savez(path, jpeg=np.concatenate(chunks), offsets=np.array(offsets),
+             labels=rng.integers(0, 10, n))
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Base checkpoints (ResNet-18 width 2, two seeds) and 8 train / 4 test random images."""
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "data").mkdir()
+    _write_npz(root / "data" / "train.npz", 8, 0)
+    _write_npz(root / "data" / "test.npz", 4, 1)
+    (root / "Base").mkdir()
+    for name, seed in (("std", 1), ("rob", 2)):
+        torch.manual_seed(seed)
+        model = create_model("resnet18", 10, width=2)
+        with torch.no_grad():  # confident base models, so that attacks and losses are not flat
+            model.linear.weight.mul_(20)
+        torch.save({"model": model.state_dict()}, root / "Base" / f"{name}.pt")
+    return root
+
+
+def _tiny_config(root: Path, out: str, **training_settings: Any) -> Config:
+    """2 iterations per epoch (8 images, batch 4), n_target 1: buffers of 16 images, 4
+    mini-batches; accum_grad 2 -> 2 optimizer steps per iteration."""
+    ts = {"epochs": 2, "batch_size": 4, "lr": "3e-3", "accum_grad": 2, "n_val_examples": 4,
+          "batch_size_test_per_gpu": 4, "eval_freq": {"epoch": 1, "iter": 1},
+          **training_settings}
+    lines = ["seed: 5", f"log_dir: '{root}'", f"log_path: '{out}'",
+             "model_load_path: {std: 'Base/std.pt', rob: 'Base/rob.pt', comp: 'None'}",
+             "forward_settings: {std_model_type: resnet18, std_model_kwargs: {width: 2}, "
+             "rob_model_type: resnet18, rob_model_kwargs: {width: 2}, pn_version: 3, "
+             "alpha_scale: 0.75, alpha_bias: 0.2}",
+             f"dataset_settings: {{name: CIFAR-10, format: npz, path: '{root / 'data'}'}}",
+             f"training_settings: {_flow(ts)}",
+             "pgd_settings: {n_target_classes: 1, iters_test: 2}",
+             "randomized_attack_settings: {iters_df: 1, iters_const: 0}",
+             "evaluation_settings: {device: cpu}"]
+    path = root / f"{out}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return load_config(path)
+
+
+def _flow(mapping: dict) -> str:
+    items = [f"{k}: {_flow(v) if isinstance(v, dict) else v}" for k, v in mapping.items()]
+    return "{" + ", ".join(items) + "}"
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_states_close(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double(), atol=atol, rtol=0), key
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_root: Path) -> dict[str, Any]:
+    """An uninterrupted 4-iteration (2 epochs) run, shared by several tests."""
+    config = _tiny_config(tiny_root, "reference")
+    torch.manual_seed(config.seed)  # the trainer's initial mixer too
+    initial = build_composite(config)
+    load_composite_weights(initial, config)
+    trainer = Trainer(config)
+    path = trainer.fit()
+    return {"config": config, "trainer": trainer, "path": path,
+            "initial": {k: v.clone() for k, v in initial.state_dict().items()}}
+
+
+# -- acceptance: exact resumption ------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(
+        tiny_root: Path, reference_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _tiny_config(tiny_root, "resumed")
+    original = Trainer._train_iteration
+
+    def crash_after_three(self: Trainer, *args: Any) -> Any:
+        if self.iteration == 3:  # killed in the middle of the second epoch
+            raise _Interrupted()
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_iteration", crash_after_three)
+    with pytest.raises(_Interrupted):
+        run_training(config)
+    monkeypatch.setattr(Trainer, "_train_iteration", original)
+    interrupted = _load(tiny_root / "resumed" / "checkpoints" / "last.pt")
+    assert (interrupted["iteration"], interrupted["epoch"], interrupted["batch"]) == (3, 1, 1)
+
+    path = run_training(config, resume=True)
+    resumed, reference = _load(path), _load(reference_run["path"])
+    assert resumed["global_step"] == reference["global_step"] == 8
+    _assert_states_close(resumed["model"], reference["model"])
+    _assert_states_close(resumed["bn"], reference["bn"])
+    assert resumed["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
+
+
+def test_resume_of_a_finished_run_does_nothing(reference_run: dict) -> None:
+    before = reference_run["path"].stat().st_mtime_ns
+    assert run_training(reference_run["config"], resume=True) == reference_run["path"]
+    assert reference_run["path"].stat().st_mtime_ns == before
+
+
+# -- acceptance: non-finite losses -----------------------------------------------------------------
+def _nan_loss_on(calls: set[int] | None, start: Optional[int] = None) -> Any:
+    """A CompLoss.forward returning NaN on the given (0-based) calls, or on every call from
+    ``start`` on."""
+    original = CompLoss.forward
+    counter = {"n": 0}
+
+    def forward(self: CompLoss, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = original(self, *args, **kwargs)
+        n = counter["n"]
+        counter["n"] += 1
+        if (calls is not None and n in calls) or (start is not None and n >= start):
+            return loss * math.nan
+        return loss
+    return forward
+
+
+def test_a_nan_loss_skips_the_step_with_a_warning(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _tiny_config(tiny_root, "one_nan", epochs=1, max_nonfinite_steps=2)
+    monkeypatch.setattr(CompLoss, "forward", _nan_loss_on({1}))  # 2nd mini-batch of step 0
+    caplog.set_level(logging.WARNING, logger="adaptive_smoothing.training")
+    trainer = Trainer(config)
+    trainer.fit()
+    warnings = [r for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    state = _load(trainer.checkpoint_path)
+    assert state["iteration"] == 2 and state["global_step"] == 4
+    assert state["scheduler"]["last_epoch"] == 3  # the skipped step did not move the schedule
+    assert state["nonfinite_streak"] == 0
+    assert all(torch.isfinite(v).all() for v in [*state["model"].values(), *state["bn"].values()])
+
+
+def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every loss from the 3rd iteration on is NaN (4 mini-batches per iteration).
+    config = _tiny_config(tiny_root, "nans", max_nonfinite_steps=3,
+                          eval_freq={"epoch": 1, "iter": 2})
+    monkeypatch.setattr(CompLoss, "forward", _nan_loss_on(None, start=8))
+    trainer = Trainer(config)
+    with pytest.raises(TrainingDivergedError, match="3 consecutive optimizer steps.*last good "
+                       "checkpoint"):
+        trainer.fit()
+    state = _load(trainer.checkpoint_path)
+    assert state["iteration"] == 2 and state["global_step"] == 4
+    # Skipped steps change nothing (the BN statistics are restored), so the model in memory is
+    # still the one of the checkpoint, i.e. the state before the NaNs.
+    _assert_states_close(state["model"], trainer.mixer.state_dict(), atol=0)
+    _assert_states_close(state["bn"], trainer.composite.gamma_bn.state_dict(), atol=0)
+    fresh = build_composite(config)
+    load_mixer_checkpoint(fresh, trainer.checkpoint_path)
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+def test_only_the_mixer_and_gamma_bn_change(reference_run: dict, tiny_root: Path) -> None:
+    trained = reference_run["trainer"].composite.state_dict()
+    initial = reference_run["initial"]
+    changed = {k for k in initial if not torch.equal(initial[k], trained[k])}
+    assert changed and all(k.startswith(("mixer.", "gamma_bn.")) for k in changed)
+    assert any(k.startswith("gamma_bn.running") for k in changed)
+    assert any(k.startswith("mixer.") and k.endswith("weight") for k in changed)
+    for name in ("std", "rob"):  # and the base models equal their checkpoints
+        saved = _load(tiny_root / "Base" / f"{name}.pt")["model"]
+        model = getattr(reference_run["trainer"].composite, f"{name}_model")
+        _assert_states_close(saved, model.state_dict(), atol=0)
+
+
+def test_checkpoint_is_weights_only_and_a_mixer_checkpoint(reference_run: dict) -> None:
+    state = _load(reference_run["path"])  # weights_only=True
+    for key in ("model", "bn", "optimizer", "scheduler", "warmup", "scaler", "rng", "epoch",
+                "batch", "iteration", "global_step", "config"):
+        assert key in state, key
+    assert state["config"]["training_settings"]["batch_size"] == 4
+    fresh = build_composite(reference_run["config"])
+    load_mixer_checkpoint(fresh, reference_run["path"])
+    _assert_states_close(fresh.mixer.state_dict(), reference_run["trainer"].mixer.state_dict(), 0)
+    epoch_file = reference_run["path"].parent / "epoch_002.pt"
+    load_mixer_checkpoint(build_composite(reference_run["config"]), epoch_file)
+
+
+def test_tensorboard_scalars_are_written(reference_run: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    folder = Path(reference_run["config"].evaluation_settings.output_dir) / "tensorboard"
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"train/loss", "train/gamma_mean_label1", "train/gamma_mean_label0",
+                "train/p_gamma_pos_label1", "train/p_gamma_nonpos_label0", "train/lr",
+                "train/grad_scale", "val/clean_acc", "val/robust_acc", "val/gamma_clean",
+                "val/gamma_adv"}
+    assert expected <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    assert len(events.Scalars("val/robust_acc")) == 4  # eval_freq.iter = 1
+
+
+def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "debug", epochs=5, eval_freq={"epoch": 1, "iter": 100})
+    path = run_training(config, debug=True)
+    assert path == tiny_root / "debug" / "debug" / "checkpoints" / "last.pt"
+    state = _load(path)
+    assert state["iteration"] == 2 and state["global_step"] == 4
+    assert state["validation"]["n"] == 4
+
+
+@pytest.mark.parametrize("accum_grad, steps_per_iteration", [(-1, 1), (3, 2)])
+def test_optimizer_steps_per_buffer(tiny_root: Path, accum_grad: int,
+                                    steps_per_iteration: int) -> None:
+    config = _tiny_config(tiny_root, f"accum{accum_grad}", epochs=1, accum_grad=accum_grad,
+                          eval_freq={"epoch": 1, "iter": 100})
+    trainer = Trainer(config)
+    calls = {"n": 0}
+    trainer.optimizer.register_step_post_hook(lambda *_: calls.update(n=calls["n"] + 1))
+    trainer.fit()
+    assert calls["n"] == 2 * steps_per_iteration == trainer.global_step
+
+
+def test_max_steps_caps_the_run(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "capped", max_steps=3, eval_freq={"epoch": 1, "iter": 100})
+    trainer = Trainer(config)
+    trainer.fit()
+    state = _load(trainer.checkpoint_path)
+    assert state["global_step"] == 3 and state["iteration"] == 2
+    assert state["scheduler"]["T_max"] == 3
+
+
+def test_augmentation_is_reproducible_and_shape_preserving() -> None:
+    x = torch.rand(6, 3, 32, 32)
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    identity_like = [torch.equal(a[i], x[i]) or torch.equal(a[i], x[i].flip(-1))
+                     for i in range(6)]
+    assert not all(identity_like)
+
+
+def test_each_epoch_sees_every_image_once() -> None:
+    class Indexed(Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.full((3, 32, 32), float(i)), i
+
+    data = training._IterationData(Indexed(), batch=2, extra=4, seed=0, shuffle=True, rank=0,
+                                   world=1, num_workers=0)
+    seen = [int(y) for _, ys, _, _ in data.epoch(0, 0) for y in ys]
+    assert sorted(seen) == list(range(10))
+    resumed = [int(y) for _, ys, _, _ in data.epoch(0, 3) for y in ys]
+    assert resumed == seen[6:]
+    extras = [int(y) for _, _, _, ye in data.epoch(0, 0) for y in ye]
+    assert sorted(extras[:10]) == list(range(10))  # the extra stream cycles over the data too
+
+
+# -- acceptance: behaviour -------------------------------------------------------------------------
+# A synthetic task on which the two base models really differ:
+# image = 0.5 + COARSE_AMP * coarse code of class c' (8x8-pixel blocks; c' = label with prob. 0.7,
+#         else another class) + a smooth random background + FINE_AMP * fine code of the label
+#         (2x2-pixel blocks of random signs times a checkerboard).
+# STD reads the fine code (a linear matched filter): always right on clean images but flipped by
+#     any perturbation larger than FINE_AMP (eps = 8/255 is six times larger).
+# ROB reads the coarse code: right on 70% of the images, and no eps-perturbation changes that.
+# Both expose a 2x2 checkerboard filter response in their features. Clean images have almost
+# none (block-constant content has none), attacked images a lot (gradient-sign steps on STD
+# follow the fine codes' checkerboard), so the mixer can learn to tell them apart.
+FINE_AMP, COARSE_AMP, BACKGROUND_AMP, COARSE_RIGHT = 0.005, 0.15, 0.05, 0.7
+LOGIT_MARGIN = 10.0
+
+
+def _codes() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1234)
+    blocks = torch.randint(0, 2, (10, 3, 16, 16), generator=g).float() * 2 - 1
+    checker = (torch.arange(32)[:, None] + torch.arange(32)).remainder(2).float() * -2 + 1
+    fine = blocks.repeat_interleave(2, 2).repeat_interleave(2, 3) * checker
+    coarse = (torch.randint(0, 2, (10, 3, 4, 4), generator=g).float() * 2 - 1)
+    coarse = coarse.repeat_interleave(8, 2).repeat_interleave(8, 3)
+    return fine, coarse
+
+
+class _Synthetic(BaseClassifier):
+    feature_channels = (4, 8)
+
+    def __init__(self, which: str, num_classes: int = 10) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        fine, coarse = _codes()
+        code, amp = (fine, FINE_AMP) if which == "std" else (coarse, COARSE_AMP)
+        self.register_buffer("code", code * LOGIT_MARGIN / (amp * code[0].numel()))
+        kernel = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).expand(3, 1, 2, 2).clone()
+        self.register_buffer("checker", kernel)
+
+    def forward_features(self, x: torch.Tensor) -> BaseOutput:
+        # Only the checkerboard response: it does not see the zero padding of the training
+        # augmentation (straight edges), so augmented and plain images look alike to the mixer.
+        h = F.conv2d(F.pad(x, (0, 1, 0, 1), mode="replicate"), self.checker, groups=3).abs()
+        feat1 = torch.cat([h, h.sum(1, keepdim=True)], 1) * 20
+        feat2 = torch.cat([F.avg_pool2d(feat1, 2), F.max_pool2d(feat1, 2)], 1)
+        logits = torch.einsum("bchw,kchw->bk", x - 0.5, self.code)
+        return BaseOutput(logits, (feat1, feat2))
+
+
+class _SyntheticData(Dataset):
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        fine, coarse = _codes()
+        self.y = torch.randint(0, 10, (n,), generator=g)
+        shift = torch.randint(1, 10, (n,), generator=g)
+        wrong = torch.rand(n, generator=g) > COARSE_RIGHT
+        coarse_class = torch.where(wrong, (self.y + shift) % 10, self.y)
+        background = (torch.rand(n, 3, 8, 8, generator=g) * 2 - 1) * BACKGROUND_AMP
+        background = background.repeat_interleave(4, 2).repeat_interleave(4, 3)
+        self.x = (0.5 + COARSE_AMP * coarse[coarse_class] + background
+                  + FINE_AMP * fine[self.y]).clamp(0, 1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+def _behaviour_config(root: Path) -> Config:
+    text = f"""
+seed: 0
+log_dir: '{root}'
+log_path: 'out'
+model_load_path: {{std: 'std.pt', rob: 'rob.pt', comp: 'None'}}
+forward_settings: {{std_model_type: synthetic_std, rob_model_type: synthetic_rob, pn_version: 3,
+                   alpha_scale: 1.0, alpha_bias: 0.0}}
+dataset_settings: {{name: CIFAR-10}}
+training_settings:
+  epochs: 3
+  batch_size: 16
+  lr: 2e-3
+  accum_grad: 2
+  gamma_consts: {{train: '(2., 0.)', eval: '(2., 0.)'}}
+  n_val_examples: 32
+  eval_freq: {{epoch: 1, iter: 1000}}
+pgd_settings: {{n_target_classes: 2, iters_test: 5}}
+randomized_attack_settings: {{iters_df: 4, iters_const: 2}}
+evaluation_settings: {{device: cpu}}
+"""
+    (root / "config.yaml").write_text(text)
+    return load_config(root / "config.yaml")
+
+
+def _robust_accuracy(model: CompositeModel, x: torch.Tensor, y: torch.Tensor,
+                     adversarial: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        robust = model(x).log_probs.argmax(1) == y
+        for x_adv in adversarial:
+            robust &= model(x_adv).log_probs.argmax(1) == y
+    return robust.float().mean().item()
+
+
+def test_trained_mixer_separates_clean_from_attacked_inputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for which in ("std", "rob"):
+        monkeypatch.setitem(registry._MODEL_BUILDERS, f"synthetic_{which}",
+                            lambda num_classes=10, which=which: _Synthetic(which, num_classes))
+        torch.save({"model": _Synthetic(which).state_dict()}, tmp_path / f"{which}.pt")
+    config = _behaviour_config(tmp_path)
+    test_set = _SyntheticData(64, seed=2)
+    trainer = Trainer(config, train_set=_SyntheticData(512, seed=1),
+                      val_set=(test_set.x, test_set.y))
+    trainer.fit()
+
+    # Held-out points, attacked as in training (fresh seed).
+    composite = trainer.composite.eval()
+    x, y = test_set.x, test_set.y
+    settings = trainer.attack_settings
+    adversarial = generate_training_attacks(composite, x, y, settings,
+                                            torch.Generator().manual_seed(99))
+    composite.eval()
+    with torch.no_grad():
+        clean_out = composite(x)
+        adv_outs = [composite(x_adv) for x_adv in adversarial]
+    gamma_adv = torch.cat([o.gamma for o in adv_outs])
+    clean_right = (clean_out.gamma <= 0).float().mean().item()
+    adv_right = (gamma_adv > 0).float().mean().item()
+    mixer_accuracy = (clean_right + adv_right) / 2
+    # The fixed-alpha model gets the trained model's mean alpha on these (clean) points, so both
+    # behave alike on clean inputs; the mixer's worth is the robustness it adds on top.
+    mean_alpha = clean_out.alpha.mean().item()
+
+    fixed = CompositeModel(composite.std_model, composite.rob_model, None,
+                           gamma=math.log(mean_alpha / (1 - mean_alpha))).eval()
+    fixed_adversarial = generate_training_attacks(fixed, x, y, settings,
+                                                  torch.Generator().manual_seed(99))
+    trained_robust = _robust_accuracy(composite, x, y, adversarial)
+    fixed_robust = _robust_accuracy(fixed, x, y, fixed_adversarial)
+    trained_clean = _robust_accuracy(composite, x, y, [])
+    fixed_clean = _robust_accuracy(fixed, x, y, [])
+    logging.getLogger(__name__).warning(
+        "behaviour: mixer accuracy %.3f (clean %.3f, attacked %.3f); mean alpha %.3f; clean / "
+        "robust accuracy: trained %.3f / %.3f, fixed alpha %.3f / %.3f", mixer_accuracy,
+        clean_right, adv_right, mean_alpha, trained_clean, trained_robust, fixed_clean,
+        fixed_robust)
+    assert mixer_accuracy >= 0.8
+    assert trained_clean >= fixed_clean - 0.05
+    assert trained_robust >= fixed_robust + 0.2
