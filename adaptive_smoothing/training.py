@@ -1,0 +1,674 @@
+"""Training the mixing network (SPEC section 5); docs/TRAINING.md is the user's guide.
+
+One *iteration* takes B clean training images and builds the buffer
+
+    B clean (label 0) + n_target * B extra clean (label 0) + (1 + n_target) * B attacked (label 1)
+
+then shuffles it, splits it into 2 * (n_target + 1) mini-batches of B images and takes one
+optimizer step per ``accum_grad`` mini-batches. Only the mixing network's parameters (and the BN
+statistics of the mixer and of gamma) change; the base models are frozen and checked to be.
+
+Reproducibility and exact resumption: every random choice of an iteration (data order,
+augmentation, attack draws, buffer shuffle) comes from a generator seeded by
+``(seed, purpose, epoch or iteration, rank)``. A run therefore needs no random state besides its
+position (epoch, iteration) to continue exactly where it stopped; checkpoints also store the global
+torch RNG states for completeness. Checkpoints are written at iteration boundaries only.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytorch_warmup
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd,
+                                        generate_training_attacks, pgd)
+from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
+from adaptive_smoothing.config import Config, ConfigError, config_to_dict
+from adaptive_smoothing.data import build_dataset, load_tensors
+from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.losses import CompLoss
+from adaptive_smoothing.models import CompositeModel
+from adaptive_smoothing.runtime import (autocast_context, barrier, init_distributed,
+                                        resolve_precision)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "Trainer",
+           "attack_settings_from_config", "augment_batch", "optimizer_steps_per_iteration",
+           "run_training", "validate"]
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+TENSORBOARD_DIR = "tensorboard"
+LOG_FILE = "train.log"
+DEBUG_DIR = "debug"
+CHECKPOINT_VERSION = 1
+
+GRAD_CLIP_NORM = 10.0          # SPEC section 5 step 4
+WARMUP_FRACTION = 25           # exponential warm-up over the first 1/25 of the optimizer steps
+CROP_PADDING = 4               # CIFAR augmentation: RandomCrop(32, padding=4) + horizontal flip
+DEBUG_ITERATIONS = 2
+DEBUG_VAL_EXAMPLES = 8
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+# -- small pure helpers ---------------------------------------------------------------------------
+_PURPOSES = {"main": 1, "extra": 2, "augment": 3, "attack": 4, "buffer": 5, "validate": 6}
+
+
+def _derive_seed(seed: int, purpose: str, *indices: int) -> int:
+    """A 63-bit seed for ``purpose`` at ``indices``, independent of every other (seed, purpose,
+    indices) combination (numpy's SeedSequence hashing)."""
+    words = [seed % 2**32, seed // 2**32 % 2**32, _PURPOSES[purpose], *indices]
+    return int(np.random.SeedSequence(words).generate_state(2, dtype=np.uint32).astype(
+        np.uint64) @ np.array([1, 2**32], dtype=np.uint64)) & (2**63 - 1)
+
+
+def _generator(seed: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def attack_settings_from_config(config: Config) -> RandomizedAttackSettings:
+    """The training attacks' settings from ``pgd_settings`` + ``randomized_attack_settings``."""
+    pgd_s, ras = config.pgd_settings, config.randomized_attack_settings
+    if not ras.randomize:
+        raise ConfigError("expected true: this project implements the randomized training "
+                          "attacks only (SPEC section 5); narrow them with eps_factor_scale, "
+                          "comp_loss_wmax or iters_const instead",
+                          key="randomized_attack_settings.randomize", value=ras.randomize,
+                          file=config.source)
+    return RandomizedAttackSettings(
+        eps=pgd_s.eps, norm="Linf" if pgd_s.type == "l_inf" else "L2",
+        n_target=pgd_s.n_target_classes, apgd=ras.apgd, random_start=ras.random_start,
+        eps_factor_loc=ras.eps_factor_loc, eps_factor_scale=ras.eps_factor_scale,
+        mom_decay_loc=ras.mom_decay_loc, mom_decay_scale=ras.mom_decay_scale,
+        iters_df=ras.iters_df, iters_const=ras.iters_const, alpha_factor=ras.alpha_factor,
+        comp_loss_wmax=ras.comp_loss_wmax)
+
+
+def optimizer_steps_per_iteration(n_target: int, accum_grad: int) -> int:
+    """Optimizer steps per buffer of 2 * (n_target + 1) mini-batches (accum_grad -1: one)."""
+    n_mini = 2 * (n_target + 1)
+    return 1 if accum_grad == -1 else math.ceil(n_mini / accum_grad)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding=4) with zero padding + RandomHorizontalFlip, per image.
+
+    Done on the batch with an explicit generator (not in the dataset with the global RNG), so that
+    the augmentation of every iteration is reproducible, also with loader workers and on resume.
+    """
+    batch, _, height, width = x.shape
+    pad = CROP_PADDING
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    rows = (top[:, None] + torch.arange(height)).to(x.device)          # (B, H)
+    cols = left[:, None] + torch.arange(width)                          # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    b = torch.arange(batch, device=x.device)[:, None, None, None]
+    c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _local_order(n: int, seed: int, purpose: str, index: int, rank: int, world: int,
+                 shuffle: bool) -> torch.Tensor:
+    """This rank's share of a (seeded) permutation of range(n); equal length on every rank."""
+    order = (torch.randperm(n, generator=_generator(_derive_seed(seed, purpose, index)))
+             if shuffle else torch.arange(n))
+    usable = n // world * world
+    return order[:usable][rank::world]
+
+
+def _base_fingerprint(composite: CompositeModel) -> list[float]:
+    """Per-tensor float64 sums of the base models' parameters and buffers (cheap change check)."""
+    tensors = [*composite.std_model.state_dict().values(),
+               *composite.rob_model.state_dict().values()]
+    return [float(t.detach().double().sum()) for t in tensors if t.is_floating_point()]
+
+
+# -- validation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def _forward(composite: CompositeModel, x: torch.Tensor, device: torch.device,
+             dtype: torch.dtype) -> Any:
+    with autocast_context(device, dtype):
+        return composite(x)
+
+
+def validate(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor, config: Config, *,
+             device: torch.device, dtype: torch.dtype, batch_size: int,
+             seed: int = 0) -> dict[str, float]:
+    """Clean and robust accuracy and mean gamma/alpha of the composite on (x, y).
+
+    The composite is evaluated as deployed (eval mode, scale_alpha on). Robust accuracy: with
+    ``pgd_settings.use_aa`` (default) APGD-CE on all points, then APGD-T (targets: the 2nd ..
+    (n_target + 1)-th classes) on the points still robust, pgd_settings.iters_test iterations
+    each, plain CE/DLR losses (no mixer term), i.e. AutoAttack's first two attacks; otherwise PGD
+    (iters_test, alpha_test, pgd_eval_loss). "Attacked" gamma/alpha are measured on the first
+    attack's output for every point (the first adversarial example found, else the highest-loss
+    point), so they describe attacked inputs whether or not the attack succeeded.
+
+    Under torch.distributed each process takes every world-th example; the sums are all-reduced.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    pgd_s = config.pgd_settings
+    norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+    was_training, was_scale = composite.training, composite.scale_alpha
+    composite.eval()
+    generator = _generator(_derive_seed(seed, "validate", rank))
+    x, y = x[rank::world], y[rank::world]
+    sums = torch.zeros(7, dtype=torch.float64)
+    try:
+        for start in range(0, len(x), batch_size):
+            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+            clean = _forward(composite, xb, device, dtype)
+            correct = clean.log_probs.argmax(1) == yb
+            with autocast_context(device, dtype):
+                if pgd_s.use_aa:
+                    first = apgd(composite, xb, yb, pgd_s.eps, norm=norm, n_iter=pgd_s.iters_test,
+                                 loss="ce", return_adversarial=True, generator=generator)
+                else:
+                    loss = "dlr" if pgd_s.pgd_eval_loss == "dlr" else "ce"
+                    weight = 0.5 if pgd_s.pgd_eval_loss == "comp_simple" else 0.0
+                    first = pgd(composite, xb, yb, pgd_s.eps, norm=norm, n_iter=pgd_s.iters_test,
+                                step_size=pgd_s.alpha_test, loss=loss, bce_weight=weight,
+                                generator=generator)
+            robust = correct & ~first.fooled
+            if pgd_s.use_aa:
+                robust = _targeted_apgd(composite, xb, yb, robust, config, device, dtype,
+                                        generator)
+            attacked = _forward(composite, first.x_adv, device, dtype)
+            sums += torch.tensor([len(yb), correct.sum().item(), robust.sum().item(),
+                                  clean.gamma.float().sum().item(),
+                                  attacked.gamma.float().sum().item(),
+                                  clean.alpha.float().sum().item(),
+                                  attacked.alpha.float().sum().item()], dtype=torch.float64)
+    finally:
+        composite.train(was_training, scale_alpha=was_scale)
+    if world > 1:
+        reduced = sums.to(device)
+        dist.all_reduce(reduced)
+        sums = reduced.cpu()
+    n = max(sums[0].item(), 1.0)
+    keys = ("clean_acc", "robust_acc", "gamma_clean", "gamma_adv", "alpha_clean", "alpha_adv")
+    return {"n": sums[0].item(), **{k: (sums[i + 1] / n).item() for i, k in enumerate(keys)}}
+
+
+def _targeted_apgd(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
+                   robust: torch.Tensor, config: Config, device: torch.device,
+                   dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """APGD-T (targeted DLR) on the points still robust, as AutoAttack's second attack."""
+    pgd_s = config.pgd_settings
+    if "apgd-t" not in pgd_s.attacks_to_run:
+        return robust
+    robust = robust.clone()
+    norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+    n_target = min(pgd_s.n_target_classes, config.dataset_settings.num_classes - 1)
+    for target_rank in range(2, n_target + 2):
+        idx = robust.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        y_target = _forward(composite, x[idx], device, dtype).log_probs.sort(dim=1)[1][
+            :, -target_rank]
+        with autocast_context(device, dtype):
+            result = apgd(composite, x[idx], y[idx], pgd_s.eps, norm=norm,
+                          n_iter=pgd_s.iters_test, loss="dlr_targeted", y_target=y_target,
+                          return_adversarial=True, generator=generator)
+        robust[idx[result.fooled]] = False
+    return robust
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class _IterationData:
+    """Per-iteration training data: the main batch (B images) and the extra clean batch.
+
+    Both come from one DataLoader over the training split whose batch sampler yields, per
+    iteration, the B main indices followed by the n_target * B extra ones, so loader workers (if
+    any) serve both. The main order is a seeded permutation per epoch (skipped up to the resume
+    point); the extra stream is an endless chain of seeded permutations indexed by the global
+    iteration, so neither needs any state beyond the position.
+    """
+
+    def __init__(self, dataset: Dataset, batch: int, extra: int, seed: int, shuffle: bool,
+                 rank: int, world: int, num_workers: int) -> None:
+        self.dataset, self.batch, self.extra = dataset, batch, extra
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
+        self.num_workers = num_workers
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.local = self.n // world
+        self.iterations_per_epoch = self.local // batch
+        if self.iterations_per_epoch < 1:
+            raise ValueError(f"the training set has {self.n} images, fewer than one batch of "
+                             f"{batch} per process x {world} processes")
+
+    def _extra_indices(self, iteration: int) -> list[int]:
+        out: list[int] = []
+        position = iteration * self.extra
+        while len(out) < self.extra:
+            cycle, offset = divmod(position, self.local)
+            order = _local_order(self.n, self.seed, "extra", cycle, self.rank, self.world, True)
+            take = order[offset:offset + self.extra - len(out)].tolist()
+            out += take
+            position += len(take)
+        return out
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y, x_extra, y_extra) of iterations start .. iterations_per_epoch - 1 of ``epoch``,
+        augmented."""
+        order = _local_order(self.n, self.seed, "main", epoch, self.rank, self.world,
+                             self.shuffle)
+        first = epoch * self.iterations_per_epoch
+        batches = [order[i * self.batch:(i + 1) * self.batch].tolist()
+                   + self._extra_indices(first + i)
+                   for i in range(start, self.iterations_per_epoch)]
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers)
+        for i, (x, y) in zip(range(start, self.iterations_per_epoch), loader):
+            y = torch.as_tensor(y, dtype=torch.int64)
+            x = augment_batch(x, _generator(_derive_seed(self.seed, "augment", first + i,
+                                                         self.rank)))
+            yield x[:self.batch], y[:self.batch], x[self.batch:], y[self.batch:]
+
+
+class Trainer:
+    """The mixer's training loop. ``Trainer(config).fit()`` trains and returns last.pt's path.
+
+    ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); they
+    must yield ``(float CHW image in [0, 1], int label)`` without augmentation (it is applied
+    here). ``val_set`` may also be an ``(x, y)`` pair of tensors.
+    """
+
+    def __init__(self, config: Config, *, resume: bool = True, debug: bool = False,
+                 train_set: Optional[Dataset] = None, val_set: Any = None) -> None:
+        self.config, self.debug = config, debug
+        ts = config.training_settings
+        self.rank, self.world, self.device = init_distributed(config.evaluation_settings.device)
+        self.dtype = resolve_precision(ts.precision, self.device)
+        self.output_dir = Path(config.evaluation_settings.output_dir)
+        if debug:
+            self.output_dir = self.output_dir / DEBUG_DIR
+            resume = False
+        self.checkpoint_path = self.output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+        self.seed = config.seed
+
+        # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
+        torch.manual_seed(self.seed)
+        self.composite = build_composite(config, self.device)
+        if self.composite.mixer is None:
+            raise ConfigError("expected true: training needs the mixing network",
+                              key="forward_settings.use_policy", value=False, file=config.source)
+        load_composite_weights(self.composite, config)
+        self.mixer = self.composite.mixer
+        self.ddp_mixer: Optional[nn.Module] = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp_mixer = DistributedDataParallel(
+                self.mixer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.base_fingerprint = _base_fingerprint(self.composite)
+
+        # Data.
+        self.attack_settings = attack_settings_from_config(config)
+        self.n_target = self.attack_settings.n_target
+        self.batch = ts.per_process_batch_size(self.world)
+        ds = config.dataset_settings
+        if train_set is None:
+            train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
+                                      ds.format, ds.path, augment=False)
+        workers = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        self.data = _IterationData(train_set, self.batch, self.n_target * self.batch, self.seed,
+                                   ds.train_shuffle, self.rank, self.world, workers)
+        n_val = min(ts.n_val_examples, DEBUG_VAL_EXAMPLES) if debug else ts.n_val_examples
+        if val_set is None:
+            val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
+        self.x_val, self.y_val = (val_set if isinstance(val_set, tuple)
+                                  else load_tensors(val_set, n_val))
+        self.x_val, self.y_val = self.x_val[:n_val], self.y_val[:n_val]
+
+        # Schedule, in optimizer steps.
+        self.n_mini = 2 * (self.n_target + 1)
+        self.accum = self.n_mini if ts.accum_grad == -1 else ts.accum_grad
+        self.steps_per_iteration = optimizer_steps_per_iteration(self.n_target, ts.accum_grad)
+        self.total_iterations = (DEBUG_ITERATIONS if debug
+                                 else ts.epochs * self.data.iterations_per_epoch)
+        self.total_steps = self.total_iterations * self.steps_per_iteration
+        if ts.max_steps is not None:
+            self.total_steps = min(self.total_steps, ts.max_steps)
+
+        # Optimisation.
+        cl = ts.comp_loss_params
+        self.loss_fn = CompLoss(cl.consts.bce, cl.consts.ce, cl.consts.prod,
+                                clean_scale=cl.scale.clean, adv_scale=cl.scale.ada)
+        self.optimizer = torch.optim.AdamW(self.mixer.parameters(), lr=ts.lr,
+                                           weight_decay=ts.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
+                                                                    T_max=self.total_steps)
+        self.warmup = pytorch_warmup.ExponentialWarmup(
+            self.optimizer, warmup_period=max(1, self.total_steps // WARMUP_FRACTION))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+        # Position.
+        self.epoch = 0               # current epoch
+        self.iteration_in_epoch = 0  # iterations of the current epoch already done
+        self.iteration = 0           # iterations done in total
+        self.global_step = 0         # optimizer-step slots done (skipped ones included)
+        self.nonfinite_streak = 0
+        self.last_validation: dict[str, float] = {}
+        if resume and self.checkpoint_path.exists():
+            self._load(self.checkpoint_path)
+        elif self.checkpoint_path.exists():
+            logger.warning("%s exists but resume is off: starting over; it will be overwritten",
+                           self.checkpoint_path)
+        self.writer: Any = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            # "model" + "bn": the authors' mixer checkpoint (SPEC section 4), loadable as such.
+            "model": self.mixer.state_dict(), "bn": self.composite.gamma_bn.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "warmup": self.warmup.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": rng, "epoch": self.epoch, "batch": self.iteration_in_epoch,
+            "iteration": self.iteration, "global_step": self.global_step,
+            "nonfinite_streak": self.nonfinite_streak,
+            "iterations_per_epoch": self.data.iterations_per_epoch,
+            "total_steps": self.total_steps, "world_size": self.world,
+            "validation": dict(self.last_validation), "config": config_to_dict(self.config),
+            "format_version": CHECKPOINT_VERSION,
+        }
+
+    def _load(self, path: Path) -> None:
+        state = read_checkpoint(path, "a training checkpoint written by adaptive_smoothing")
+        if state.get("format_version") != CHECKPOINT_VERSION:
+            raise ConfigError(f"{path} is not a training checkpoint of this version (no "
+                              f"format_version {CHECKPOINT_VERSION}); move it away to start over")
+        for key, now in (("iterations_per_epoch", self.data.iterations_per_epoch),
+                         ("total_steps", self.total_steps), ("world_size", self.world)):
+            if state[key] != now:
+                logger.warning("resuming %s: %s was %s, now %s; the data order or learning-rate "
+                               "schedule will differ from an uninterrupted run", path, key,
+                               state[key], now)
+        self.mixer.load_state_dict(state["model"])
+        self.composite.gamma_bn.load_state_dict(state["bn"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.warmup.load_state_dict(state["warmup"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.epoch, self.iteration_in_epoch = int(state["epoch"]), int(state["batch"])
+        self.iteration, self.global_step = int(state["iteration"]), int(state["global_step"])
+        self.nonfinite_streak = int(state["nonfinite_streak"])
+        self.last_validation = dict(state["validation"])
+        logger.info("resuming from %s: epoch %d, iteration %d, optimizer step %d", path,
+                    self.epoch, self.iteration, self.global_step)
+
+    def _sync_gamma_bn(self) -> None:
+        # The gamma BN is outside DDP, so its running statistics drift apart between processes;
+        # saving their average keeps the checkpoint independent of which process wrote it.
+        if self.world > 1:
+            for buf in (self.composite.gamma_bn.running_mean, self.composite.gamma_bn.running_var):
+                dist.all_reduce(buf)
+                buf /= self.world
+
+    def _checkpoint(self) -> None:
+        """Validate, log and save last.pt (and the mixer alone at epoch ends)."""
+        if _base_fingerprint(self.composite) != self.base_fingerprint:
+            raise RuntimeError("a base model's weights changed during training; only the mixer "
+                               "may learn (this is a bug)")
+        self._sync_gamma_bn()
+        self.last_validation = validate(self.composite, self.x_val, self.y_val, self.config,
+                                        device=self.device, dtype=self.dtype,
+                                        batch_size=self.config.training_settings
+                                        .batch_size_test_per_gpu, seed=self.seed)
+        if self.rank == 0:
+            v = self.last_validation
+            logger.info("validation at step %d (%d images): clean %.2f%%, robust %.2f%%, gamma "
+                        "clean %.3f / attacked %.3f", self.global_step, int(v["n"]),
+                        100 * v["clean_acc"], 100 * v["robust_acc"], v["gamma_clean"],
+                        v["gamma_adv"])
+            for key, value in v.items():
+                if key != "n":
+                    self.writer.add_scalar(f"val/{key}", value, self.global_step)
+            self.writer.flush()
+            state = self._state()
+            save_checkpoint(state, self.checkpoint_path)
+            if self.iteration_in_epoch == 0 and self.epoch > 0 and not self.debug:
+                mixer_only = {k: state[k] for k in ("model", "bn", "epoch", "global_step",
+                                                    "validation", "config")}
+                save_checkpoint(mixer_only, self.checkpoint_path.parent /
+                                f"epoch_{self.epoch:03d}.pt")
+            logger.info("saved %s", self.checkpoint_path)
+        barrier()
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _all_finite(self, value: torch.Tensor) -> bool:
+        flag = torch.isfinite(value.detach()).all().float()
+        if self.world > 1:  # every process must take the same decision, or DDP would hang
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _optimizer_step(self, xs: torch.Tensor, ys: torch.Tensor, labels: torch.Tensor,
+                        groups: list[torch.Tensor], stats: torch.Tensor) -> None:
+        """Forward/backward the mini-batches of one accumulation group and take one step."""
+        buffers = [b.detach().clone() for b in self._mixer_buffers()]
+        self.composite.train(True, scale_alpha=False)
+        self.composite.mixer = self.ddp_mixer or self.mixer
+        finite = True
+        try:
+            for j, idx in enumerate(groups):
+                last = j == len(groups) - 1
+                no_sync = (self.ddp_mixer.no_sync() if self.ddp_mixer is not None and not last
+                           else contextlib.nullcontext())
+                with no_sync:
+                    with autocast_context(self.device, self.dtype):
+                        out = self.composite(xs[idx])
+                    loss = self.loss_fn(out.log_probs, out.gamma, ys[idx], labels[idx],
+                                        accum_count=len(groups))
+                    if not self._all_finite(loss):
+                        finite = False
+                        break
+                    self.scaler.scale(loss).backward()
+                gamma, label = out.gamma.detach().double(), labels[idx]
+                adv, clean = label > 0.5, label <= 0.5
+                stats[:8] += torch.stack([
+                    loss.detach().double() * len(groups), torch.ones_like(gamma[0]),
+                    gamma[adv].sum(), adv.sum(), (gamma[adv] > 0).sum(), gamma[clean].sum(),
+                    clean.sum(), (gamma[clean] <= 0).sum()]).to(stats)
+        finally:
+            self.composite.mixer = self.mixer
+            self.composite.eval()
+
+        grad_norm = torch.zeros(())
+        if finite:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.mixer.parameters(), GRAD_CLIP_NORM)
+            # With a gradient scaler, inf/NaN gradients are its business (it skips the step and
+            # lowers the scale); without one they mean the step is unusable.
+            finite = self.scaler.is_enabled() or self._all_finite(grad_norm)
+        if not finite:
+            self.nonfinite_streak += 1
+            logger.warning("non-finite loss or gradient at iteration %d, optimizer step %d: step "
+                           "skipped (%d in a row; the limit is %d)", self.iteration,
+                           self.global_step, self.nonfinite_streak,
+                           self.config.training_settings.max_nonfinite_steps)
+            self.optimizer.zero_grad(set_to_none=True)
+            # The forward passes already moved the BN running statistics towards the bad batch.
+            for buf, saved in zip(self._mixer_buffers(), buffers):
+                buf.copy_(saved)
+            self.global_step += 1
+            if self.nonfinite_streak >= self.config.training_settings.max_nonfinite_steps:
+                raise TrainingDivergedError(
+                    f"{self.nonfinite_streak} consecutive optimizer steps had a non-finite loss "
+                    f"or gradient (last at iteration {self.iteration}, step "
+                    f"{self.global_step}); stopping. The last good checkpoint is "
+                    f"{self.checkpoint_path} (unchanged). Try a lower learning rate, bf16/fp32 "
+                    f"precision, or check the data and base models")
+            return
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.get_scale() >= scale_before:
+            with self.warmup.dampening():
+                self.scheduler.step()
+        else:
+            logger.info("gradient scaler skipped step %d (overflow); learning-rate schedule held",
+                        self.global_step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak = 0
+        self.global_step += 1
+        stats[8] += grad_norm.detach().float().to(stats.device)
+
+    def _mixer_buffers(self) -> list[torch.Tensor]:
+        return [*self.mixer.buffers(), *self.composite.gamma_bn.buffers()]
+
+    # -- one iteration -----------------------------------------------------------------------
+    def _train_iteration(self, x: torch.Tensor, y: torch.Tensor, x_extra: torch.Tensor,
+                         y_extra: torch.Tensor) -> dict[str, float]:
+        """Attack, build and shuffle the buffer, and take its optimizer steps."""
+        x, y = x.to(self.device), y.to(self.device)
+        gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        attack_gen = _generator(_derive_seed(self.seed, "attack", self.iteration, self.rank),
+                                gen_device)
+        with autocast_context(self.device, self.dtype):
+            adversarial = generate_training_attacks(self.composite, x, y, self.attack_settings,
+                                                    attack_gen)
+        n_clean = len(x) + len(x_extra)
+        xs = torch.cat([x, x_extra.to(self.device), *adversarial])
+        ys = torch.cat([y, y_extra.to(self.device), *([y] * len(adversarial))])
+        labels = torch.cat([torch.zeros(n_clean), torch.ones(len(xs) - n_clean)]).to(self.device)
+        order = torch.randperm(len(xs), generator=_generator(
+            _derive_seed(self.seed, "buffer", self.iteration, self.rank))).to(self.device)
+        minibatches = list(order.chunk(self.n_mini))
+        stats = torch.zeros(9, dtype=torch.float64, device=self.device)
+        steps = 0
+        for start in range(0, len(minibatches), self.accum):
+            self._optimizer_step(xs, ys, labels, minibatches[start:start + self.accum], stats)
+            steps += 1
+            if self.global_step >= self.total_steps:
+                break
+        if self.world > 1:
+            dist.all_reduce(stats)
+        s = stats.tolist()
+        return {"loss": s[0] / max(s[1], 1), "gamma_adv": s[2] / max(s[3], 1),
+                "p_gamma_pos_adv": s[4] / max(s[3], 1), "gamma_clean": s[5] / max(s[6], 1),
+                "p_gamma_nonpos_clean": s[7] / max(s[6], 1),
+                "grad_norm": s[8] / max(steps * self.world, 1)}
+
+    def _log_iteration(self, metrics: dict[str, float], bar: Any) -> None:
+        if self.rank != 0:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        scalars = {"train/loss": metrics["loss"], "train/gamma_mean_label1": metrics["gamma_adv"],
+                   "train/gamma_mean_label0": metrics["gamma_clean"],
+                   "train/p_gamma_pos_label1": metrics["p_gamma_pos_adv"],
+                   "train/p_gamma_nonpos_label0": metrics["p_gamma_nonpos_clean"],
+                   "train/lr": lr, "train/grad_scale": self.scaler.get_scale(),
+                   "train/grad_norm": metrics["grad_norm"]}
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, self.global_step)
+        mixer_accuracy = (metrics["p_gamma_pos_adv"] + metrics["p_gamma_nonpos_clean"]) / 2
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
+                        mixer_acc=f"{mixer_accuracy:.2f}")
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _done(self) -> bool:
+        return self.iteration >= self.total_iterations or self.global_step >= self.total_steps
+
+    def fit(self) -> Path:
+        """Train until the configured end (or the debug iterations); returns last.pt's path."""
+        if self._done():
+            logger.info("training already finished (%s); nothing to do", self.checkpoint_path)
+            return self.checkpoint_path
+        file_handler = self._open_logs()
+        try:
+            self._fit()
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+            if file_handler is not None:
+                logging.getLogger("adaptive_smoothing").removeHandler(file_handler)
+                file_handler.close()
+        return self.checkpoint_path
+
+    def _open_logs(self) -> Optional[logging.Handler]:
+        if self.rank != 0:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a crashed run logged after its last checkpoint.
+        self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR),
+                                    purge_step=self.global_step or None)
+        handler = logging.FileHandler(self.output_dir / LOG_FILE)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("adaptive_smoothing").addHandler(handler)
+        ts = self.config.training_settings
+        logger.info("training the mixer: %d iterations (%d per epoch) of %d clean + %d extra + %d "
+                    "attacked images per process, %d processes, %d optimizer steps, %s on %s",
+                    self.total_iterations, self.data.iterations_per_epoch, self.batch,
+                    self.n_target * self.batch, (self.n_target + 1) * self.batch, self.world,
+                    self.total_steps, self.dtype, self.device)
+        logger.info("lr %g, weight decay %g, accum_grad %d, output %s", ts.lr, ts.weight_decay,
+                    ts.accum_grad, self.output_dir)
+        return handler
+
+    def _fit(self) -> None:
+        eval_every = self.config.training_settings.eval_freq.iter
+        eval_epochs = self.config.training_settings.eval_freq.epoch
+        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=self.rank != 0,
+                   desc="mixer training", dynamic_ncols=True)
+        checkpointed = False
+        with bar:
+            while not self._done():
+                batches = self.data.epoch(self.epoch, self.iteration_in_epoch)
+                for x, y, x_extra, y_extra in batches:
+                    metrics = self._train_iteration(x, y, x_extra, y_extra)
+                    self.iteration += 1
+                    self.iteration_in_epoch += 1
+                    epoch_end = self.iteration_in_epoch == self.data.iterations_per_epoch
+                    if epoch_end:
+                        self.epoch, self.iteration_in_epoch = self.epoch + 1, 0
+                    self._log_iteration(metrics, bar)
+                    bar.update(1)
+                    checkpointed = False
+                    if (self.iteration % eval_every == 0
+                            or (epoch_end and self.epoch % eval_epochs == 0)):
+                        self._checkpoint()
+                        checkpointed = True
+                    if self._done() or epoch_end:
+                        break
+            if not checkpointed:
+                self._checkpoint()
+        logger.info("training finished after %d iterations, %d optimizer steps: %s",
+                    self.iteration, self.global_step, self.checkpoint_path)
+
+
+def run_training(config: Config, *, resume: bool = True, debug: bool = False) -> Path:
+    """Train the mixing network as ``config`` describes (SPEC section 5).
+
+    Args:
+        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
+        debug: two iterations end to end (attacks, optimizer steps, validation on a few images,
+            checkpoint) into ``output_dir/debug``, then stop.
+
+    Returns:
+        The path of the final checkpoint (``output_dir/checkpoints/last.pt``).
+    """
+    return Trainer(config, resume=resume, debug=debug).fit()
