@@ -56,6 +56,12 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
                    "[evaluation_settings.adaptive_attack].")
 @click.option("--save-adversarial/--no-save-adversarial", default=None,
               help="Save adversarial images under OUTPUT_DIR/adversarial.")
+@click.option("--autoattack-iterations", type=int, default=None,
+              help="APGD iterations inside AutoAttack (100 = standard) "
+                   "[evaluation_settings.autoattack_iterations].")
+@click.option("--alpha-sweep", default=None,
+              help="Evaluation: also evaluate fixed-alpha mixtures of the same base models, e.g. "
+                   "'0,0.25,0.5,0.75,1' (0 = STD only, 1 = ROB only), into OUTPUT_DIR/<model>/.")
 @click.option("--seed", type=int, default=None, help="Random seed [seed].")
 @click.option("--resume/--no-resume", default=True,
               help="Training: continue from the newest checkpoint in the output folder.")
@@ -66,7 +72,8 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
          batch_size: Optional[int], device: Optional[str], precision: Optional[str],
          data_dir: Optional[str], data_format: Optional[str], output_dir: Optional[str],
          attacks: Optional[str], pgd: Optional[bool], adaptive: Optional[bool],
-         save_adversarial: Optional[bool], seed: Optional[int], resume: bool, debug: bool,
+         save_adversarial: Optional[bool], autoattack_iterations: Optional[int],
+         alpha_sweep: Optional[str], seed: Optional[int], resume: bool, debug: bool,
          log_level: str) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if mode is None:
@@ -88,6 +95,7 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
             "evaluation_settings.pgd": pgd,
             "evaluation_settings.adaptive_attack": adaptive,
             "evaluation_settings.save_adversarial": save_adversarial,
+            "evaluation_settings.autoattack_iterations": autoattack_iterations,
             "evaluation_settings.data_dir": data_dir,
             ("evaluation_settings.batch_size" if mode == "eval"
              else "training_settings.batch_size"): batch_size,
@@ -96,10 +104,17 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
 
-    if mode == "eval":
+    if mode == "eval" and alpha_sweep is not None:
+        from adaptive_smoothing.evaluation import run_alpha_sweep
+        try:
+            alphas = [float(a) for a in alpha_sweep.split(",") if a.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated numbers in [0, 1], got "
+                                     f"{alpha_sweep!r}", param_hint="--alpha-sweep") from None
+        click.echo(run_alpha_sweep(config, alphas))
+    elif mode == "eval":
         from adaptive_smoothing.evaluation import run_evaluation
-        summary_table = run_evaluation(config)
-        click.echo(summary_table)
+        click.echo(run_evaluation(config))
     else:
         from adaptive_smoothing.training import run_training
         run_training(config, resume=resume, debug=debug)

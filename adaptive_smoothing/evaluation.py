@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from adaptive_smoothing.attacks import adaptive_attack, pgd
 from adaptive_smoothing.compat import import_autoattack
 from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
+from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
@@ -117,7 +118,7 @@ def _use_standard_parameters(adversary: Any, apgd_iterations: int) -> None:
 
 def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
                    settings: EvaluationSettings, *, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> tuple[dict[str, float], Optional[torch.Tensor]]:
+                   seed: int = 0) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """Evaluate one batch; returns its counters and the adversarial images (AutoAttack's, else
     those of the last attack run)."""
     composite.eval()  # scale_alpha on: the published evaluation behaviour
@@ -126,11 +127,13 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
     pred, gamma, alpha = _mixing_stats(composite, x, forward)
     clean_correct = pred == y
     robust = clean_correct.clone()
-    counters: dict[str, float] = {k: 0.0 for k in _COUNTERS}
+    counters: dict[str, Any] = {k: 0.0 for k in _COUNTERS}
     counters["n"] = len(y)
     counters["clean_correct"] = int(clean_correct.sum())
     counters["gamma_clean_sum"], nonfinite = _sum_finite(gamma)
     counters["alpha_clean_sum"] = float(alpha.sum())
+    # Per-image alphas, for histograms of clean vs attacked (scripts/plot_results.py).
+    counters["alpha_clean"] = alpha.cpu().tolist()
     x_adv_report: Optional[torch.Tensor] = None
 
     if settings.attacks_to_run:
@@ -177,6 +180,7 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
         _, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report.to(device), forward)
         counters["gamma_adv_sum"], nonfinite_adv = _sum_finite(gamma_adv)
         counters["alpha_adv_sum"] = float(alpha_adv.sum())
+        counters["alpha_adv"] = alpha_adv.cpu().tolist()
         counters["adv_n"] = len(y)
         nonfinite += nonfinite_adv
     counters["gamma_nonfinite"] = nonfinite
@@ -320,9 +324,10 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
     return summary
 
 
-def run_evaluation(config: Config) -> str:
-    """``run.py --eval``: build and load the configured model, evaluate it on the first
-    ``n_examples`` test images, write the results, and return the table."""
+def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor,
+                                      torch.device, torch.dtype, dict[str, Any]]:
+    """The configured composite with its weights, the first n_examples test images, and what
+    identifies the model in the results."""
     settings = config.evaluation_settings
     _, _, device = init_distributed(settings.device)
     dtype = resolve_precision(settings.precision, device)
@@ -334,6 +339,45 @@ def run_evaluation(config: Config) -> str:
     model_info = {"forward_settings": dataclasses.asdict(config.forward_settings),
                   "model_load_path": dataclasses.asdict(config.model_load_path),
                   "dataset": data.name}
+    return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
+
+
+def run_evaluation(config: Config) -> str:
+    """``run.py --eval``: build and load the configured model, evaluate it on the first
+    ``n_examples`` test images, write the results, and return the table."""
+    composite, x, y, device, dtype, model_info = _prepare(config)
+    settings = config.evaluation_settings
     summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
-                       dtype=dtype, model_info=json.loads(json.dumps(model_info, default=str)))
+                       dtype=dtype, model_info=model_info)
     return format_table(summary)
+
+
+def run_alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
+    """``run.py --eval --alpha-sweep``: the adaptive composite and fixed-alpha mixtures of the
+    same base models (alpha 0 = STD, 1 = ROB), on the same images and attacks.
+
+    Each model's results go to ``output_dir/<name>/`` (each resumable); the collected summaries
+    to ``output_dir/sweep.json``. Returns a table, one row per model.
+    """
+    composite, x, y, device, dtype, model_info = _prepare(config)
+    settings = config.evaluation_settings
+    output_dir = Path(settings.output_dir)
+    models = [("adaptive", composite)] + [
+        (f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha)) for alpha in alphas]
+    rows = {}
+    for name, model in models:
+        logger.info("evaluating %s", name)
+        info = dict(model_info, variant=name)
+        rows[name] = evaluate(model, x, y, settings, output_dir / name, device=device,
+                              dtype=dtype, model_info=info)
+    rank, _ = distributed_rank_world()
+    if rank == 0:
+        _atomic_write_json(rows, output_dir / "sweep.json")
+    lines = ["| model | clean | robust (worst case) | mean alpha clean / attacked |",
+             "| --- | --- | --- | --- |"]
+    for name, summary in rows.items():
+        lines.append(f"| {name} | {100 * summary['clean_accuracy']:.2f}% | "
+                     f"{100 * (summary['robust_accuracy'] or 0):.2f}% | "
+                     f"{summary['mean_alpha_clean']:.3f} / "
+                     f"{(summary['mean_alpha_adv'] or 0):.3f} |")
+    return "\n".join(lines) + "\n"

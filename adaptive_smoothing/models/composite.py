@@ -156,6 +156,17 @@ class CompositeModel(nn.Module):
         return gamma.reshape(-1), alpha.reshape(-1)
 
 
+def fixed_alpha_composite(composite: CompositeModel, alpha: float) -> CompositeModel:
+    """The same base models and logit scales mixed with one constant alpha for every input
+    (alpha 0: STD only, alpha 1: ROB only): the baseline adaptive smoothing is compared with."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    gamma = -math.inf if alpha == 0 else math.inf if alpha == 1 else math.log(alpha / (1 - alpha))
+    return CompositeModel(composite.std_model, composite.rob_model, None,
+                          std_scale=composite.std_scale, rob_scale=composite.rob_scale,
+                          gamma=gamma).eval()
+
+
 def _full(batch: int, value: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((batch,), value, device=like.device, dtype=torch.float32)
 
