@@ -1,0 +1,69 @@
+"""Figures of an alpha sweep (``run.py --eval --alpha-sweep``): the accuracy-robustness trade-off
+and the distribution of alpha on clean vs attacked inputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on these machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _alpha_of(name: str) -> float:
+    return float(name.split("_", 1)[1])
+
+
+def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
+    """Clean vs robust accuracy: the fixed-alpha curve, both bases and the adaptive composite."""
+    fixed = sorted((_alpha_of(k), v) for k, v in sweep.items() if k.startswith("alpha_"))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.plot([100 * v["clean_accuracy"] for _, v in fixed],
+            [100 * v["robust_accuracy"] for _, v in fixed], "o-", color="tab:gray",
+            label="fixed alpha (mixture)")
+    for alpha, v in fixed:
+        ax.annotate(f"{alpha:g}", (100 * v["clean_accuracy"], 100 * v["robust_accuracy"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:gray")
+    marks = {0.0: ("STD (alpha 0)", "tab:blue", "s"), 1.0: ("ROB (alpha 1)", "tab:green", "s")}
+    for alpha, v in fixed:
+        if alpha in marks:
+            label, color, marker = marks[alpha]
+            ax.plot(100 * v["clean_accuracy"], 100 * v["robust_accuracy"], marker, color=color,
+                    markersize=9, label=label)
+    if "adaptive" in sweep:
+        v = sweep["adaptive"]
+        ax.plot(100 * v["clean_accuracy"], 100 * v["robust_accuracy"], "*", color="tab:red",
+                markersize=15, label="adaptive smoothing")
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(title or "accuracy-robustness trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_alpha_histogram(batches_dir: Path, path: Path, title: str = "") -> None:
+    """Histogram of the adaptive composite's alpha on clean and on attacked inputs."""
+    clean, attacked = [], []
+    for batch_file in sorted(batches_dir.glob("[0-9]*.json")):
+        batch = json.loads(batch_file.read_text())
+        clean += batch.get("alpha_clean", [])
+        attacked += batch.get("alpha_adv", [])
+    if not clean:
+        raise ValueError(f"no per-image alphas in {batches_dir}; rerun the evaluation")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    bins = [i / 50 for i in range(51)]
+    ax.hist(clean, bins=bins, alpha=0.6, label=f"clean (n={len(clean)})", color="tab:blue")
+    if attacked:
+        ax.hist(attacked, bins=bins, alpha=0.6, label=f"attacked (n={len(attacked)})",
+                color="tab:red")
+    ax.set_xlabel("alpha (weight of the robust model)")
+    ax.set_ylabel("images")
+    ax.set_title(title or "alpha on clean vs attacked inputs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
