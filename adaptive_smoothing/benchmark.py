@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from adaptive_smoothing.compat import import_robustbench
 from adaptive_smoothing.published import load_published_model, published_model

@@ -9,19 +9,13 @@ import torch
 
 from adaptive_smoothing.config import Config, ConfigError
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
+from adaptive_smoothing.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 # The authors' README names the STD file Base/{dataset}_bit_rn152.tar while their benchmark
 # script looked for .pt; either is accepted (SPEC section 4).
 _STD_ALTERNATIVE_SUFFIXES = {".tar": ".pt", ".pt": ".tar"}
-
-
-def resolve_device(name: Union[str, torch.device]) -> torch.device:
-    """'auto' -> the first GPU when there is one, else the CPU; other names as torch reads them."""
-    if isinstance(name, str) and name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_composite(config: Config, device: Union[str, torch.device] = "cpu") -> CompositeModel:

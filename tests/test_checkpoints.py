@@ -20,14 +20,6 @@ from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.published import load_published_model, published_paths
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: starting threads costs more than it saves, and the 2 cores are shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # -- helpers -------------------------------------------------------------------------------------
 def tiny_bit(num_classes: int = 10) -> ResNetV2:

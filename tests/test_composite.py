@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier, MixingNet, create_model
 
@@ -15,14 +14,6 @@ PACKAGE = Path(__file__).resolve().parents[1] / "adaptive_smoothing"
 STD_SCALE, ROB_SCALE = 1.5, 0.5
 BN_EPS = 1e-5  # BatchNorm1d's default, used by the gamma BN
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: starting threads costs more than it saves, and the 2 cores are shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def confident(model: torch.nn.Module, head: torch.nn.Linear, spread: float) -> None:

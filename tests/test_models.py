@@ -67,16 +67,11 @@ def test_every_registered_architecture_builds(name):
     ("bit_m_r50x1", {"resize_to": 128}, (32, 16)),  # the published STD input handling
 ])
 def test_small_architectures_forward(name, kwargs, spatial):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions; the 2 cores are shared
-    try:
-        model = create_model(name, num_classes=10, **kwargs).eval()
-        x = torch.rand(2, 3, 32, 32)
-        with torch.no_grad():
-            out = model.forward_features(x)
-            logits = model(x)
-    finally:
-        torch.set_num_threads(threads)
+    model = create_model(name, num_classes=10, **kwargs).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model.forward_features(x)
+        logits = model(x)
     channels = model.feature_channels
     width = kwargs.get("width")
     if name == "resnet18" and width:

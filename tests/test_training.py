@@ -10,7 +10,7 @@ import io
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import pytest
@@ -29,14 +29,6 @@ from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel
 from adaptive_smoothing.models import registry
 from adaptive_smoothing.training import (Trainer, TrainingDivergedError, augment_batch,
                                          run_training)
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- a tiny run on random images -------------------------------------------------------------------
