@@ -45,6 +45,9 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
                    "selects the offline .npz format.")
 @click.option("--data-format", type=click.Choice(["torchvision", "npz", "imagefolder"]),
               default=None, help="[dataset_settings.format]; inferred for .npz folders.")
+@click.option("--mixer-checkpoint", default=None,
+              help="Mixing-network checkpoint to load, relative to log_dir "
+                   "[model_load_path.comp]; e.g. a training run's checkpoints/last.pt.")
 @click.option("--output-dir", default=None,
               help="Where results / checkpoints go [log_dir/log_path].")
 @click.option("--attacks", default=None,
@@ -70,7 +73,8 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
          batch_size: Optional[int], device: Optional[str], precision: Optional[str],
-         data_dir: Optional[str], data_format: Optional[str], output_dir: Optional[str],
+         data_dir: Optional[str], data_format: Optional[str], mixer_checkpoint: Optional[str],
+         output_dir: Optional[str],
          attacks: Optional[str], pgd: Optional[bool], adaptive: Optional[bool],
          save_adversarial: Optional[bool], autoattack_iterations: Optional[int],
          alpha_sweep: Optional[str], seed: Optional[int], resume: bool, debug: bool,
@@ -87,6 +91,7 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
             "seed": seed,
             "dataset_settings.path": data_dir,
             "dataset_settings.format": data_format,
+            "model_load_path.comp": mixer_checkpoint,
             "evaluation_settings.device": device,
             "evaluation_settings.precision": precision,
             "evaluation_settings.output_dir": output_dir,
