@@ -145,13 +145,12 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
             version="standard" if standard else "custom",
             attacks=None if standard else list(settings.attacks_to_run))
         _use_standard_parameters(adversary, settings.autoattack_iterations)
-        x_aa, _ = adversary.run_standard_evaluation(
-            x, y, batch_size=len(y))
-        pred_aa, gamma_aa, alpha_aa = _mixing_stats(composite, x_aa.to(device), forward)
+        x_aa, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+        x_adv_report = x_aa.to(device)
+        pred_aa, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report, forward)
         aa_robust = pred_aa == y
         counters["autoattack_robust"] = int(aa_robust.sum())
         robust &= aa_robust
-        x_adv_report = x_aa
 
     generator = torch.Generator().manual_seed(seed)
     if settings.pgd:
@@ -177,7 +176,8 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
     counters["robust"] = int(robust.sum())
     if x_adv_report is not None:
-        _, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report.to(device), forward)
+        if not settings.attacks_to_run:  # the stats of AutoAttack's images are already there
+            _, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report, forward)
         counters["gamma_adv_sum"], nonfinite_adv = _sum_finite(gamma_adv)
         counters["alpha_adv_sum"] = float(alpha_adv.sum())
         counters["alpha_adv"] = alpha_adv.cpu().tolist()
