@@ -165,6 +165,18 @@ def _check_oscillation(loss_steps: torch.Tensor, j: int, k: int, rho: float) -> 
 
 
 # -- APGD -----------------------------------------------------------------------------------------
+def _setup(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.Tensor,
+           eps: PerSample, bce_weight: PerSample, norm: str,
+           n_iter: int) -> tuple[Norm, AttackTarget, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked arguments shared by APGD and PGD: (norm, target, x, eps (B,), w (B,))."""
+    norm = _check_norm(norm)
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+    x = x.detach()
+    return (norm, as_attack_target(model), x, _per_sample(eps, x.shape[0], x),
+            _per_sample(bce_weight, x.shape[0], x))
+
+
 def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.Tensor,
          y: torch.Tensor, eps: PerSample, *, norm: Norm = "Linf", n_iter: int = 100,
          loss: AttackLossName = "ce", y_target: Optional[torch.Tensor] = None,
@@ -193,14 +205,9 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
     Returns:
         :class:`AttackResult` with ``fooled`` = misclassified at some evaluated iterate.
     """
-    norm = _check_norm(norm)
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    target = as_attack_target(model)
-    x = x.detach()
+    norm, target, x, eps_b, w = _setup(model, x, eps, bce_weight, norm, n_iter)
     batch = x.shape[0]
-    eps_v = _view(_per_sample(eps, batch, x), x)
-    w = _per_sample(bce_weight, batch, x)
+    eps_v = _view(eps_b, x)
 
     # Checkpoint schedule of APGD.
     n_iter_2 = max(int(0.22 * n_iter), 1)
@@ -281,15 +288,9 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
     eps / n_iter * alpha_factor per sample (SPEC section 9). mu = 0 is plain PGD. Returns the last
     iterate, with its loss and whether it is misclassified.
     """
-    norm = _check_norm(norm)
-    if n_iter < 1:
-        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-    target = as_attack_target(model)
-    x = x.detach()
+    norm, target, x, eps_b, w = _setup(model, x, eps, bce_weight, norm, n_iter)
     batch = x.shape[0]
-    eps_b = _per_sample(eps, batch, x)
     eps_v = _view(eps_b, x)
-    w = _per_sample(bce_weight, batch, x)
     mu = _view(_per_sample(momentum_decay, batch, x), x)
     if step_size is None:
         step = eps_v / n_iter * alpha_factor
