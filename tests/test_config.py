@@ -15,6 +15,7 @@ import yaml
 
 from adaptive_smoothing.config import (STANDARD_AUTOATTACK, Config, ConfigError, apply_overrides,
                                        config_to_dict, load_config, parse_config)
+from adaptive_smoothing.factory import build_composite
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -164,14 +165,22 @@ def test_cifar10_epochs_and_lr() -> None:
     assert isinstance(cfg.training_settings.lr, float) and cfg.training_settings.lr == 5e-5
 
 
-def test_rn18_config() -> None:
-    cfg = load_config(CONFIG_DIR / "rn18_cifar10.yaml")
+@pytest.mark.parametrize("name, width", [("rn18_cifar10", 64), ("rn18_cifar10_gpu", 64),
+                                         ("rn18w8_cifar10_cpu", 8)])
+def test_rn18_configs(name: str, width: int) -> None:
+    """Every ResNet-18 config is the paper's setting, and its mixer fits its base models."""
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
     fwd = cfg.forward_settings
     assert (fwd.std_model_type, fwd.rob_model_type) == ("resnet18", "resnet18")
-    assert fwd.pn_version == 3 and fwd.in_planes == (64, 64)
+    assert fwd.pn_version == 3 and fwd.in_planes == (width, width)
     assert (fwd.alpha_bias, fwd.alpha_bias + fwd.alpha_scale) == (0.2, pytest.approx(0.95))
     assert fwd.std_resize is None
     assert cfg.model_load_path.comp is None and cfg.model_path("comp") is None
+    composite = build_composite(cfg).eval()
+    with torch.no_grad():
+        out = composite(torch.rand(2, 3, 32, 32))
+    assert out.log_probs.shape == (2, 10) and torch.isfinite(out.log_probs).all()
+    assert ((out.alpha > 0.2 - 1e-6) & (out.alpha < 0.95 + 1e-6)).all()
 
 
 def test_every_shipped_config_loads() -> None:
