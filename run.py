@@ -64,7 +64,8 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
                    "[evaluation_settings.autoattack_iterations].")
 @click.option("--alpha-sweep", default=None,
               help="Evaluation: also evaluate fixed-alpha mixtures of the same base models, e.g. "
-                   "'0,0.25,0.5,0.75,1' (0 = STD only, 1 = ROB only), into OUTPUT_DIR/<model>/.")
+                   "'0,0.25,0.5,0.75,1' (0 = STD only, 1 = ROB only), into OUTPUT_DIR/<model>/. "
+                   "Finished fixed-alpha results are reused when only the mixer changes.")
 @click.option("--seed", type=int, default=None, help="Random seed [seed].")
 @click.option("--resume/--no-resume", default=True,
               help="Training: continue from the newest checkpoint in the output folder.")
@@ -110,20 +111,27 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
         raise click.ClickException(str(err)) from None
 
     if mode == "eval" and alpha_sweep is not None:
-        from adaptive_smoothing.evaluation import run_alpha_sweep
         try:
             alphas = [float(a) for a in alpha_sweep.split(",") if a.strip()]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated numbers in [0, 1], got "
                                      f"{alpha_sweep!r}", param_hint="--alpha-sweep") from None
-        click.echo(run_alpha_sweep(config, alphas))
-    elif mode == "eval":
-        from adaptive_smoothing.evaluation import run_evaluation
-        click.echo(run_evaluation(config))
-    else:
-        from adaptive_smoothing.training import run_training
-        run_training(config, resume=resume, debug=debug)
-
+    # Imported here, not at the top, so that --help does not wait for torch and AutoAttack.
+    from adaptive_smoothing.checkpoints import CheckpointError
+    from adaptive_smoothing.data import DataError
+    from adaptive_smoothing.evaluation import EvaluationError, run_alpha_sweep, run_evaluation
+    from adaptive_smoothing.training import TrainingDivergedError, run_training
+    try:
+        if mode == "eval" and alpha_sweep is not None:
+            click.echo(run_alpha_sweep(config, alphas))
+        elif mode == "eval":
+            click.echo(run_evaluation(config))
+        else:
+            run_training(config, resume=resume, debug=debug)
+    except (CheckpointError, DataError, EvaluationError, TrainingDivergedError) as err:
+        # Errors about the user's files and settings: the message says what to fix, and a
+        # traceback would only bury it.
+        raise click.ClickException(str(err)) from None
 
 if __name__ == "__main__":
     main()

@@ -365,9 +365,12 @@ def run_alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
     models = [("adaptive", composite)] + [
         (f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha)) for alpha in alphas]
     rows = {}
+    # A fixed-alpha mixture does not use the mixer, so its finished results stay valid when the
+    # mixer checkpoint changes: a sweep of a newly trained mixer reuses them.
+    fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None))
     for name, model in models:
         logger.info("evaluating %s", name)
-        info = dict(model_info, variant=name)
+        info = dict(model_info if name == "adaptive" else fixed_info, variant=name)
         rows[name] = evaluate(model, x, y, settings, output_dir / name, device=device,
                               dtype=dtype, model_info=info)
     rank, _ = distributed_rank_world()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 import run
-from adaptive_smoothing.models import create_model
+from adaptive_smoothing.checkpoints import mixer_checkpoint, save_checkpoint
+from adaptive_smoothing.models import CompositeModel, MixingNet, create_model
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
 from synthetic import synthetic_data, tiny_composite
@@ -89,6 +91,32 @@ def test_alpha_sweep_and_plots(tmp_path, shared_cifar10):
     plot_alpha_histogram(out / "adaptive" / "batches", tmp_path / "hist.png")
     for png in ("tradeoff.png", "hist.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_alpha_sweep_of_a_new_mixer_reuses_the_fixed_alpha_results(tmp_path, shared_cifar10):
+    config = _write_config(tmp_path, shared_cifar10)
+    out = tmp_path / "sweep"
+    args = ["--eval", "--config", str(config), "--data-dir", str(shared_cifar10),
+            "--n-examples", "8", "--attacks", "apgd-ce", "--autoattack-iterations", "3",
+            "--alpha-sweep", "0.5", "--output-dir", str(out), "--device", "cpu"]
+    assert CliRunner().invoke(run.main, args).exit_code == 0
+    fixed_batch = next((out / "alpha_0.500" / "batches").glob("0*.json"))
+    before = fixed_batch.stat().st_mtime_ns, fixed_batch.read_bytes()
+
+    # A newly trained mixer: the adaptive model is a different one (its old folder must go),
+    # the fixed-alpha mixture is the same and must not be evaluated again.
+    torch.manual_seed(1)
+    composite = CompositeModel(create_model("resnet18", width=4), create_model("resnet18", width=4),
+                               MixingNet((4, 4), version=3))
+    save_checkpoint(mixer_checkpoint(composite), tmp_path / "models" / "new_mixer.pt")
+    result = CliRunner().invoke(run.main, args + ["--mixer-checkpoint", "new_mixer.pt"])
+    assert result.exit_code == 1 and str(out / "adaptive") in result.output  # not overwritten
+    shutil.rmtree(out / "adaptive")
+    result = CliRunner().invoke(run.main, args + ["--mixer-checkpoint", "new_mixer.pt"])
+    assert result.exit_code == 0, result.output
+    assert (fixed_batch.stat().st_mtime_ns, fixed_batch.read_bytes()) == before
+    manifest = json.loads((out / "adaptive" / "manifest.json").read_text())
+    assert manifest["model"]["model_load_path"]["comp"] == "new_mixer.pt"
 
 
 def test_fixed_alpha_composite_is_the_constant_mixture():
