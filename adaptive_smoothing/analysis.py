@@ -1,0 +1,83 @@
+"""How much of the robust model's robustness a fixed mixture can keep (SPEC section 8).
+
+A mixture with weight alpha on ROB outputs log((1 - alpha) p_std + alpha p_rob). At a point where
+ROB's probability margin d = p_rob(y) - max_{j != y} p_rob(j) exceeds (1 - alpha) / alpha, the
+mixture predicts y whatever STD outputs there; where d is smaller, an STD output can flip it. So
+the share of ROB's robust points whose margin clears that threshold tells how much of ROB's
+robust accuracy a composite whose alpha never exceeds ``alpha`` can hope to keep, and the measured
+fixed-alpha mixtures show how much it does keep.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from adaptive_smoothing.attacks import apgd
+from adaptive_smoothing.models.composite import (CompositeModel, LogProbClassifier,
+                                                 fixed_alpha_composite)
+
+
+def probability_margin(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """p(y) - max_{j != y} p(j) per row; negative where the prediction is wrong."""
+    true = probs.gather(1, y[:, None]).squeeze(1)
+    others = probs.scatter(1, y[:, None], -math.inf)
+    return true - others.max(dim=1).values
+
+
+def margin_threshold(alpha: float) -> float:
+    """The ROB margin above which a mixture with weight ``alpha`` on ROB cannot be flipped by STD."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+    return (1 - alpha) / alpha
+
+
+@dataclass(frozen=True)
+class MarginReport:
+    n: int
+    rob_clean_accuracy: float
+    rob_robust_accuracy: float
+    margin_quantiles: dict[str, float]   # of ROB's margin at its robust adversarial points
+    kept_at_alpha: dict[str, float]      # share of all n points: robust with margin > threshold
+
+
+def rob_margin_report(rob_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      alphas: Sequence[float], *, rob_scale: float = 1.0, eps: float = 8 / 255,
+                      n_iter: int = 20, quantiles: Sequence[float] = (0.1, 0.25, 0.5),
+                      seed: int = 0) -> MarginReport:
+    """Attack ROB alone (APGD-CE, Linf) and measure its probability margins where it stays right."""
+    rob_model.eval()
+    with torch.no_grad():
+        clean_correct = rob_model(x).argmax(1) == y
+    # The highest-loss point where ROB is never fooled: the margin there is the one that counts.
+    x_adv = apgd(rob_model, x, y, eps, n_iter=n_iter, loss="ce", return_adversarial=True,
+                 generator=torch.Generator().manual_seed(seed)).x_adv
+    with torch.no_grad():
+        margin = probability_margin(torch.softmax(rob_model(x_adv).float() * rob_scale, 1), y)
+    robust = (margin > 0) & clean_correct
+    robust_margins = margin[robust]
+    q = (torch.quantile(robust_margins, torch.tensor(list(quantiles))).tolist()
+         if len(robust_margins) else [math.nan] * len(quantiles))
+    return MarginReport(
+        n=len(y), rob_clean_accuracy=clean_correct.float().mean().item(),
+        rob_robust_accuracy=robust.float().mean().item(),
+        margin_quantiles={f"{k:g}": v for k, v in zip(quantiles, q)},
+        kept_at_alpha={f"{a:g}": (margin > margin_threshold(a)).float().mean().item()
+                       for a in alphas})
+
+
+def fixed_mixture_accuracy(composite: CompositeModel, alpha: float, x: torch.Tensor,
+                           y: torch.Tensor, *, eps: float = 8 / 255, n_iter: int = 20,
+                           seed: int = 0) -> tuple[float, float]:
+    """(clean, APGD-CE robust) accuracy of the fixed mixture with weight ``alpha`` on ROB."""
+    model = LogProbClassifier(fixed_alpha_composite(composite, alpha)).eval()
+    with torch.no_grad():
+        clean = (model(x).argmax(1) == y).float().mean().item()
+    x_adv = apgd(model, x, y, eps, n_iter=n_iter, loss="ce", return_adversarial=True,
+                 generator=torch.Generator().manual_seed(seed)).x_adv
+    with torch.no_grad():
+        robust = (model(x_adv).argmax(1) == y).float().mean().item()
+    return clean, robust

@@ -1,0 +1,49 @@
+"""The margin analysis of fixed mixtures (SPEC section 8): the threshold is exactly where an STD
+output can start to flip the mixture, and the report's shares are consistent."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptive_smoothing.analysis import (fixed_mixture_accuracy, margin_threshold,
+                                         probability_margin, rob_margin_report)
+from synthetic import synthetic_data, tiny_composite
+
+
+def test_probability_margin():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]])
+    y = torch.tensor([0, 0, 1])
+    assert torch.allclose(probability_margin(probs, y), torch.tensor([0.3, -0.3, 0.0]))
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.95])
+def test_threshold_is_where_the_worst_std_output_flips_the_mixture(alpha):
+    threshold = margin_threshold(alpha)
+    for d, survives in ((threshold + 0.01, True), (threshold - 0.01, False)):
+        # ROB: class 0 ahead of class 1 by d; the worst STD puts all its mass on class 1.
+        rob = torch.tensor([[0.5 + d / 2, 0.5 - d / 2, 0.0]])
+        std = torch.tensor([[0.0, 1.0, 0.0]])
+        mixture = (1 - alpha) * std + alpha * rob
+        assert (mixture.argmax(1).item() == 0) is survives
+    with pytest.raises(ValueError, match="alpha must lie in"):
+        margin_threshold(0.0)
+
+
+def test_margin_report_is_consistent():
+    composite = tiny_composite(mixer=False)
+    # The tiny models are fragile: at eps 0.5/255 about a fifth of the points stay robust.
+    x, y = synthetic_data(48, seed=5)
+    report = rob_margin_report(composite.rob_model, x, y, [0.5, 0.8, 0.95, 1.0], eps=0.5 / 255,
+                               n_iter=10)
+    assert report.n == 48
+    assert 0 < report.rob_robust_accuracy <= report.rob_clean_accuracy
+    kept = [report.kept_at_alpha[a] for a in ("0.5", "0.8", "0.95", "1")]
+    # A larger weight on ROB tolerates smaller margins; at alpha 1 every robust point is kept.
+    assert kept == sorted(kept) and kept[0] < kept[-1]
+    assert kept[-1] == pytest.approx(report.rob_robust_accuracy)
+    q = list(report.margin_quantiles.values())
+    assert q == sorted(q) and q[0] > 0
+    # The fixed mixture at alpha 1 is ROB itself: same clean and robust accuracy.
+    clean, robust = fixed_mixture_accuracy(composite, 1.0, x, y, eps=0.5 / 255, n_iter=10)
+    assert clean == pytest.approx(report.rob_clean_accuracy)
+    assert robust == pytest.approx(report.rob_robust_accuracy)
