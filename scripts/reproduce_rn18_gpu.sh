@@ -30,10 +30,11 @@ python3 scripts/train_base.py "${BASE[@]}" --epochs "${EPOCHS_ROB:-15}" --method
   --output "$RUNS/rob_fgsm.pt"
 echo "ROB trained: ${SECONDS} s"
 DEBUG=()
-if [[ "${MIXER_DEBUG:-0}" == 1 ]]; then DEBUG=(--debug); fi
+MIXER=mixer/checkpoints/last.pt  # relative to the config's log_dir
+if [[ "${MIXER_DEBUG:-0}" == 1 ]]; then DEBUG=(--debug); MIXER=mixer/debug/checkpoints/last.pt; fi
 python3 run.py --training "${CONFIG[@]}" --batch-size "${MIXER_BATCH:-256}" --device "$DEVICE" "${DEBUG[@]}"
 echo "mixer trained: ${SECONDS} s"
-python3 run.py --eval "${CONFIG[@]}" --mixer-checkpoint mixer/checkpoints/last.pt \
+python3 run.py --eval "${CONFIG[@]}" --mixer-checkpoint "$MIXER" \
   --output-dir "$RUNS/sweep" --n-examples "${N_EVAL:-1000}" --device "$DEVICE" \
   --autoattack-iterations "${AA_ITERS:-100}" --alpha-sweep "${SWEEP:-0,0.2,0.5,0.7,0.8,0.9,0.95,1}"
 echo "evaluated: ${SECONDS} s"

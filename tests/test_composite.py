@@ -259,3 +259,36 @@ def test_moves_with_to(x):
 def test_no_cuda_calls_in_the_package():
     offenders = [str(p) for p in PACKAGE.rglob("*.py") if ".cuda(" in p.read_text()]
     assert not offenders, f"use .to(device) instead of .cuda(): {offenders}"
+
+
+def _mixture_float64(model: CompositeModel, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The mixture's log-probabilities in float64 with logsumexp: the exact reference."""
+    with torch.no_grad():
+        g = model.std_model(x).double() * model.std_scale
+        h = model.rob_model(x).double() * model.rob_scale
+    a = alpha.double().reshape(-1, 1)
+    return torch.logaddexp(torch.log1p(-a) + torch.log_softmax(g, 1),
+                           torch.log(a) + torch.log_softmax(h, 1))
+
+
+def test_confident_models_give_finite_log_probs_and_gradients():
+    """Logits so spread that float32 softmax probabilities underflow to 0 for some classes in
+    both models: log of the mixed probabilities would be -inf, with NaN gradients."""
+    torch.manual_seed(0)
+    model = composite(alpha_scale=0.75, alpha_bias=0.2).eval()
+    for head in (model.std_model.linear, model.rob_model.logits):
+        with torch.no_grad():
+            head.weight.mul_(100.0)
+            head.bias.mul_(100.0)
+    x = torch.rand(6, 3, 32, 32, requires_grad=True)
+    with torch.no_grad():
+        g = torch.softmax(model.std_model(x) * model.std_scale, 1)
+        h = torch.softmax(model.rob_model(x) * model.rob_scale, 1)
+    assert ((g == 0) & (h == 0)).any()  # the direct form would take log(0) here
+    out = model(x)
+    assert torch.isfinite(out.log_probs).all()
+    reference = _mixture_float64(model, x.detach(), out.alpha.detach())
+    assert torch.allclose(out.log_probs.double(), reference, rtol=1e-5, atol=1e-3)
+    out.log_probs.min(1).values.sum().backward()  # the smallest entries: the underflowing ones
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+

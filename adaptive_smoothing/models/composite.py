@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptive_smoothing.models.base import BaseClassifier
@@ -119,11 +120,36 @@ class CompositeModel(nn.Module):
         rob_out = self.rob_model.forward_features(x)
         gamma, alpha = self._mixing_weight(std_out.features, rob_out.features, x)
 
-        std_probs = torch.softmax(std_out.logits.float() * self.std_scale, dim=1)
-        rob_probs = torch.softmax(rob_out.logits.float() * self.rob_scale, dim=1)
-        a = alpha.float().unsqueeze(1)
-        log_probs = torch.log((1 - a) * std_probs + a * rob_probs)
+        # log((1 - a) p_std + a p_rob) in log space: the direct form underflows to log(0) = -inf
+        # (and NaN gradients) wherever both models give a class a probability below ~1e-38,
+        # which confident models do on attacked inputs.
+        log_std, log_rob = self._log_weights(gamma)
+        std_log_probs = torch.log_softmax(std_out.logits.float() * self.std_scale, dim=1)
+        rob_log_probs = torch.log_softmax(rob_out.logits.float() * self.rob_scale, dim=1)
+        log_probs = torch.logaddexp(log_std.float().unsqueeze(1) + std_log_probs,
+                                    log_rob.float().unsqueeze(1) + rob_log_probs)
         return CompositeOutput(log_probs, gamma, alpha)
+
+    def _log_weights(self, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log(1 - alpha), log(alpha)) computed from gamma without forming alpha.
+
+        alpha = b + s * sigmoid(gamma) with (b, s) = (alpha_bias, alpha_scale) when scale_alpha
+        applies and (0, 1) otherwise, so log(alpha) = logaddexp(log b, log s + logsigmoid(gamma))
+        and log(1 - alpha) = logaddexp(log(1 - b - s), log s + logsigmoid(-gamma)): finite with
+        finite gradients even where sigmoid(gamma) rounds to 0 or 1.
+        """
+        scaled = self.mixer is not None and self.scale_alpha and self.alpha_scale != 0
+        bias, scale = (self.alpha_bias, self.alpha_scale) if scaled else (0.0, 1.0)
+
+        def log_const(value: float) -> torch.Tensor:
+            return torch.tensor(math.log(value) if value > 0 else -math.inf,
+                                dtype=gamma.dtype, device=gamma.device)
+
+        log_rob = torch.logaddexp(log_const(bias),
+                                  log_const(scale) + F.logsigmoid(gamma))
+        log_std = torch.logaddexp(log_const(max(1.0 - bias - scale, 0.0)),
+                                  log_const(scale) + F.logsigmoid(-gamma))
+        return log_std, log_rob
 
     def _mixing_weight(self, std_features: tuple[torch.Tensor, torch.Tensor],
                        rob_features: tuple[torch.Tensor, torch.Tensor],
