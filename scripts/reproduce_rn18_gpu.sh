@@ -13,6 +13,9 @@
 # A CPU smoke test of the whole script (minutes): N_TRAIN=256 EPOCHS_STD=1 EPOCHS_ROB=1
 #   BASE_BATCH=64 WORKERS=0 MIXER_BATCH=8 MIXER_DEBUG=1 N_EVAL=16 AA_ITERS=2 SWEEP=0,1
 #   PLOTS=/tmp/smoke_plots DATA=../shared/data/cifar10 bash scripts/reproduce_rn18_gpu.sh
+# On a lent device machine (see the device tool's README): copy ../shared/data/cifar10 to
+# data/cifar10 (ignored by git; 54 MB) and carry it, plus wheels for what its image lacks
+# (pyautoattack, repacked without its 45 MB of example models, and pytorch_warmup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-data/cifar10}
