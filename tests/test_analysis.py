@@ -2,8 +2,13 @@
 output can start to flip the mixture, and the report's shares are consistent."""
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from click.testing import CliRunner
 
 from adaptive_smoothing.analysis import (fixed_mixture_accuracy, margin_threshold,
                                          probability_margin, rob_margin_report)
@@ -47,3 +52,28 @@ def test_margin_report_is_consistent():
     clean, robust = fixed_mixture_accuracy(composite, 1.0, x, y, eps=0.5 / 255, n_iter=10)
     assert clean == pytest.approx(report.rob_clean_accuracy)
     assert robust == pytest.approx(report.rob_robust_accuracy)
+
+
+def test_analyze_margins_script(tmp_path, shared_cifar10):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "analyze_margins.py"
+    spec = importlib.util.spec_from_file_location("analyze_margins", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    composite = tiny_composite(mixer=False)
+    for name, model in (("std.pt", composite.std_model), ("rob.pt", composite.rob_model)):
+        torch.save({"model": model.state_dict(), "arch": "resnet18", "arch_kwargs": {"width": 4},
+                    "num_classes": 10}, tmp_path / name)
+    out = tmp_path / "margins.json"
+    result = CliRunner().invoke(module.main, [
+        "--std", str(tmp_path / "std.pt"), "--rob", str(tmp_path / "rob.pt"),
+        "--data-dir", str(shared_cifar10), "--n-examples", "8", "--alphas", "0.9,0.95",
+        "--rob-scales", "1,2", "--n-iter", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n_examples"] == 8 and set(report["rob"]["kept_at_alpha"]) == {"0.9", "0.95"}
+    grid = {(m["rob_scale"], m["alpha"]) for m in report["fixed_mixtures"]}
+    assert grid == {(1.0, 0.9), (1.0, 0.95), (2.0, 0.9), (2.0, 0.95)}
+    bad = CliRunner().invoke(module.main, [
+        "--std", str(tmp_path / "std.pt"), "--rob", str(tmp_path / "rob.pt"),
+        "--alphas", "0.9,x", "--output", str(out)])
+    assert bad.exit_code != 0 and "0.9,x" in bad.output
