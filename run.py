@@ -133,5 +133,6 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
         # traceback would only bury it.
         raise click.ClickException(str(err)) from None
 
+
 if __name__ == "__main__":
     main()

@@ -35,6 +35,14 @@ def margin_threshold(alpha: float) -> float:
     return (1 - alpha) / alpha
 
 
+def _apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_iter: int,
+             seed: int) -> torch.Tensor:
+    """APGD-CE points as an evaluation uses them: the first misclassified iterate, else the
+    highest-loss one."""
+    return apgd(model, x, y, eps, n_iter=n_iter, loss="ce", return_adversarial=True,
+                generator=torch.Generator().manual_seed(seed)).x_adv
+
+
 @dataclass(frozen=True)
 class MarginReport:
     n: int
@@ -53,8 +61,7 @@ def rob_margin_report(rob_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     with torch.no_grad():
         clean_correct = rob_model(x).argmax(1) == y
     # The highest-loss point where ROB is never fooled: the margin there is the one that counts.
-    x_adv = apgd(rob_model, x, y, eps, n_iter=n_iter, loss="ce", return_adversarial=True,
-                 generator=torch.Generator().manual_seed(seed)).x_adv
+    x_adv = _apgd_ce(rob_model, x, y, eps, n_iter, seed)
     with torch.no_grad():
         margin = probability_margin(torch.softmax(rob_model(x_adv).float() * rob_scale, 1), y)
     robust = (margin > 0) & clean_correct
@@ -76,8 +83,7 @@ def fixed_mixture_accuracy(composite: CompositeModel, alpha: float, x: torch.Ten
     model = LogProbClassifier(fixed_alpha_composite(composite, alpha)).eval()
     with torch.no_grad():
         clean = (model(x).argmax(1) == y).float().mean().item()
-    x_adv = apgd(model, x, y, eps, n_iter=n_iter, loss="ce", return_adversarial=True,
-                 generator=torch.Generator().manual_seed(seed)).x_adv
+    x_adv = _apgd_ce(model, x, y, eps, n_iter, seed)
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y).float().mean().item()
     return clean, robust

@@ -203,6 +203,14 @@ class ModelLoadPath:
                                "None = untrained mixer")
 
 
+def _check_range_within_one(settings: Any, low: str, width: str) -> None:
+    """A range (low, low + width) drawn from must stay inside [0, 1]."""
+    lo, wd = getattr(settings, low), getattr(settings, width)
+    if lo + wd > 1 + 1e-12:
+        raise ConfigError(f"expected {low} + {width} <= 1 ({width} = {wd}, sum = {lo + wd})",
+                          key=low, value=lo)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ForwardSettings:
     std_model_type: str = _opt(doc="STD architecture", normalize=_model_type,
@@ -229,10 +237,7 @@ class ForwardSettings:
     ema_decay: Optional[float] = _opt(None, doc="accepted for compatibility; not used")
 
     def __post_init__(self) -> None:
-        if self.alpha_bias + self.alpha_scale > 1 + 1e-12:
-            raise ConfigError(f"expected alpha_bias + alpha_scale <= 1 (alpha_scale = "
-                              f"{self.alpha_scale}, sum = {self.alpha_bias + self.alpha_scale})",
-                              key="alpha_bias", value=self.alpha_bias)
+        _check_range_within_one(self, "alpha_bias", "alpha_scale")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -353,10 +358,7 @@ class RandomizedAttackSettings:
     comp_loss_wmax: float = _opt(0.4, ge=0, le=1, doc="BCE weight w ~ U(0, comp_loss_wmax)")
 
     def __post_init__(self) -> None:
-        if self.mom_decay_loc + self.mom_decay_scale > 1 + 1e-12:
-            raise ConfigError(f"expected mom_decay_loc + mom_decay_scale <= 1 "
-                              f"(mom_decay_scale = {self.mom_decay_scale})",
-                              key="mom_decay_loc", value=self.mom_decay_loc)
+        _check_range_within_one(self, "mom_decay_loc", "mom_decay_scale")
 
 
 @dataclass(frozen=True, kw_only=True)

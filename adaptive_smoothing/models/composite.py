@@ -118,12 +118,13 @@ class CompositeModel(nn.Module):
 
         std_out = self.std_model.forward_features(x)
         rob_out = self.rob_model.forward_features(x)
-        gamma, alpha = self._mixing_weight(std_out.features, rob_out.features, x)
+        gamma = self._gamma(std_out.features, rob_out.features, x)
 
         # log((1 - a) p_std + a p_rob) in log space: the direct form underflows to log(0) = -inf
         # (and NaN gradients) wherever both models give a class a probability below ~1e-38,
         # which confident models do on attacked inputs.
         log_std, log_rob = self._log_weights(gamma)
+        alpha = log_rob.exp()
         std_log_probs = torch.log_softmax(std_out.logits.float() * self.std_scale, dim=1)
         rob_log_probs = torch.log_softmax(rob_out.logits.float() * self.rob_scale, dim=1)
         log_probs = torch.logaddexp(log_std.float().unsqueeze(1) + std_log_probs,
@@ -131,13 +132,15 @@ class CompositeModel(nn.Module):
         return CompositeOutput(log_probs, gamma, alpha)
 
     def _log_weights(self, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log(1 - alpha), log(alpha)) computed from gamma without forming alpha.
+        """(log(1 - alpha), log(alpha)): the one place where gamma becomes alpha.
 
-        alpha = b + s * sigmoid(gamma) with (b, s) = (alpha_bias, alpha_scale) when scale_alpha
-        applies and (0, 1) otherwise, so log(alpha) = logaddexp(log b, log s + logsigmoid(gamma))
-        and log(1 - alpha) = logaddexp(log(1 - b - s), log s + logsigmoid(-gamma)): finite with
-        finite gradients even where sigmoid(gamma) rounds to 0 or 1.
+        alpha = b + s * sigmoid(gamma), with (b, s) = (alpha_bias, alpha_scale) when the mixer's
+        alpha is scaled (scale_alpha on) and (0, 1) otherwise. Computed as
+        log(alpha) = logaddexp(log b, log s + logsigmoid(gamma)) and
+        log(1 - alpha) = logaddexp(log(1 - b - s), log s + logsigmoid(-gamma)), which stay finite,
+        with finite gradients, even where sigmoid(gamma) rounds to 0 or 1.
         """
+        # A degenerate range (alpha_scale 0) is reported as gamma = logit(alpha_bias) instead.
         scaled = self.mixer is not None and self.scale_alpha and self.alpha_scale != 0
         bias, scale = (self.alpha_bias, self.alpha_scale) if scaled else (0.0, 1.0)
 
@@ -151,17 +154,15 @@ class CompositeModel(nn.Module):
                                   log_const(scale) + F.logsigmoid(-gamma))
         return log_std, log_rob
 
-    def _mixing_weight(self, std_features: tuple[torch.Tensor, torch.Tensor],
-                       rob_features: tuple[torch.Tensor, torch.Tensor],
-                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gamma(self, std_features: tuple[torch.Tensor, torch.Tensor],
+               rob_features: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """gamma (B,): the mixer's output after clamp, BN and the gamma constants."""
         batch = x.shape[0]
         if self.mixer is None:
-            gamma = _full(batch, self.gamma, x)
-            return gamma, torch.sigmoid(gamma)
+            return _full(batch, self.gamma, x)
         if self.alpha_scale == 0:
             # A degenerate range: alpha is the constant alpha_bias; report its logit as gamma.
-            alpha = _full(batch, self.alpha_bias, x)
-            return torch.logit(alpha), alpha
+            return torch.logit(_full(batch, self.alpha_bias, x))
 
         firsts = [std_features[0], rob_features[0]]
         seconds = [std_features[1], rob_features[1]]
@@ -175,11 +176,7 @@ class CompositeModel(nn.Module):
             mean, std = gamma.mean().detach(), gamma.std().detach()
             gamma = torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
         scale, bias = self.train_gamma if self.training else self.eval_gamma
-        gamma = self.gamma_bn(gamma) * scale + bias
-        alpha = torch.sigmoid(gamma)
-        if self.scale_alpha:
-            alpha = alpha * self.alpha_scale + self.alpha_bias
-        return gamma.reshape(-1), alpha.reshape(-1)
+        return (self.gamma_bn(gamma) * scale + bias).reshape(-1)
 
 
 def fixed_alpha_composite(composite: CompositeModel, alpha: float) -> CompositeModel:
