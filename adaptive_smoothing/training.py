@@ -316,6 +316,8 @@ class Trainer:
         self.ddp_mixer: Optional[nn.Module] = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
+            # Per-process batch statistics would make the run depend on the number of processes.
+            self.composite.use_global_batch_statistics()
             self.ddp_mixer = DistributedDataParallel(
                 self.mixer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.base_fingerprint = _base_fingerprint(self.composite)

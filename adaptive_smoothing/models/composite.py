@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptive_smoothing.models.base import BaseClassifier
+from adaptive_smoothing.models.distributed_bn import convert_to_global_batchnorm, global_mean_std
 from adaptive_smoothing.models.mixing import MixingNet
 
 # Training-mode clamp of gamma to [mean - k * std, mean + k * std] before the gamma BatchNorm.
@@ -77,7 +78,18 @@ class CompositeModel(nn.Module):
         self.alpha_bias = float(alpha_bias)
         self.unsafe_detach_mixer_inputs = unsafe_detach_mixer_inputs
         self.scale_alpha = True
+        self.global_batch_stats = False
         self.train(False)
+
+    def use_global_batch_statistics(self) -> None:
+        """Training-mode batch statistics (mixer BN, gamma clamp, gamma BN) over all processes of
+        torch.distributed, so that DDP training at a global batch B computes what one process at
+        batch B computes (see models/distributed_bn.py). Call on every process before wrapping
+        the mixer in DDP."""
+        self.gamma_bn = convert_to_global_batchnorm(self.gamma_bn)
+        if self.mixer is not None:
+            convert_to_global_batchnorm(self.mixer)
+        self.global_batch_stats = True
 
     # -- modes -------------------------------------------------------------------------------
     def train(self, mode: bool = True, scale_alpha: Optional[bool] = None) -> "CompositeModel":
@@ -173,7 +185,8 @@ class CompositeModel(nn.Module):
         gamma = self.mixer(firsts, seconds).to(self.gamma_bn.running_mean.dtype)  # (B, 1)
         if self.training:
             # Clamping before the BN keeps outliers from dominating its running statistics.
-            mean, std = gamma.mean().detach(), gamma.std().detach()
+            mean, std = (global_mean_std(gamma) if self.global_batch_stats
+                         else (gamma.mean().detach(), gamma.std().detach()))
             gamma = torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
         scale, bias = self.train_gamma if self.training else self.eval_gamma
         return (self.gamma_bn(gamma) * scale + bias).reshape(-1)

@@ -1,0 +1,104 @@
+"""DDP training of the mixer (what torchrun starts), on CPU over gloo: two processes that each
+hold half of every mini-batch end with the same mixer as one process that holds all of it.
+
+What this pins: DDP's gradient averaging, gradient accumulation without sync, clipping, the
+optimizer and the batch statistics (mixer BatchNorm, gamma clamp, gamma BatchNorm, made global by
+models/distributed_bn.py) together make a step over a global batch B split across processes the
+same computation as one step over B images in one process. (Whole runs at different process
+counts see different batches: data order and attack draws are seeded per rank.)
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adaptive_smoothing.training import Trainer
+from test_training import _tiny_config, _write_npz
+from adaptive_smoothing.models import create_model
+
+STEPS = 3          # optimizer steps
+GROUP = 2          # mini-batches per step (the config's accum_grad)
+GLOBAL_BATCH = 8   # images per mini-batch over all processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_root(root: Path) -> None:
+    (root / "data").mkdir(parents=True)
+    _write_npz(root / "data" / "train.npz", 8, 0)
+    _write_npz(root / "data" / "test.npz", 4, 1)
+    (root / "Base").mkdir()
+    for name, seed in (("std", 1), ("rob", 2)):
+        torch.manual_seed(seed)
+        model = create_model("resnet18", 10, width=2)
+        with torch.no_grad():
+            model.linear.weight.mul_(20)
+        torch.save({"model": model.state_dict()}, root / "Base" / f"{name}.pt")
+
+
+def _global_buffer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """STEPS * GROUP mini-batches of GLOBAL_BATCH images, half labelled attacked."""
+    n = STEPS * GROUP * GLOBAL_BATCH
+    generator = torch.Generator().manual_seed(11)
+    xs = torch.rand(n, 3, 32, 32, generator=generator)
+    ys = torch.randint(0, 10, (n,), generator=generator)
+    labels = (torch.arange(n) % 4 >= 2).float()  # each process's share holds both labels
+    return xs, ys, labels
+
+
+def _train_steps(root: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """STEPS optimizer steps of Trainer on this process's rows of the global buffer."""
+    config = _tiny_config(root, f"ddp{world}", batch_size=GLOBAL_BATCH, accum_grad=GROUP,
+                          lr="1e-3")
+    trainer = Trainer(config)
+    xs, ys, labels = (t[rank::world] for t in _global_buffer())  # half of every mini-batch
+    local = GLOBAL_BATCH // world
+    stats = torch.zeros(9, dtype=torch.float64)
+    for step in range(STEPS):
+        groups = [torch.arange(local) + (step * GROUP + j) * local for j in range(GROUP)]
+        trainer._optimizer_step(xs, ys, labels, groups, stats)
+    state = {f"mixer.{k}": v.detach().clone() for k, v in trainer.mixer.state_dict().items()}
+    state.update({f"bn.{k}": v.detach().clone()
+                  for k, v in trainer.composite.gamma_bn.state_dict().items()})
+    return state
+
+
+def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    torch.set_num_threads(1)
+    # What torchrun sets; Trainer joins the process group itself (runtime.init_distributed).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    try:
+        state = _train_steps(Path(root), rank, world)
+        torch.save(state, Path(out) / f"rank{rank}.pt")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_gloo_processes_train_the_same_mixer_as_one(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _make_root(root)
+    single = _train_steps(root, 0, 1)
+
+    mp.spawn(_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
+    initial = Trainer(_tiny_config(root, "initial")).mixer.state_dict()
+    for rank in range(2):
+        multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert set(multi) == set(single)
+        for key, value in single.items():
+            assert torch.allclose(multi[key].double(), value.double(), atol=1e-5, rtol=0), (
+                rank, key, (multi[key].double() - value.double()).abs().max())
+    # The steps did move the mixer (a comparison of untrained mixers would prove nothing).
+    moved = max((single[f"mixer.{k}"].double() - v.double()).abs().max().item()
+                for k, v in initial.items() if v.is_floating_point())
+    assert moved > 1e-3
