@@ -43,6 +43,12 @@ def _apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, n_i
                 generator=torch.Generator().manual_seed(seed)).x_adv
 
 
+def _quantiles(values: torch.Tensor, quantiles: Sequence[float]) -> torch.Tensor:
+    # torch.quantile needs q on the device of the values (a CPU q fails for CUDA margins).
+    q = torch.tensor(list(quantiles), dtype=values.dtype).to(values.device)
+    return torch.quantile(values, q)
+
+
 @dataclass(frozen=True)
 class MarginReport:
     n: int
@@ -66,7 +72,7 @@ def rob_margin_report(rob_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         margin = probability_margin(torch.softmax(rob_model(x_adv).float() * rob_scale, 1), y)
     robust = (margin > 0) & clean_correct
     robust_margins = margin[robust]
-    q = (torch.quantile(robust_margins, torch.tensor(list(quantiles))).tolist()
+    q = (_quantiles(robust_margins, quantiles).tolist()
          if len(robust_margins) else [math.nan] * len(quantiles))
     return MarginReport(
         n=len(y), rob_clean_accuracy=clean_correct.float().mean().item(),

@@ -114,7 +114,9 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
 
     start_epoch = 0
     if resume and output.exists():
-        state = torch.load(output, map_location=device, weights_only=True)
+        # Loaded on the CPU: torch.set_rng_state takes a CPU ByteTensor only (a CUDA map_location
+        # made every resume on a GPU crash); load_state_dict copies the weights to the device.
+        state = torch.load(output, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from adaptive_smoothing.runtime import barrier, distributed_rank_world
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -289,15 +291,36 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        return cls(str(root), train=split == "train", download=download,
-                   transform=_pil_transform(augment))
-    except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        raise DataError(
-            f"cannot load {name} ({split}) through torchvision in {root}: {exc}. Without network, "
-            f"put {archive} (or its extracted folder {folder}/) into {root}, or use the offline "
-            "copy: format='npz' with path=../shared/data/cifar10 (CIFAR-10 only)") from exc
+
+    def load(download_here: bool) -> Dataset:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return cls(str(root), train=split == "train", download=download_here,
+                       transform=_pil_transform(augment))
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            raise DataError(
+                f"cannot load {name} ({split}) through torchvision in {root}: {exc}. Without "
+                f"network, put {archive} (or its extracted folder {folder}/) into {root}, or use "
+                "the offline copy: format='npz' with path=../shared/data/cifar10 (CIFAR-10 "
+                "only)") from exc
+
+    rank, world = distributed_rank_world()
+    if world == 1 or not download:
+        return load(download)
+    # Under torchrun only rank 0 downloads and extracts (all ranks writing the same archive and
+    # folder at once corrupt it); the others wait for it, then read the files. Rank 0 reaches
+    # the barrier even when it fails, so the others fail with their own error instead of hanging.
+    dataset: Optional[Dataset] = None
+    error: Optional[DataError] = None
+    if rank == 0:
+        try:
+            dataset = load(True)
+        except DataError as exc:
+            error = exc
+    barrier()
+    if error is not None:
+        raise error
+    return dataset if dataset is not None else load(False)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -85,6 +86,28 @@ def _first_differences(old: Any, new: Any, prefix: str = "", limit: int = 3) -> 
                 break
         return out[:limit]
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
+
+
+def _wait_for_files(paths: Sequence[Path], poll_seconds: float = 1.0,
+                    report_seconds: float = 600.0) -> None:
+    """Wait until every file exists (other processes write them atomically).
+
+    The rendezvous at the end of a sharded evaluation: a process that finished its batches can
+    wait here for hours (one more batch of full AutoAttack, or a resume where its own batches
+    were already done) without a collective, which NCCL's watchdog would abort after its timeout
+    (10 minutes by default). A process that dies makes torchrun stop the others.
+    """
+    waited = 0.0
+    while True:
+        missing = [path for path in paths if not path.exists()]
+        if not missing:
+            return
+        if waited >= report_seconds:
+            logger.info("waiting for %d batch result(s) of other processes, e.g. %s",
+                        len(missing), missing[0])
+            waited = 0.0
+        time.sleep(poll_seconds)
+        waited += poll_seconds
 
 
 def _mixing_stats(composite: CompositeModel, x: torch.Tensor,
@@ -311,10 +334,10 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
             postfix["robust"] = f"{sum(c['robust'] for c in counters) / seen:.3f}"
         bar.set_postfix(postfix)
 
-    barrier()
     if world_size > 1:
-        counters = [json.loads((batches_dir / f"{i:05d}.json").read_text())
-                    for i in range(len(starts))]
+        batch_files = [batches_dir / f"{i:05d}.json" for i in range(len(starts))]
+        _wait_for_files(batch_files)
+        counters = [json.loads(path.read_text()) for path in batch_files]
     summary = summarize(counters, settings, model_info)
     if rank != 0:
         return summary

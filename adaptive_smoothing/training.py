@@ -135,6 +135,20 @@ def _local_order(n: int, seed: int, purpose: str, index: int, rank: int, world: 
     return order[:usable][rank::world]
 
 
+def _restore_cuda_rng(states: Optional[list[torch.Tensor]], path: Path) -> None:
+    """Restore the saved per-GPU RNG states of the GPUs visible now (saved on a machine with
+    more or fewer GPUs, only the common ones; set_rng_state_all would fail on a missing one)."""
+    if not states or not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    if len(states) != visible:
+        logger.warning("resuming %s: it holds RNG states of %d GPUs, %d are visible now; "
+                       "restoring the first %d", path, len(states), visible,
+                       min(len(states), visible))
+    for index, rng_state in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(rng_state.cpu(), index)
+
+
 def _base_fingerprint(composite: CompositeModel) -> list[float]:
     """Per-tensor float64 sums of the base models' parameters and buffers (cheap change check)."""
     tensors = [*composite.std_model.state_dict().values(),
@@ -411,10 +425,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.warmup.load_state_dict(state["warmup"])
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler.is_enabled():
+            # A disabled scaler (bf16/fp32) saves an empty state, which load_state_dict refuses.
+            logger.info("resuming %s in fp16 from a run without a gradient scaler (bf16/fp32): "
+                        "the scaler starts afresh", path)
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        _restore_cuda_rng(state["rng"].get("cuda"), path)
         self.epoch, self.iteration_in_epoch = int(state["epoch"]), int(state["batch"])
         self.iteration, self.global_step = int(state["iteration"]), int(state["global_step"])
         self.nonfinite_streak = int(state["nonfinite_streak"])
