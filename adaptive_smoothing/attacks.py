@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
 from adaptive_smoothing.losses import AttackLossName, composite_attack_loss
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,10 @@ class AttackTarget:
         self.module = module
 
     def __call__(self, x: torch.Tensor) -> AttackOutput:
-        out = self.module(x)
+        # Input gradients at a per-sample power-of-two scale: exact in fp32, and in fp16 the
+        # gradients of confidently classified points no longer flush to zero (grad_scaling.py).
+        out = call_with_scaled_gradients(self.module, x,
+                                         per_sample=not getattr(self.module, "training", False))
         if isinstance(out, torch.Tensor):
             return out, None
         if hasattr(out, "log_probs") and hasattr(out, "gamma"):
@@ -90,7 +94,9 @@ def _check_norm(norm: str) -> Norm:
 
 
 def _per_sample(value: PerSample, batch: int, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if not isinstance(value, torch.Tensor):  # a fill, not a copy from the host
+        return torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
+    t = value.to(dtype=like.dtype, device=like.device)
     if t.dim() == 0:
         return t.expand(batch).clone()
     if t.shape != (batch,):
@@ -242,17 +248,20 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
 
         logits, loss_indiv, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
 
+        # torch.where, not boolean-mask indexing: a mask index is a nonzero(), which waits for
+        # the GPU; the values are the same.
         with torch.no_grad():
             wrong = logits.argmax(1) != y
             newly = wrong & ~fooled
-            x_first_adv[newly] = x_adv[newly]
+            x_first_adv = torch.where(_view(newly, x), x_adv, x_first_adv)
             fooled |= wrong
 
             loss_steps[i] = loss_indiv
             improved = loss_indiv > loss_best
-            x_best[improved] = x_adv[improved]
-            grad_best[improved] = grad[improved]
-            loss_best[improved] = loss_indiv[improved]
+            improved_v = _view(improved, x)
+            x_best = torch.where(improved_v, x_adv, x_best)
+            grad_best = torch.where(improved_v, grad, grad_best)
+            loss_best = torch.where(improved, loss_indiv, loss_best)
 
             counter3 += 1
             if counter3 == k:
@@ -262,11 +271,10 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
                 reduce = torch.max(reduce, no_improvement)
                 reduced_last_check = reduce.clone()
                 loss_best_last_check = loss_best.clone()
-                halve = reduce > 0
-                if halve.any():
-                    step_size[halve] /= 2.0
-                    x_adv[halve] = x_best[halve]
-                    grad[halve] = grad_best[halve]
+                halve = _view(reduce > 0, x)
+                step_size = torch.where(halve, step_size / 2.0, step_size)
+                x_adv = torch.where(halve, x_best, x_adv)
+                grad = torch.where(halve, grad_best, grad)
                 k = max(k - size_decr, n_iter_min)
                 counter3 = 0
 

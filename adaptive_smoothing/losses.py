@@ -57,7 +57,9 @@ def mixer_bce(gamma: torch.Tensor, label: Weight) -> torch.Tensor:
     infinite = torch.isinf(gamma)
     # where() alone would still back-propagate NaN from the inf branch; feed BCE a finite value.
     safe_gamma = torch.where(infinite, torch.zeros_like(gamma), gamma)
-    target = torch.as_tensor(label, dtype=gamma.dtype, device=gamma.device).expand_as(gamma)
+    # A Python label becomes a fill on gamma's device (torch.as_tensor would copy from the host).
+    target = (label.to(gamma.dtype).expand_as(gamma) if isinstance(label, torch.Tensor)
+              else torch.full_like(gamma, float(label)))
     bce = F.binary_cross_entropy_with_logits(safe_gamma, target, reduction="none")
     return torch.where(infinite, torch.zeros_like(bce), bce)
 
@@ -86,7 +88,8 @@ def composite_attack_loss(logits: torch.Tensor, gamma: Optional[torch.Tensor], y
     ``gamma`` None (a plain classifier) or +-inf drops the BCE term.
     """
     base = attack_base_loss(logits, y, loss, y_target)
-    w = torch.as_tensor(bce_weight, dtype=base.dtype, device=base.device)
+    # A Python weight stays a Python number (no host-to-device copy per attack step).
+    w = bce_weight.to(base.dtype) if isinstance(bce_weight, torch.Tensor) else float(bce_weight)
     if gamma is None:
         return (1 - w) * base
     return (1 - w) * base + w * mixer_bce(gamma.to(base.dtype), 1.0)

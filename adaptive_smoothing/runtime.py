@@ -7,6 +7,8 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
+
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,6 +89,14 @@ class AutocastModule(nn.Module):
         self.model, self.device, self.dtype = model, device, dtype
 
     def forward(self, x: torch.Tensor) -> Any:
+        if self.dtype == torch.float16:
+            # fp16 backward passes flush small input gradients to zero; AutoAttack and
+            # RobustBench compute theirs through this module (grad_scaling.py).
+            return call_with_scaled_gradients(self._forward, x,
+                                              per_sample=not self.model.training)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> Any:
         with autocast_context(self.device, self.dtype):
             out = self.model(x)
         if isinstance(out, torch.Tensor):

@@ -161,3 +161,134 @@ def test_margin_quantiles_of_device_tensors_do_not_mix_devices() -> None:
     assert analysis._quantiles(margins, (0.1, 0.5)).device == margins.device
     cpu = torch.linspace(0, 1, 11)
     assert torch.allclose(analysis._quantiles(cpu, (0.1, 0.5)), torch.tensor([0.1, 0.5]))
+
+
+# -- 7: fp16 attacks: the input gradient of a confidently classified point must not flush to 0 ----
+class _LinearIn(torch.nn.Module):
+    """A linear classifier computing in ``dtype`` (fp16: what autocast does on a GPU)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight, self.dtype = torch.nn.Parameter(weight, requires_grad=False), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.dtype).flatten(1) @ self.weight.to(self.dtype)).float()
+
+
+def _confident_linear_models() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor,
+                                        torch.Tensor]:
+    """fp16 and fp32 versions of one linear model whose logit margins are 40-200: CE gradients
+    of ~1e-18 and below, zero in fp16 but not in fp32."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.rand(6, 3, 8, 8, generator=gen), torch.randn(3 * 8 * 8, 10, generator=gen)
+    top2 = (x.flatten(1) @ weight).sort(1).values[:, -2:]
+    weight *= 40 / (top2[:, 1] - top2[:, 0]).min()
+    fp16, fp32 = (_LinearIn(weight, dtype).eval() for dtype in (torch.float16, torch.float32))
+    return fp16, fp32, x, fp32(x).argmax(1)
+
+
+def test_fp16_apgd_moves_confidently_classified_points_as_fp32_does() -> None:
+    from adaptive_smoothing.attacks import apgd
+    fp16, fp32, x, y = _confident_linear_models()
+    assert torch.equal(fp16(x).argmax(1), y)
+    # The problem: the fp16 backward flushes these input gradients to exactly zero.
+    x_grad = x.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(torch.nn.functional.cross_entropy(fp16(x_grad), y), x_grad)
+    assert not grad.any()
+    moved = {}
+    for name, model in (("fp16", fp16), ("fp32", fp32)):
+        result = apgd(model, x, y, 8 / 255, n_iter=5, random_start=False)
+        moved[name] = (result.x_adv - x).flatten(1).abs().amax(1) > 0
+    assert moved["fp32"].any()  # where fp32 arithmetic has a gradient, fp16 must move too
+    assert torch.equal(moved["fp16"], moved["fp32"])
+
+
+def test_fp16_autoattack_through_the_autocast_module_moves_like_fp32() -> None:
+    from pyautoattack.autopgd_base import APGDAttack
+    from adaptive_smoothing.runtime import AutocastModule
+    _, fp32, x, y = _confident_linear_models()
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10, bias=False)).eval()
+    linear[1].weight.data = fp32.weight.data.t().clone()
+    linear.requires_grad_(False)
+    found = {}
+    for dtype in (torch.float16, torch.float32):  # CPU autocast computes the Linear in fp16
+        model = AutocastModule(linear, torch.device("cpu"), dtype)
+        attack = APGDAttack(model, n_iter=5, eps=8 / 255, device="cpu", seed=0)
+        found[dtype] = (attack.perturb(x, y) - x).flatten(1).abs().amax(1) > 0
+    assert found[torch.float32].any()
+    assert torch.equal(found[torch.float16], found[torch.float32])
+
+
+def test_gradient_scaling_leaves_fp32_gradients_bit_for_bit_unchanged() -> None:
+    from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
+    composite = tiny_composite(mixer=True, alpha_bias=0.2, alpha_scale=0.75).eval()
+    x, y = synthetic_data(8, seed=3)
+    grads = []
+    for scaled in (False, True):
+        x_grad = x.clone().requires_grad_(True)
+        out = call_with_scaled_gradients(composite, x_grad) if scaled else composite(x_grad)
+        loss = torch.nn.functional.nll_loss(out.log_probs, y, reduction="none") * 1e-3 + (
+            out.gamma * torch.linspace(-3, 3, 8))
+        grads.append(torch.autograd.grad(loss.sum(), x_grad)[0])
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
+# -- 10, 11: no host-device synchronisation in the composite's forward and an APGD step ------------
+class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that wait for a GPU or copy from the host on one: .item()/bool() of a
+    tensor (_local_scalar_dense), nonzero (boolean-mask indexing), and tensors made from Python
+    data (lift_fresh: torch.tensor / as_tensor)."""
+
+    SYNCS = {"nonzero", "_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "masked_select",
+             "is_nonzero"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name in self.SYNCS:
+            self.found.append(name)
+        if name in ("index", "index_put", "index_put_") and any(
+                t is not None and t.dtype == torch.bool for t in args[1]):
+            self.found.append(f"{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_composite_forward_and_apgd_steps_do_not_synchronise_with_the_device() -> None:
+    from adaptive_smoothing.attacks import apgd
+    composite = tiny_composite(mixer=True, alpha_bias=0.2, alpha_scale=0.75).eval()
+    x, y = synthetic_data(8, seed=1)
+    with _SyncRecorder() as recorder:
+        composite(x)
+    assert recorder.found == []
+    # 3 iterations: the step-size checkpoint (halving, restart from the best point) comes at 1.
+    with _SyncRecorder() as recorder:
+        apgd(composite, x, y, 8 / 255, n_iter=3, loss="ce", bce_weight=0.3)
+    assert recorder.found == []
+
+
+# -- 12: the frozen BiT standardises its weights once ---------------------------------------------
+def test_frozen_bit_does_not_restandardise_its_weights_every_forward(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_smoothing.models import bit, create_model
+    model = create_model("bit_m_r50x1", num_classes=10).eval().requires_grad_(False)
+    fresh = create_model("bit_m_r50x1", num_classes=10).eval().requires_grad_(False)
+    x = torch.rand(2, 3, 32, 32)
+    model(x)
+    calls = {"n": 0}
+    original = torch.var_mean
+
+    def counting_var_mean(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return original(*args, **kwargs)
+    monkeypatch.setattr(bit.torch, "var_mean", counting_var_mean)
+    x_grad = x.clone().requires_grad_(True)
+    model(x_grad).sum().backward()  # an attack step: gradient w.r.t. the input only
+    assert calls["n"] == 0 and x_grad.grad.abs().sum() > 0
+    # Changed weights (a checkpoint loaded into it) invalidate the cache.
+    model.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh.train(False)(x))
+    assert calls["n"] > 0

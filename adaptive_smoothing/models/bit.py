@@ -6,7 +6,7 @@ checkpoints and robustbench's ``bit_rn`` state dicts load unchanged.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -18,12 +18,42 @@ from adaptive_smoothing.models.registry import register_model
 
 
 class StdConv2d(nn.Conv2d):
-    """Conv2d with per-output-channel weight standardisation (eps 1e-10 as in BiT)."""
+    """Conv2d with per-output-channel weight standardisation (eps 1e-10 as in BiT).
+
+    A frozen model in eval mode (the composite's base models) standardises its weights once and
+    reuses them: otherwise every forward of every attack step re-standardises all of them (236M
+    for the published STD model). The cache holds the weight tensor it was computed from (so its
+    memory cannot be reused by another tensor) and is recomputed when the weight's storage or
+    version counter changes (load_state_dict, in-place edits, ``.to()``), and bypassed in
+    training mode, when the weight requires grad, and in inference mode (inference tensors cannot
+    take part in a later autograd graph).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._standardized: Optional[tuple[torch.Tensor, int, torch.Tensor]] = None
+
+    def _standardize(self) -> torch.Tensor:
+        var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        return (self.weight - mean) / torch.sqrt(var + 1e-10)
+
+    def standardized_weight(self) -> torch.Tensor:
+        if self.training or self.weight.requires_grad or torch.is_inference_mode_enabled():
+            return self._standardize()
+        weight = self.weight
+        cached = self._standardized
+        if (cached is not None and cached[0].data_ptr() == weight.data_ptr()
+                and cached[1] == weight._version and cached[0].dtype == weight.dtype
+                and cached[0].device == weight.device and cached[0].shape == weight.shape):
+            return cached[2]
+        with torch.no_grad():
+            standardized = self._standardize()
+        self._standardized = (weight.detach(), weight._version, standardized)
+        return standardized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
-        weight = (self.weight - mean) / torch.sqrt(var + 1e-10)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> StdConv2d:

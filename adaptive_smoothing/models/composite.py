@@ -157,8 +157,8 @@ class CompositeModel(nn.Module):
         bias, scale = (self.alpha_bias, self.alpha_scale) if scaled else (0.0, 1.0)
 
         def log_const(value: float) -> torch.Tensor:
-            return torch.tensor(math.log(value) if value > 0 else -math.inf,
-                                dtype=gamma.dtype, device=gamma.device)
+            # A fill on the device; torch.tensor(value, device=cuda) would be a blocking copy.
+            return torch.full_like(gamma, math.log(value) if value > 0 else -math.inf)
 
         log_rob = torch.logaddexp(log_const(bias),
                                   log_const(scale) + F.logsigmoid(gamma))
