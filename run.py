@@ -10,6 +10,7 @@ Command-line flags override the config's values; every config key is in docs/CON
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -80,6 +81,9 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
          save_adversarial: Optional[bool], autoattack_iterations: Optional[int],
          alpha_sweep: Optional[str], seed: Optional[int], resume: bool, debug: bool,
          log_level: str) -> None:
+    # Under torchrun only rank 0 logs progress; the others report warnings and errors.
+    if int(os.environ.get("RANK", "0")) != 0 and logging.getLevelName(log_level) < logging.WARNING:
+        log_level = "WARNING"
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if mode is None:
         raise click.UsageError("choose --eval or --training")
@@ -122,10 +126,11 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
     from adaptive_smoothing.evaluation import EvaluationError, run_alpha_sweep, run_evaluation
     from adaptive_smoothing.training import TrainingDivergedError, run_training
     try:
-        if mode == "eval" and alpha_sweep is not None:
-            click.echo(run_alpha_sweep(config, alphas))
-        elif mode == "eval":
-            click.echo(run_evaluation(config))
+        if mode == "eval":
+            table = (run_alpha_sweep(config, alphas) if alpha_sweep is not None
+                     else run_evaluation(config))
+            if table is not None:  # None on the other processes under torchrun
+                click.echo(table)
         else:
             run_training(config, resume=resume, debug=debug)
     except (CheckpointError, DataError, EvaluationError, TrainingDivergedError) as err:

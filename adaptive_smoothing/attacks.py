@@ -380,8 +380,14 @@ class AttackRunDraw(NamedTuple):
 
 def draw_attack_run(settings: RandomizedAttackSettings, batch: int,
                     generator: Optional[torch.Generator] = None,
-                    device: Union[str, torch.device] = "cpu") -> AttackRunDraw:
-    """Draw one run's random settings (tensors on ``device``)."""
+                    device: Union[str, torch.device] = "cpu",
+                    iterations_generator: Optional[torch.Generator] = None) -> AttackRunDraw:
+    """Draw one run's random settings (tensors on ``device``).
+
+    The iteration count comes from ``iterations_generator`` when given (else ``generator``):
+    under torch.distributed it is one generator seeded alike on every process, so that all
+    processes run the same number of iterations instead of waiting for the slowest draw.
+    """
     gen_device = generator.device if generator is not None else torch.device("cpu")
 
     def uniform(low: float, width: float) -> torch.Tensor:
@@ -389,7 +395,9 @@ def draw_attack_run(settings: RandomizedAttackSettings, batch: int,
         return (low + width * u).to(device)
 
     # torch has no seeded chi-square sampler; seed numpy's from the same torch generator.
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=gen_device).item())
+    iter_gen = iterations_generator if iterations_generator is not None else generator
+    iter_device = iter_gen.device if iter_gen is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=iter_gen, device=iter_device).item())
     chi2 = float(np.random.default_rng(seed).chisquare(settings.iters_df))
     n_iter = max(1, int(round(chi2 + settings.iters_const)))
     eps = settings.eps * uniform(settings.eps_factor_loc, settings.eps_factor_scale)
@@ -400,8 +408,13 @@ def draw_attack_run(settings: RandomizedAttackSettings, batch: int,
 
 def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Tensor,
                               settings: RandomizedAttackSettings,
-                              generator: Optional[torch.Generator] = None) -> list[torch.Tensor]:
+                              generator: Optional[torch.Generator] = None,
+                              iterations_generator: Optional[torch.Generator] = None
+                              ) -> list[torch.Tensor]:
     """1 untargeted + ``n_target`` targeted adversarial batches for training the mixer.
+
+    ``iterations_generator`` (optional) draws the runs' iteration counts (see
+    :func:`draw_attack_run`); ``generator`` everything else.
 
     Untargeted run: loss (1 - w) * CE + w * BCE(gamma, 1); targeted run j (j = 1..n_target):
     (1 - w) * DLR_targeted + w * BCE(gamma, 1) with target the (j + 1)-th highest class of the
@@ -428,7 +441,8 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
         order = clean_logits.sort(dim=1)[1]
         batches = []
         for run in range(1 + settings.n_target):
-            draw = draw_attack_run(settings, x.shape[0], generator, x.device)
+            draw = draw_attack_run(settings, x.shape[0], generator, x.device,
+                                   iterations_generator)
             loss: AttackLossName = "ce" if run == 0 else "dlr_targeted"
             y_target = None if run == 0 else order[:, -(run + 1)]
             if settings.apgd:

@@ -23,7 +23,7 @@ from adaptive_smoothing.attacks import pgd
 from adaptive_smoothing.checkpoints import save_checkpoint
 from adaptive_smoothing.data import build_loader
 from adaptive_smoothing.models import create_model
-from adaptive_smoothing.runtime import autocast_context, resolve_device, resolve_precision
+from adaptive_smoothing.runtime import autocast_context, resolve_precision, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
     "optimizer", "epoch", "settings"}; its "model" entry is what the composite's STD/ROB loaders
     read. With ``resume`` an existing checkpoint is continued from its last finished epoch.
     """
-    device = resolve_device(settings.device)
+    device = select_device(settings.device)
     precision = resolve_precision(settings.precision, device)
     torch.manual_seed(settings.seed)
     model = create_model(settings.arch, num_classes=settings.num_classes,

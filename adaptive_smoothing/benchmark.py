@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -10,7 +11,7 @@ from typing import Optional
 
 from adaptive_smoothing.compat import import_robustbench
 from adaptive_smoothing.published import load_published_model, published_model
-from adaptive_smoothing.runtime import AutocastModule, resolve_device, resolve_precision
+from adaptive_smoothing.runtime import AutocastModule, resolve_precision, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,13 @@ def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: 
     AutoAttack's state is kept in ``output_dir``, so an interrupted run resumes where it stopped.
     """
     published_model(dataset, model_name)  # refuses unknown pairs (cifar10 + trades) first
-    torch_device = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "run_robustbench.py runs in one process: RobustBench's benchmark() is not "
+            "distributed, so under torchrun every process would attack the same images on the "
+            "same GPU and share one AutoAttack state file. Start it with python (choose the GPU "
+            "with --device cuda:N), or evaluate on several GPUs with torchrun run.py --eval")
+    torch_device = select_device(device)
     dtype = resolve_precision(precision, torch_device)
     robustbench = import_robustbench()
     model = load_published_model(root_dir, dataset, model_name, device=str(torch_device))

@@ -29,7 +29,8 @@ from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
-                                        init_distributed, resolve_precision)
+                                        distributed_session, init_distributed,
+                                        resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -365,17 +366,26 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
 
 
-def run_evaluation(config: Config) -> str:
+def run_evaluation(config: Config) -> Optional[str]:
     """``run.py --eval``: build and load the configured model, evaluate it on the first
-    ``n_examples`` test images, write the results, and return the table."""
-    composite, x, y, device, dtype, model_info = _prepare(config)
-    settings = config.evaluation_settings
-    summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
-                       dtype=dtype, model_info=model_info)
-    return format_table(summary)
+    ``n_examples`` test images, write the results, and return the table (None on the processes
+    other than rank 0 under torchrun, so that the table is printed once)."""
+    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
+        composite, x, y, device, dtype, model_info = _prepare(config)
+        settings = config.evaluation_settings
+        summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
+                           dtype=dtype, model_info=model_info)
+    return format_table(summary) if rank == 0 else None
 
 
-def run_alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
+def run_alpha_sweep(config: Config, alphas: Sequence[float]) -> Optional[str]:
+    """See :func:`_alpha_sweep`; the process group (torchrun) lasts for the sweep."""
+    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
+        table = _alpha_sweep(config, alphas)
+    return table if rank == 0 else None
+
+
+def _alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
     """``run.py --eval --alpha-sweep``: the adaptive composite and fixed-alpha mixtures of the
     same base models (alpha 0 = STD, 1 = ROB), on the same images and attacks.
 

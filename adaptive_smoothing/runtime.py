@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+import logging
+import os
+from typing import Any, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
+
+logger = logging.getLogger(__name__)
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,24 +49,59 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> ContextManager
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def select_device(name: str = "auto") -> torch.device:
+    """:func:`resolve_device`, and for ``cuda:N`` also make GPU N the current CUDA device, so
+    that code using the current device (AutoAttack, RobustBench, cuDNN handles) follows it."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns
     ``(rank, world_size, device)``. Each process uses the GPU of its LOCAL_RANK."""
-    import os
-
     import torch.distributed as dist
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return 0, 1, resolve_device(device_name)
+        return 0, 1, select_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda and device_name not in ("auto", "cuda"):
+        logger.warning("under torchrun each process uses the GPU of its LOCAL_RANK; ignoring "
+                       "device %r (select GPUs with CUDA_VISIBLE_DEVICES)", device_name)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # device_id binds the NCCL communicator to this process's GPU at once (without it NCCL
+        # guesses the device and may create its context on GPU 0 of every process).
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                **({"device_id": device} if use_cuda else {}))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+@contextlib.contextmanager
+def distributed_session(device_name: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
+    """:func:`init_distributed` for a whole run: destroys the process group it created on exit
+    (also on error), so NCCL's resources are released and torchrun sees a clean shutdown. A group
+    that already existed (a caller's) is left alone."""
+    import torch.distributed as dist
+
+    created = (int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available()
+               and not dist.is_initialized())
+    try:
+        yield init_distributed(device_name)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of torch.distributed (or of torchrun's environment before the group exists)."""
+    rank, _ = distributed_rank_world()
+    return rank == 0 and int(os.environ.get("RANK", "0")) == 0
 
 
 def distributed_rank_world() -> tuple[int, int]:

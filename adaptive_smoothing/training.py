@@ -28,7 +28,7 @@ import pytorch_warmup
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd,
@@ -39,8 +39,8 @@ from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
-from adaptive_smoothing.runtime import (autocast_context, barrier, init_distributed,
-                                        resolve_precision)
+from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_session,
+                                        init_distributed, resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ class TrainingDivergedError(RuntimeError):
 
 
 # -- small pure helpers ---------------------------------------------------------------------------
-_PURPOSES = {"main": 1, "extra": 2, "augment": 3, "attack": 4, "buffer": 5, "validate": 6}
+_PURPOSES = {"main": 1, "extra": 2, "augment": 3, "attack": 4, "buffer": 5, "validate": 6,
+             "attack_iterations": 7}
 
 
 def _derive_seed(seed: int, purpose: str, *indices: int) -> int:
@@ -248,6 +249,19 @@ def _targeted_apgd(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
 
 # -- the trainer ----------------------------------------------------------------------------------
+class _BatchList(Sampler):
+    """A batch sampler yielding the index lists it is given (the current epoch's)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class _IterationData:
     """Per-iteration training data: the main batch (B images) and the extra clean batch.
 
@@ -259,10 +273,17 @@ class _IterationData:
     """
 
     def __init__(self, dataset: Dataset, batch: int, extra: int, seed: int, shuffle: bool,
-                 rank: int, world: int, num_workers: int) -> None:
+                 rank: int, world: int, num_workers: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.dataset, self.batch, self.extra = dataset, batch, extra
         self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
-        self.num_workers = num_workers
+        self.num_workers, self.device = num_workers, device
+        pin_memory = device.type == "cuda"
+        # One loader for the whole run: its workers persist across epochs (re-forking them
+        # every epoch cost seconds each time); each epoch only replaces the batch list.
+        self._batches = _BatchList()
+        self.loader = DataLoader(dataset, batch_sampler=self._batches, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, pin_memory=pin_memory)
         self.n = len(dataset)  # type: ignore[arg-type]
         self.local = self.n // world
         self.iterations_per_epoch = self.local // batch
@@ -290,11 +311,13 @@ class _IterationData:
         batches = [order[i * self.batch:(i + 1) * self.batch].tolist()
                    + self._extra_indices(first + i)
                    for i in range(start, self.iterations_per_epoch)]
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers)
-        for i, (x, y) in zip(range(start, self.iterations_per_epoch), loader):
+        self._batches.batches = batches
+        for i, (x, y) in zip(range(start, self.iterations_per_epoch), self.loader):
             y = torch.as_tensor(y, dtype=torch.int64)
-            x = augment_batch(x, _generator(_derive_seed(self.seed, "augment", first + i,
-                                                         self.rank)))
+            # Augmented on the training device (pinned memory: an asynchronous copy); the crops
+            # and flips come from a CPU generator, so they are the same on every device.
+            generator = _generator(_derive_seed(self.seed, "augment", first + i, self.rank))
+            x = augment_batch(x.to(self.device, non_blocking=True), generator)
             yield x[:self.batch], y[:self.batch], x[self.batch:], y[self.batch:]
 
 
@@ -344,9 +367,14 @@ class Trainer:
         if train_set is None:
             train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
                                       ds.format, ds.path, augment=False)
-        workers = min(4, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # Every mini-batch and attack batch has the same shape, so cuDNN's autotuning pays.
+            torch.backends.cudnn.benchmark = True
+        workers = min(4, os.cpu_count() or 1) if cuda else 0
         self.data = _IterationData(train_set, self.batch, self.n_target * self.batch, self.seed,
-                                   ds.train_shuffle, self.rank, self.world, workers)
+                                   ds.train_shuffle, self.rank, self.world, workers,
+                                   self.device)
         n_val = min(ts.n_val_examples, DEBUG_VAL_EXAMPLES) if debug else ts.n_val_examples
         if val_set is None:
             val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
@@ -479,19 +507,25 @@ class Trainer:
         barrier()
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.isfinite(value.detach()).all().float()
+    def _all_true(self, flag: torch.Tensor) -> bool:
+        """One host-device synchronisation (and one all-reduce) per optimizer step."""
+        flag = flag.float()
         if self.world > 1:  # every process must take the same decision, or DDP would hang
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
     def _optimizer_step(self, xs: torch.Tensor, ys: torch.Tensor, labels: torch.Tensor,
                         groups: list[torch.Tensor], stats: torch.Tensor) -> None:
-        """Forward/backward the mini-batches of one accumulation group and take one step."""
+        """Forward/backward the mini-batches of one accumulation group and take one step.
+
+        The finiteness of the losses is collected on the device and decided once per step: a
+        non-finite loss makes the gradients non-finite and the step is skipped, so no mini-batch
+        needs its own all-reduce and ``.item()``.
+        """
         buffers = [b.detach().clone() for b in self._mixer_buffers()]
         self.composite.train(True, scale_alpha=False)
         self.composite.mixer = self.ddp_mixer or self.mixer
-        finite = True
+        losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
         try:
             for j, idx in enumerate(groups):
                 last = j == len(groups) - 1
@@ -502,27 +536,36 @@ class Trainer:
                         out = self.composite(xs[idx])
                     loss = self.loss_fn(out.log_probs, out.gamma, ys[idx], labels[idx],
                                         accum_count=len(groups))
-                    if not self._all_finite(loss):
-                        finite = False
-                        break
+                    finite_loss = torch.isfinite(loss.detach())
+                    losses_finite &= finite_loss
                     self.scaler.scale(loss).backward()
                 gamma, label = out.gamma.detach().double(), labels[idx]
                 adv, clean = label > 0.5, label <= 0.5
-                stats[:8] += torch.stack([
+                zero = torch.zeros_like(gamma)
+                batch_stats = torch.stack([
                     loss.detach().double() * len(groups), torch.ones_like(gamma[0]),
-                    gamma[adv].sum(), adv.sum(), (gamma[adv] > 0).sum(), gamma[clean].sum(),
-                    clean.sum(), (gamma[clean] <= 0).sum()]).to(stats)
+                    torch.where(adv, gamma, zero).sum(), adv.sum(), (adv & (gamma > 0)).sum(),
+                    torch.where(clean, gamma, zero).sum(), clean.sum(),
+                    (clean & (gamma <= 0)).sum()]).to(stats)
+                # Masked by where (not multiplied): a NaN loss must not reach the statistics.
+                stats[:8] += torch.where(finite_loss, batch_stats, torch.zeros_like(batch_stats))
         finally:
             self.composite.mixer = self.mixer
             self.composite.eval()
 
-        grad_norm = torch.zeros(())
-        if finite:
-            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.zeros((), device=self.device)
+        if self.scaler.is_enabled():
+            # inf/NaN gradients are the scaler's business (it skips the step, lowers the scale).
+            finite = self._all_true(losses_finite)
+            if finite:
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.mixer.parameters(),
+                                                           GRAD_CLIP_NORM)
+        else:
+            # Without a scaler, non-finite gradients mean the step is unusable (they leave the
+            # norm non-finite; the clipped gradients are then discarded).
             grad_norm = torch.nn.utils.clip_grad_norm_(self.mixer.parameters(), GRAD_CLIP_NORM)
-            # With a gradient scaler, inf/NaN gradients are its business (it skips the step and
-            # lowers the scale); without one they mean the step is unusable.
-            finite = self.scaler.is_enabled() or self._all_finite(grad_norm)
+            finite = self._all_true(losses_finite & torch.isfinite(grad_norm))
         if not finite:
             self.nonfinite_streak += 1
             logger.warning("non-finite loss or gradient at iteration %d, optimizer step %d: step "
@@ -567,9 +610,12 @@ class Trainer:
         gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         attack_gen = _generator(_derive_seed(self.seed, "attack", self.iteration, self.rank),
                                 gen_device)
+        # Iteration counts from a generator without the rank: every process runs as many
+        # attack iterations as the others (DDP waits for the slowest at the next all-reduce).
+        iterations_gen = _generator(_derive_seed(self.seed, "attack_iterations", self.iteration))
         with autocast_context(self.device, self.dtype):
             adversarial = generate_training_attacks(self.composite, x, y, self.attack_settings,
-                                                    attack_gen)
+                                                    attack_gen, iterations_gen)
         n_clean = len(x) + len(x_extra)
         xs = torch.cat([x, x_extra.to(self.device), *adversarial])
         ys = torch.cat([y, y_extra.to(self.device), *([y] * len(adversarial))])
@@ -691,4 +737,5 @@ def run_training(config: Config, *, resume: bool = True, debug: bool = False) ->
     Returns:
         The path of the final checkpoint (``output_dir/checkpoints/last.pt``).
     """
-    return Trainer(config, resume=resume, debug=debug).fit()
+    with distributed_session(config.evaluation_settings.device):
+        return Trainer(config, resume=resume, debug=debug).fit()

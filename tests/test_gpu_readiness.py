@@ -51,7 +51,7 @@ def test_base_training_resume_on_another_device_does_not_crash_on_the_rng_state(
     base_training.train_base_model(settings, TensorDataset(x, y), output)
     saved_rng = torch.load(output, weights_only=True)["rng_state"]
     # A rerun on a GPU (meta stands in for CUDA): the finished checkpoint is loaded and resumed.
-    monkeypatch.setattr(base_training, "resolve_device", lambda name: torch.device("meta"))
+    monkeypatch.setattr(base_training, "select_device", lambda name: torch.device("meta"))
     torch.manual_seed(123)
     base_training.train_base_model(settings, TensorDataset(x, y), output)
     assert torch.equal(torch.get_rng_state(), saved_rng)
@@ -292,3 +292,114 @@ def test_frozen_bit_does_not_restandardise_its_weights_every_forward(
     with torch.no_grad():
         assert torch.equal(model(x), fresh.train(False)(x))
     assert calls["n"] > 0
+
+
+# -- 13: the mixer's training under DDP -------------------------------------------------------------
+def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
+        saved_trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = saved_trainer
+    gen = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    labels = torch.tensor([0.0] * 4 + [1.0] * 4)
+    groups = [torch.tensor([0, 5, 2, 7]), torch.tensor([4, 1, 6, 3])]  # two accumulated batches
+    syncs_before_step: list[list[str]] = []
+    original_step = trainer.scaler.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        syncs_before_step.append(list(recorder.found))
+        return original_step(*args, **kwargs)
+    monkeypatch.setattr(trainer.scaler, "step", step)
+    with _SyncRecorder() as recorder:
+        trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
+    # One decision (finite losses and gradient norm) for the whole accumulation group.
+    assert syncs_before_step == [["_local_scalar_dense"]]
+
+
+def test_training_attacks_run_the_same_iteration_counts_on_every_rank(
+        saved_trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses as dc
+    from adaptive_smoothing import attacks
+    trainer = saved_trainer
+    trainer.attack_settings = dc.replace(trainer.attack_settings, iters_df=40.0)
+    counts: list[int] = []
+
+    def recording_apgd(model: Any, x: torch.Tensor, y: torch.Tensor, eps: Any,
+                       **kwargs: Any) -> attacks.AttackResult:
+        counts.append(kwargs["n_iter"])
+        return attacks.AttackResult(x, torch.zeros(len(x)), torch.zeros(len(x), dtype=torch.bool))
+    monkeypatch.setattr(attacks, "apgd", recording_apgd)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    per_rank = []
+    for rank in (0, 1):  # the same iteration on two processes of a DDP run
+        trainer.rank, trainer.iteration = rank, 5
+        counts.clear()
+        trainer._train_iteration(x, y, x, y)
+        per_rank.append(list(counts))
+    assert len(per_rank[0]) == 1 + trainer.n_target
+    assert per_rank[0] == per_rank[1]
+
+
+# -- 14: torchrun and --device cuda:N --------------------------------------------------------------
+def test_device_cuda_n_becomes_the_current_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_smoothing import runtime
+    current: list[torch.device] = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(device))
+    assert runtime.init_distributed("cuda:1") == (0, 1, torch.device("cuda", 1))
+    assert [torch.device(d) for d in current] == [torch.device("cuda", 1)]
+
+
+def test_nccl_process_group_is_bound_to_the_local_rank_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_smoothing import runtime
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    assert runtime.init_distributed("auto") == (1, 2, torch.device("cuda", 1))
+    (args, kwargs), = calls
+    assert kwargs.get("backend", args[0] if args else None) == "nccl"
+    assert kwargs["device_id"] == torch.device("cuda", 1)
+
+
+def _torchrun_eval_worker(rank: int, world: int, port: int, config_path: str, data: str,
+                          out: str) -> None:
+    from adaptive_smoothing.config import apply_overrides, load_config
+    from adaptive_smoothing.evaluation import run_evaluation
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank))
+    config = apply_overrides(load_config(Path(config_path)), **{
+        "dataset_settings.path": data, "dataset_settings.format": "npz",
+        "evaluation_settings.data_dir": data, "evaluation_settings.n_examples": 16,
+        "evaluation_settings.attacks_to_run": [], "evaluation_settings.device": "cpu",
+        "evaluation_settings.output_dir": out})
+    table = run_evaluation(config)  # joins the process group itself, as under torchrun
+    Path(out, f"rank{rank}.json").write_text(json.dumps(
+        {"table": table, "group_left": not dist.is_initialized()}))
+
+
+def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
+        tmp_path: Path, shared_cifar10: Path) -> None:
+    from test_cli import _write_config
+    config = _write_config(tmp_path, shared_cifar10)
+    out = tmp_path / "out"
+    mp.spawn(_torchrun_eval_worker, args=(2, _free_port(), str(config), str(shared_cifar10),
+                                          str(out)), nprocs=2, join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "clean accuracy" in ranks[0]["table"] and ranks[1]["table"] is None
+    assert ranks[0]["group_left"] and ranks[1]["group_left"]
+
+
+def test_run_robustbench_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    from adaptive_smoothing.benchmark import run_benchmark
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="runs in one process.*python.*--device cuda:N"):
+        run_benchmark(tmp_path, "cifar10", "edm", device="cpu", output_dir=tmp_path)
