@@ -294,7 +294,7 @@ def test_frozen_bit_does_not_restandardise_its_weights_every_forward(
     assert calls["n"] > 0
 
 
-# -- 13: the mixer's training under DDP -------------------------------------------------------------
+# -- 13: the mixer's training under DDP ----------------------------------------------------------
 def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
         saved_trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = saved_trainer
@@ -403,3 +403,16 @@ def test_run_robustbench_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="runs in one process.*python.*--device cuda:N"):
         run_benchmark(tmp_path, "cifar10", "edm", device="cpu", output_dir=tmp_path)
+
+
+# -- the device checks (scripts/gpu_readiness.py) at tiny sizes -----------------------------------
+def test_gpu_readiness_checks_run_and_pass_in_smoke_mode_on_the_cpu(tmp_path: Path) -> None:
+    from adaptive_smoothing.readiness import CHECKS, run_checks
+    results = run_checks(list(CHECKS), tmp_path, torch.device("cpu"), smoke=True)
+    failed = {name: r.get("error", r) for name, r in results.items() if not r["ok"]}
+    assert failed == {}
+    for name in CHECKS:
+        assert json.loads((tmp_path / f"{name}.json").read_text())["ok"] is True
+    assert results["sync_debug"]["syncs_in_3_apgd_steps"] == 0
+    assert results["determinism"]["bit_identical"]
+    assert results["precision_resume"]["steps_after"] == 4
