@@ -299,7 +299,23 @@ def check_determinism(device: torch.device, smoke: bool, data_dir: Optional[Path
     runs = [apgd(composite, x, y, 8 / 255, n_iter=5 if smoke else 20, loss="ce",
                  generator=torch.Generator().manual_seed(0)) for _ in range(2)]
     same = torch.equal(runs[0].x_adv, runs[1].x_adv)
+    # The two backward passes the README names as non-deterministic on CUDA (atomic adds).
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(8, 3, 32, 32, generator=gen).to(device)
+    upstream = {"interpolate_bilinear_to_128": torch.rand(8, 3, 128, 128, generator=gen),
+                "adaptive_avg_pool2d_to_1": torch.rand(8, 3, 1, 1, generator=gen)}
+    ops = {"interpolate_bilinear_to_128": lambda t: torch.nn.functional.interpolate(
+               t, size=(128, 128), mode="bilinear"),
+           "adaptive_avg_pool2d_to_1": lambda t: torch.nn.functional.adaptive_avg_pool2d(t, 1)}
+    backward_identical = {}
+    for name, op in ops.items():
+        grads = []
+        for _ in range(2):
+            t = images.clone().requires_grad_(True)
+            grads.append(torch.autograd.grad(op(t), t, upstream[name].to(device))[0])
+        backward_identical[name] = bool(torch.equal(grads[0], grads[1]))
     return {"ok": True, "model": model_name, "data": data, "bit_identical": same,
+            "backward_bit_identical": backward_identical,
             "max_abs_diff_x_adv": (runs[0].x_adv - runs[1].x_adv).abs().max().item(),
             "max_abs_diff_loss": (runs[0].loss - runs[1].loss).abs().max().item(),
             "same_fooled": bool(torch.equal(runs[0].fooled, runs[1].fooled))}
