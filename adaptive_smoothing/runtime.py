@@ -98,12 +98,6 @@ def distributed_session(device_name: str = "auto") -> Iterator[tuple[int, int, t
             dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    """Rank 0 of torch.distributed (or of torchrun's environment before the group exists)."""
-    rank, _ = distributed_rank_world()
-    return rank == 0 and int(os.environ.get("RANK", "0")) == 0
-
-
 def distributed_rank_world() -> tuple[int, int]:
     """(rank, world_size) of this process; (0, 1) outside torch.distributed."""
     import torch.distributed as dist
