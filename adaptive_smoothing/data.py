@@ -6,6 +6,7 @@ RandomCrop(32, padding=4) + RandomHorizontalFlip; test images are left untouched
 """
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import random
@@ -21,6 +22,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from adaptive_smoothing.runtime import barrier, distributed_rank_world
 
 logger = logging.getLogger(__name__)
+
+# How long the other processes under torchrun wait for rank 0's download of CIFAR (a slow
+# connection takes longer than NCCL's 10-minute watchdog allows a collective).
+DOWNLOAD_TIMEOUT = datetime.timedelta(hours=2)
 
 PathLike = Union[str, Path]
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -317,7 +322,7 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
             dataset = load(True)
         except DataError as exc:
             error = exc
-    barrier()
+    barrier(timeout=DOWNLOAD_TIMEOUT)
     if error is not None:
         raise error
     return dataset if dataset is not None else load(False)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
-from typing import Any, ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -107,11 +108,22 @@ def distributed_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def barrier() -> None:
+def barrier(timeout: Optional[datetime.timedelta] = None) -> None:
+    """Wait for every process. ``timeout``: for waits that may outlast the default group's
+    timeout (NCCL's watchdog aborts the job after 10 minutes), a gloo group with this timeout,
+    which waits on the CPU, is used instead."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if timeout is None:
         dist.barrier()
+        return
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 class AutocastModule(nn.Module):

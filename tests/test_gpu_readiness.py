@@ -94,14 +94,14 @@ class _FakeCifar:
                 raise RuntimeError("Dataset not found or corrupted")
             with open(Path(root) / "downloads.log", "a") as log:
                 log.write(f"{os.getpid()}\n")
-            time.sleep(1.0)
+            time.sleep(3.0)  # longer than the process group's timeout in the test
             data.mkdir(exist_ok=True)
 
 
 def _download_worker(rank: int, world: int, port: int, root: str) -> None:
     import torchvision.datasets
     from adaptive_smoothing.data import build_dataset
-    _init_gloo(rank, world, port)
+    _init_gloo(rank, world, port, timeout_s=2.0)  # NCCL's watchdog would abort a long wait
     try:
         torchvision.datasets.CIFAR10 = _FakeCifar
         build_dataset("cifar10", "test", "torchvision", root)
@@ -109,7 +109,8 @@ def _download_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def test_only_rank_zero_downloads_the_dataset(tmp_path: Path) -> None:
+def test_only_rank_zero_downloads_the_dataset_and_a_slow_download_does_not_time_out(
+        tmp_path: Path) -> None:
     mp.spawn(_download_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert len((tmp_path / "downloads.log").read_text().split()) == 1
 
