@@ -40,7 +40,17 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
 @click.option("--device", default=None,
               help="'auto', 'cpu', 'cuda' or 'cuda:N' [evaluation_settings.device].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Autocast dtype (bf16/fp16 need CUDA).")
+              help="Autocast dtype: bf16 on CUDA or CPU (faster only where the CPU has native "
+                   "bf16), fp16 on CUDA only [evaluation_settings/training_settings.precision].")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="NHWC memory format for the models [evaluation_settings/training_settings."
+                   "channels_last; default on].")
+@click.option("--compile/--no-compile", "compile_model", default=None,
+              help="torch.compile the composite [evaluation_settings/training_settings.compile; "
+                   "default off].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads of this process [evaluation_settings.threads; default "
+                   "OMP_NUM_THREADS, else the cores (shared by torchrun's processes)].")
 @click.option("--data-dir", default=None,
               help="Dataset folder [dataset_settings.path]; a folder holding train.npz/test.npz "
                    "selects the offline .npz format.")
@@ -75,6 +85,7 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
          batch_size: Optional[int], device: Optional[str], precision: Optional[str],
+         channels_last: Optional[bool], compile_model: Optional[bool], threads: Optional[int],
          data_dir: Optional[str], data_format: Optional[str], mixer_checkpoint: Optional[str],
          output_dir: Optional[str],
          attacks: Optional[str], pgd: Optional[bool], adaptive: Optional[bool],
@@ -90,6 +101,7 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
     if data_dir is not None and data_format is None and (
             Path(data_dir, "test.npz").exists() or data_dir.endswith(".npz")):
         data_format = "npz"
+    section = "evaluation_settings" if mode == "eval" else "training_settings"
     try:
         config = load_config(config_path)
         config = apply_overrides(config, **{
@@ -110,6 +122,9 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
             ("evaluation_settings.batch_size" if mode == "eval"
              else "training_settings.batch_size"): batch_size,
             "training_settings.precision": precision if mode == "training" else None,
+            f"{section}.channels_last": channels_last,
+            f"{section}.compile": compile_model,
+            "evaluation_settings.threads": threads,
         })
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
@@ -124,7 +139,9 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
     from adaptive_smoothing.checkpoints import CheckpointError
     from adaptive_smoothing.data import DataError
     from adaptive_smoothing.evaluation import EvaluationError, run_alpha_sweep, run_evaluation
+    from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
     from adaptive_smoothing.training import TrainingDivergedError, run_training
+    configure_threads(config.evaluation_settings.threads)
     try:
         if mode == "eval":
             table = (run_alpha_sweep(config, alphas) if alpha_sweep is not None
@@ -133,7 +150,8 @@ def main(config_path: Path, mode: Optional[str], n_examples: Optional[int],
                 click.echo(table)
         else:
             run_training(config, resume=resume, debug=debug)
-    except (CheckpointError, DataError, EvaluationError, TrainingDivergedError) as err:
+    except (CheckpointError, DataError, EvaluationError, RuntimeSettingsError,
+            TrainingDivergedError) as err:
         # Errors about the user's files and settings: the message says what to fix, and a
         # traceback would only bury it.
         raise click.ClickException(str(err)) from None

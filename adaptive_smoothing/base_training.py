@@ -23,7 +23,8 @@ from adaptive_smoothing.attacks import pgd
 from adaptive_smoothing.checkpoints import save_checkpoint
 from adaptive_smoothing.data import build_loader
 from adaptive_smoothing.models import create_model
-from adaptive_smoothing.runtime import autocast_context, resolve_precision, select_device
+from adaptive_smoothing.runtime import (autocast_context, prepare_model, resolve_precision,
+                                        select_device)
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class BaseTrainingSettings:
     pgd_step_size: float = 2 / 255
     fgsm_step_factor: float = 1.25    # FGSM-RS step = factor * eps (Wong et al. 2020)
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
+    channels_last: bool = True        # NHWC weights/activations (runtime.prepare_model)
+    compile: bool = False             # torch.compile the model
     device: str = "auto"
     seed: int = 0
     num_workers: int = 0
@@ -102,6 +105,7 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
     torch.manual_seed(settings.seed)
     model = create_model(settings.arch, num_classes=settings.num_classes,
                          **settings.arch_kwargs).to(device)
+    prepare_model(model, channels_last=settings.channels_last, compile=settings.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay, nesterov=True)
     loader = build_loader(train_set, settings.batch_size, shuffle=True, seed=settings.seed,

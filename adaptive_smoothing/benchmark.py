@@ -11,7 +11,8 @@ from typing import Optional
 
 from adaptive_smoothing.compat import import_robustbench
 from adaptive_smoothing.published import load_published_model, published_model
-from adaptive_smoothing.runtime import AutocastModule, resolve_precision, select_device
+from adaptive_smoothing.runtime import (AutocastModule, prepare_model, resolve_precision,
+                                        select_device)
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class BenchmarkResult:
 def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: int = 10000,
                   precision: str = "fp32", batch_size: int = 100, data_dir: Path = Path("data"),
                   device: str = "auto", output_dir: Path = Path("outputs/robustbench"),
-                  ) -> BenchmarkResult:
+                  channels_last: bool = True, compile: bool = False) -> BenchmarkResult:
     """Load a published model from ``root_dir`` and run RobustBench's standard AutoAttack
     evaluation (Linf, eps 8/255) on the first ``n_examples`` test images.
 
@@ -48,6 +49,7 @@ def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: 
     dtype = resolve_precision(precision, torch_device)
     robustbench = import_robustbench()
     model = load_published_model(root_dir, dataset, model_name, device=str(torch_device))
+    prepare_model(model, channels_last=channels_last, compile=compile)
     classifier = AutocastModule(model, torch_device, dtype).eval()
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -308,6 +308,8 @@ class TrainingSettings:
     eval_freq: EvalFreq = _opt(default_factory=EvalFreq, doc="validation frequency")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
         "auto", normalize=_PRECISION_NAMES, doc="mixed precision mode")
+    channels_last: bool = _opt(True, doc="NHWC weights and activations (faster convolutions)")
+    compile: bool = _opt(False, doc="torch.compile the composite")
     max_nonfinite_steps: int = _opt(10, ge=1, doc="consecutive non-finite losses before stop")
     n_val_examples: int = _opt(500, ge=1, doc="validation images")
     max_steps: Optional[int] = _opt(None, ge=1, doc="stop after this many optimizer steps")
@@ -368,6 +370,10 @@ class EvaluationSettings:
     device: str = _opt("auto", check=_device_check, doc="'auto', 'cpu', 'cuda', 'cuda:N'")
     precision: Literal["fp32", "bf16", "fp16"] = _opt("fp32", normalize=_PRECISION_NAMES,
                                                       doc="autocast dtype of the forward")
+    channels_last: bool = _opt(True, doc="NHWC weights and activations (faster convolutions)")
+    compile: bool = _opt(False, doc="torch.compile the composite")
+    threads: Optional[int] = _opt(None, ge=1, doc="torch intra-op threads of the process (also "
+                                  "for training); None = OMP_NUM_THREADS, else the cores")
     data_dir: str = _opt(DERIVED, derived=True, doc="'default': dataset_settings.path")
     output_dir: str = _opt(DERIVED, derived=True, doc="'default': log_dir/log_path")
     attacks_to_run: tuple[str, ...] = _opt(DERIVED, derived=True, normalize=_ATTACK_NAMES,

@@ -30,7 +30,7 @@ from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
                                         distributed_session, init_distributed,
-                                        resolve_precision)
+                                        prepare_model, resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class EvaluationError(RuntimeError):
 def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str, Any]:
     """What must match for finished batches of an earlier run to be reused."""
     fields = dataclasses.asdict(settings)
-    for key in ("device", "data_dir", "output_dir"):  # where it runs does not change results
+    # Where and how fast it runs does not change results (beyond float rounding).
+    for key in ("device", "data_dir", "output_dir", "threads", "channels_last", "compile"):
         fields.pop(key, None)
     return {"settings": fields, "model": model_info}
 
@@ -357,6 +358,7 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     dtype = resolve_precision(settings.precision, device)
     composite = build_composite(config, device)
     load_composite_weights(composite, config)
+    prepare_model(composite, channels_last=settings.channels_last, compile=settings.compile)
     data = config.dataset_settings
     dataset = build_dataset(data.name, "test", data.format, settings.data_dir, augment=False)
     x, y = load_tensors(dataset, settings.n_examples)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 from typing import Any, ContextManager, Iterator, Optional
@@ -29,18 +30,102 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+class RuntimeSettingsError(ValueError):
+    """A precision / device / thread setting this machine cannot honour (one-line message)."""
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (CUDA with bf16 support; a CPU with
+    avx512_bf16 or AMX). Elsewhere bf16 autocast is emulated: on this project's AVX2 CPU a
+    ResNet-18 forward + backward ran about 10x slower in bf16 than in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on CPU. fp16/bf16 autocast on CPU is refused as too slow and
-    not what the published numbers used."""
+    """The autocast dtype for ``name`` on ``device``.
+
+    'auto' -> bf16 on CUDA, fp32 on CPU (reported numbers stay fp32 on CPU, and bf16 is only
+    faster on CPUs with native bf16; choose 'bf16' there, see docs/RESULTS.md). 'bf16' works on
+    CUDA and CPU (CPU autocast; a warning where it is emulated). 'fp16' needs CUDA: its gradient
+    scaler and fp16 kernels are CUDA features.
+    """
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in _PRECISIONS:
-        raise ValueError(f"unknown precision {name!r}; expected 'auto' or one of "
-                         f"{sorted(_PRECISIONS)}")
+        raise RuntimeSettingsError(f"unknown precision {name!r}; expected 'auto' or one of "
+                                   f"{sorted(_PRECISIONS)}")
     dtype = _PRECISIONS[name]
-    if device.type == "cpu" and dtype != torch.float32:
-        raise ValueError(f"precision {name!r} needs a CUDA device; use fp32 on CPU")
+    if dtype == torch.float16 and device.type != "cuda":
+        raise RuntimeSettingsError(f"precision 'fp16' needs a CUDA device, but the device is "
+                                   f"{device.type!r}; use 'bf16' or 'fp32'")
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        _warn_emulated_bf16(str(device))
     return dtype
+
+
+@functools.lru_cache(maxsize=None)  # once per device and process, not at every call
+def _warn_emulated_bf16(device: str) -> None:
+    logger.warning("precision 'bf16' on %s without native bf16 support: autocast emulates it "
+                   "and is much slower than fp32 here (about 10x on an AVX2 CPU)", device)
+
+
+def default_threads() -> int:
+    """Intra-op threads when none are asked for: OMP_NUM_THREADS if set, else the cores this
+    process may run on, shared evenly by the processes torchrun started on this machine."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // max(local_world, 1))
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op thread count for this process (every entry point calls this once,
+    first thing); ``None`` -> :func:`default_threads`. Returns the count.
+
+    torch otherwise uses every core however busy the machine is. OpenMP's waiting policy is set
+    to PASSIVE (idle threads sleep instead of spinning) in ``adaptive_smoothing/__init__.py``,
+    because OpenMP reads it once, when torch loads it.
+    """
+    if threads is not None and threads < 1:
+        raise RuntimeSettingsError(f"threads must be >= 1, got {threads}")
+    count = threads if threads is not None else default_threads()
+    torch.set_num_threads(count)
+    logger.info("torch threads: %d (OMP_WAIT_POLICY=%s)", count,
+                os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return count
+
+
+def prepare_model(model: nn.Module, *, channels_last: bool = False,
+                  compile: bool = False) -> nn.Module:
+    """Apply the speed settings to ``model`` in place and return it.
+
+    ``channels_last`` stores 4-d weights as NHWC, so convolutions run (and produce) NHWC tensors
+    whatever the input layout (faster with oneDNN and cuDNN, no change of precision).
+    ``compile`` compiles the module's call in place (``nn.Module.compile``), so that the module
+    keeps its type and attributes (the composite's ``train(mode, scale_alpha)``, ``mixer``...).
+    """
+    if channels_last:
+        unsafe = _unsafe_channels_last_convs(model)
+        if unsafe:
+            logger.warning("channels_last not applied: %s is a strided 1x1 convolution with "
+                           "2-7 input channels, whose channels_last backward pass on the CPU "
+                           "corrupts memory in torch %s (crashes seen at widths 2 and 4)",
+                           unsafe[0], torch.__version__)
+        else:
+            model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> ContextManager:
@@ -124,6 +209,15 @@ def barrier(timeout: Optional[datetime.timedelta] = None) -> None:
         dist.barrier(group=group)
     finally:
         dist.destroy_process_group(group)
+
+
+def _unsafe_channels_last_convs(model: nn.Module) -> list[str]:
+    """Names of the CPU convolutions whose channels_last backward crashes (strided 1x1 with 2-7
+    input channels: found with ResNet-18 shortcuts at width 2 and 4; 1 and >= 8 are fine)."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Conv2d) and module.weight.device.type == "cpu"
+            and module.kernel_size == (1, 1) and module.stride != (1, 1)
+            and 2 <= module.in_channels <= 7]
 
 
 class AutocastModule(nn.Module):

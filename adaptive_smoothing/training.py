@@ -40,7 +40,7 @@ from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_session,
-                                        init_distributed, resolve_precision)
+                                        init_distributed, prepare_model, resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -349,6 +349,7 @@ class Trainer:
             raise ConfigError("expected true: training needs the mixing network",
                               key="forward_settings.use_policy", value=False, file=config.source)
         load_composite_weights(self.composite, config)
+        prepare_model(self.composite, channels_last=ts.channels_last, compile=ts.compile)
         self.mixer = self.composite.mixer
         self.ddp_mixer: Optional[nn.Module] = None
         if self.world > 1:

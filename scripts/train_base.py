@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaptive_smoothing.base_training import METHODS, BaseTrainingSettings, train_base_model  # noqa: E402
 from adaptive_smoothing.data import FORMATS, build_dataset, take_first  # noqa: E402
+from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads  # noqa: E402
 
 
 @click.command(context_settings={"show_default": True})
@@ -34,7 +35,14 @@ from adaptive_smoothing.data import FORMATS, build_dataset, take_first  # noqa: 
 @click.option("--pgd-steps", default=7, type=int, help="PGD-AT iterations.")
 @click.option("--pgd-step-size", default=2 / 255, type=float, help="PGD-AT step size.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+              help="auto = bf16 autocast on CUDA, fp32 on CPU; bf16 also works on CPU (fast "
+                   "only with native bf16); fp16 needs CUDA.")
+@click.option("--channels-last/--no-channels-last", default=True,
+              help="NHWC memory format (faster convolutions).")
+@click.option("--compile/--no-compile", "compile_model", default=False,
+              help="torch.compile the model.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads [default: OMP_NUM_THREADS, else the cores].")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, type=int)
 @click.option("--num-workers", default=0, type=int, help="DataLoader worker processes.")
@@ -44,8 +52,10 @@ from adaptive_smoothing.data import FORMATS, build_dataset, take_first  # noqa: 
 def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: Path,
          n_train: int | None, method: str, epochs: int, batch_size: int, lr: float,
          weight_decay: float, eps: float, pgd_steps: int, pgd_step_size: float, precision: str,
-         device: str, seed: int, num_workers: int, output: Path, resume: bool) -> None:
+         channels_last: bool, compile_model: bool, threads: int | None, device: str, seed: int,
+         num_workers: int, output: Path, resume: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_threads(threads)
     try:
         kwargs = json.loads(arch_kwargs)
     except json.JSONDecodeError as exc:
@@ -54,10 +64,14 @@ def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: 
         arch=arch, arch_kwargs=kwargs, num_classes=100 if dataset == "cifar100" else 10,
         method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         eps=eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, precision=precision,
-        device=device, seed=seed, num_workers=num_workers)
+        channels_last=channels_last, compile=compile_model, device=device, seed=seed,
+        num_workers=num_workers)
     train_set = take_first(build_dataset(dataset, "train", data_format, data_dir), n_train)
     output.parent.mkdir(parents=True, exist_ok=True)
-    train_base_model(settings, train_set, output, resume=resume)
+    try:
+        train_base_model(settings, train_set, output, resume=resume)
+    except RuntimeSettingsError as err:
+        raise click.ClickException(str(err)) from None
 
 
 if __name__ == "__main__":

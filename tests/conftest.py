@@ -1,6 +1,7 @@
 """Shared test fixtures."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 # One intra-op thread: the test models are tiny, and with two threads on a two-core machine that
 # runs anything else, OpenMP's spin-waiting makes them 10-40x slower.
 torch.set_num_threads(1)
+# The same for the CLIs the tests run (runtime.configure_threads reads it) and their subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
