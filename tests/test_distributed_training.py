@@ -102,3 +102,29 @@ def test_two_gloo_processes_train_the_same_mixer_as_one(tmp_path: Path) -> None:
     moved = max((single[f"mixer.{k}"].double() - v.double()).abs().max().item()
                 for k, v in initial.items() if v.is_floating_point())
     assert moved > 1e-3
+
+
+def test_bf16_training_steps_run_under_cpu_autocast(tmp_path: Path) -> None:
+    """The training autocast path without a GPU: the composite's convolutions run in bf16 on the
+    CPU and the mixer still takes finite steps (fp32 master weights)."""
+    root = tmp_path / "root"
+    _make_root(root)
+    config = _tiny_config(root, "bf16", batch_size=GLOBAL_BATCH, accum_grad=GROUP,
+                          precision="bf16")
+    trainer = Trainer(config)
+    assert trainer.dtype == torch.bfloat16
+    before = {k: v.clone() for k, v in trainer.mixer.state_dict().items()}
+    dtypes: list[torch.dtype] = []
+    hook = trainer.composite.std_model.conv1.register_forward_hook(
+        lambda module, inputs, output: dtypes.append(output.dtype))
+    xs, ys, labels = _global_buffer()
+    groups = [torch.arange(GLOBAL_BATCH) + j * GLOBAL_BATCH for j in range(GROUP)]
+    trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
+    hook.remove()
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    after = trainer.mixer.state_dict()
+    assert all(v.dtype == before[k].dtype for k, v in after.items())  # fp32 master weights
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+    assert trainer.global_step == 1 and trainer.nonfinite_streak == 0
+    assert max((after[k].double() - v.double()).abs().max().item()
+               for k, v in before.items() if v.is_floating_point()) > 1e-4
