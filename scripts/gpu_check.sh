@@ -60,4 +60,14 @@ if [ "${GPU_CHECK_SMOKE:-0}" != 1 ] || [ "${GPU_CHECK_SMOKE_COMPILE:-0}" = 1 ]; 
 fi
 # Further checks go here (each: check NAME SECONDS KIND [options]).
 
+# GPU and torchrun readiness (README "GPUs and torchrun"): sync debug over APGD steps, fp32/bf16/
+# fp16 APGD-CE, resumes on the device, AutoAttack cost against NCCL's timeout, determinism, device
+# vs CPU evaluation; one JSON per check under $OUT/readiness/.
+READY=(--out "$OUT/readiness" --device "$DEVICE")
+[ "${GPU_CHECK_SMOKE:-0}" = 1 ] && READY+=(--smoke)
+[ -f data/cifar10/test.npz ] && READY+=(--data-dir data/cifar10)
+echo "== readiness (limit $((240 * LIMIT)) s)"
+timeout --signal=INT --kill-after=20 "$((240 * LIMIT))" \
+  python3 scripts/gpu_readiness.py "${READY[@]}" || echo "== readiness: failed or timed out (rc $?)"
+
 IFS=, ; python3 scripts/gpu_check.py summary --out "$OUT" --expect "${NAMES[*]}"

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from adaptive_smoothing.readiness import CHECKS, run_checks
-from adaptive_smoothing.runtime import select_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaptive_smoothing.readiness import CHECKS, run_checks  # noqa: E402
+from adaptive_smoothing.runtime import select_device  # noqa: E402
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})

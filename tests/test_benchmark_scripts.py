@@ -113,3 +113,13 @@ def test_gpu_check_smoke_run_writes_every_record(tmp_path):
         fp32, bf16 = row["robust_accuracy"].values()
         assert row["difference_points"] == pytest.approx(100 * (bf16 - fp32))
         assert row["within_1_point"] == (abs(bf16 - fp32) <= 0.01)
+    # The GPU-readiness checks (adaptive_smoothing/readiness.py), one record each, all passing.
+    from adaptive_smoothing.readiness import CHECKS
+    readiness = {name: json.loads((tmp_path / "readiness" / f"{name}.json").read_text())
+                 for name in CHECKS}
+    assert {name: r.get("error", r["ok"]) for name, r in readiness.items()} == {
+        name: True for name in CHECKS}
+    assert readiness["sync_debug"]["syncs_in_3_apgd_steps"] == 0
+    assert readiness["sync_debug"]["syncs_in_forward"] == []
+    assert readiness["determinism"]["bit_identical"]
+    assert readiness["precision_resume"]["steps_after"] == 4
