@@ -12,6 +12,7 @@ seconds; it then runs only with ADAPTIVE_SMOOTHING_SLOW_TESTS=1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def test_bf16_channels_last_attacks_are_as_strong_as_fp32(shared_cifar10: Path) 
     fp32 = robust_accuracy(_demo()[1], x, y, settings, BASELINE, device=CPU)
     fast = robust_accuracy(_demo()[1], x, y, settings, SpeedSetting("bf16", channels_last=True),
                            device=CPU)
-    clean = (_demo()[1](x).log_probs.argmax(1) == y).float().mean().item()
-    # The attacks did something (else agreement would prove nothing), and agree within 1 point.
-    assert 0.1 < fp32 < clean - 0.1, (fp32, clean)
+    with torch.no_grad():
+        clean = (_demo()[1](x).log_probs.argmax(1) == y).float().mean().item()
+    logging.getLogger(__name__).info("clean %.4f, robust fp32 %.4f, bf16 + channels_last %.4f",
+                                     clean, fp32, fast)
+    # The attacks did something but not everything (else agreement would prove nothing; the demo
+    # keeps about 8% of these points at 10 iterations), and the two agree within 1 point.
+    assert 0.02 < fp32 < clean - 0.2, (fp32, clean)
     assert abs(fast - fp32) <= 0.01, (fast, fp32)
