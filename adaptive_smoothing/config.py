@@ -288,7 +288,8 @@ class GammaConsts:
 @dataclass(frozen=True, kw_only=True)
 class EvalFreq:
     epoch: int = _opt(1, ge=1, doc="validate and save every this many epochs")
-    iter: int = _opt(200, ge=1, doc="validate and save every this many iterations")
+    iter: Optional[int] = _opt(200, ge=1, doc="validate and save every this many iterations; "
+                               "'none' = at epoch ends only (eval_freq.epoch)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,6 +314,14 @@ class TrainingSettings:
     max_nonfinite_steps: int = _opt(10, ge=1, doc="consecutive non-finite losses before stop")
     n_val_examples: int = _opt(500, ge=1, doc="validation images")
     max_steps: Optional[int] = _opt(None, ge=1, doc="stop after this many optimizer steps")
+    n_detection_examples: int = _opt(200, ge=0, doc="held-out images of the detection AUCs "
+                                     "at each validation (the first of the validation images); "
+                                     "0 = off")
+    detection_alpha: float = _opt(0.5, ge=0, le=1, doc="alpha of the fixed mixture that the "
+                                  "non-adaptive detection attack (APGD-CE) aims at")
+    reestimate_gamma_bn: bool = _opt(True, doc="before each validation and checkpoint, set the "
+                                     "gamma BN's running statistics to those of the last "
+                                     "training buffer (see docs/TRAINING.md)")
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Clean images per training step over all processes."""

@@ -17,6 +17,7 @@ torch RNG states for completeness. Checkpoints are written at iteration boundari
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd,
 from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, config_to_dict
 from adaptive_smoothing.data import build_dataset, load_tensors
+from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
@@ -52,6 +54,7 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"
+RESULTS_FILE = "training_results.json"
 DEBUG_DIR = "debug"
 CHECKPOINT_VERSION = 1
 
@@ -68,7 +71,7 @@ class TrainingDivergedError(RuntimeError):
 
 # -- small pure helpers ---------------------------------------------------------------------------
 _PURPOSES = {"main": 1, "extra": 2, "augment": 3, "attack": 4, "buffer": 5, "validate": 6,
-             "attack_iterations": 7}
+             "attack_iterations": 7, "detection_fixed": 8, "detection_adaptive": 9}
 
 
 def _derive_seed(seed: int, purpose: str, *indices: int) -> int:
@@ -341,6 +344,7 @@ class Trainer:
             resume = False
         self.checkpoint_path = self.output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.seed = config.seed
+        _refuse_pre_attacked_data(config)
 
         # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
         torch.manual_seed(self.seed)
@@ -382,6 +386,12 @@ class Trainer:
         self.x_val, self.y_val = (val_set if isinstance(val_set, tuple)
                                   else load_tensors(val_set, n_val))
         self.x_val, self.y_val = self.x_val[:n_val], self.y_val[:n_val]
+        # Detection AUCs: the first validation images; their fixed-attack images are made once.
+        self.n_detection = min(ts.n_detection_examples, len(self.x_val))
+        self.x_det_fixed: Optional[torch.Tensor] = None
+        # The last training buffer (images, mini-batch index lists): re-estimating the gamma BN
+        # on it needs no extra attacks, and a checkpoint always follows a training iteration.
+        self.last_buffer: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
 
         # Schedule, in optimizer steps.
         self.n_mini = 2 * (self.n_target + 1)
@@ -482,17 +492,26 @@ class Trainer:
         if _base_fingerprint(self.composite) != self.base_fingerprint:
             raise RuntimeError("a base model's weights changed during training; only the mixer "
                                "may learn (this is a bug)")
+        if self.config.training_settings.reestimate_gamma_bn:
+            self._reestimate_gamma_bn()
         self._sync_gamma_bn()
         self.last_validation = validate(self.composite, self.x_val, self.y_val, self.config,
                                         device=self.device, dtype=self.dtype,
                                         batch_size=self.config.training_settings
                                         .batch_size_test_per_gpu, seed=self.seed)
         if self.rank == 0:
+            self.last_validation.update(self._detection())
             v = self.last_validation
             logger.info("validation at step %d (%d images): clean %.2f%%, robust %.2f%%, gamma "
                         "clean %.3f / attacked %.3f", self.global_step, int(v["n"]),
                         100 * v["clean_acc"], 100 * v["robust_acc"], v["gamma_clean"],
                         v["gamma_adv"])
+            if "auc_adaptive" in v:
+                logger.info("detection (%d held-out images): AUC of gamma, clean vs attacked: "
+                            "fixed attack %.3f, adaptive attack %.3f; mean alpha clean %.3f, "
+                            "fixed-attacked %.3f, adaptive-attacked %.3f", self.n_detection,
+                            v["auc_fixed"], v["auc_adaptive"], v["det_alpha_clean"],
+                            v["det_alpha_fixed"], v["det_alpha_adaptive"])
             for key, value in v.items():
                 if key != "n":
                     self.writer.add_scalar(f"val/{key}", value, self.global_step)
@@ -506,6 +525,50 @@ class Trainer:
                                 f"epoch_{self.epoch:03d}.pt")
             logger.info("saved %s", self.checkpoint_path)
         barrier()
+
+    def _write_results(self) -> None:
+        """The final validation (detection AUCs included) as JSON beside the checkpoints."""
+        if self.rank != 0:
+            return
+        results = {"iteration": self.iteration, "global_step": self.global_step,
+                   "epoch": self.epoch, "validation": dict(self.last_validation),
+                   "checkpoint": str(self.checkpoint_path)}
+        path = self.output_dir / RESULTS_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # a crash never leaves a half-written file
+        logger.info("final validation written to %s", path)
+
+    def _reestimate_gamma_bn(self) -> None:
+        if self.last_buffer is None:
+            logger.warning("no training buffer yet: the gamma BN's running statistics are kept")
+            return
+        xs, minibatches = self.last_buffer
+        with autocast_context(self.device, self.dtype):
+            count = self.composite.reestimate_gamma_bn(xs[idx] for idx in minibatches)
+        bn = self.composite.gamma_bn
+        logger.info("gamma BN re-estimated on %d training mini-batches: running mean %.4f, var "
+                    "%.4f", count, bn.running_mean.item(), bn.running_var.item())
+
+    def _detection(self) -> dict[str, float]:
+        """Held-out detection AUCs (rank 0 only; eval-mode forwards need no collectives)."""
+        if self.n_detection == 0:
+            return {}
+        pgd_s, ts = self.config.pgd_settings, self.config.training_settings
+        norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+        x, y = self.x_val[:self.n_detection], self.y_val[:self.n_detection]
+        if self.x_det_fixed is None:
+            self.x_det_fixed = fixed_attack_images(
+                self.composite, x, y, alpha=ts.detection_alpha, eps=pgd_s.eps, norm=norm,
+                n_iter=pgd_s.iters_test, batch_size=ts.batch_size_test_per_gpu,
+                device=self.device, dtype=self.dtype,
+                generator=_generator(_derive_seed(self.seed, "detection_fixed")))
+        return detection_metrics(
+            self.composite, x, y, self.x_det_fixed, eps=pgd_s.eps, norm=norm,
+            n_iter=pgd_s.iters_test,
+            bce_weight=self.config.evaluation_settings.adaptive_attack_weight,
+            batch_size=ts.batch_size_test_per_gpu, device=self.device, dtype=self.dtype,
+            generator=_generator(_derive_seed(self.seed, "detection_adaptive")))
 
     # -- one optimizer step ------------------------------------------------------------------
     def _all_true(self, flag: torch.Tensor) -> bool:
@@ -624,6 +687,7 @@ class Trainer:
         order = torch.randperm(len(xs), generator=_generator(
             _derive_seed(self.seed, "buffer", self.iteration, self.rank))).to(self.device)
         minibatches = list(order.chunk(self.n_mini))
+        self.last_buffer = (xs, minibatches)
         stats = torch.zeros(9, dtype=torch.float64, device=self.device)
         steps = 0
         for start in range(0, len(minibatches), self.accum):
@@ -715,7 +779,7 @@ class Trainer:
                     self._log_iteration(metrics, bar)
                     bar.update(1)
                     checkpointed = False
-                    if (self.iteration % eval_every == 0
+                    if ((eval_every is not None and self.iteration % eval_every == 0)
                             or (epoch_end and self.epoch % eval_epochs == 0)):
                         self._checkpoint()
                         checkpointed = True
@@ -723,8 +787,20 @@ class Trainer:
                         break
             if not checkpointed:
                 self._checkpoint()
+        self._write_results()
         logger.info("training finished after %d iterations, %d optimizer steps: %s",
                     self.iteration, self.global_step, self.checkpoint_path)
+
+
+def _refuse_pre_attacked_data(config: Config) -> None:
+    """A config naming pre-attacked data must not train as if it did not (silently different)."""
+    pa_path = config.dataset_settings.pa_path
+    if pa_path is None:
+        return
+    state = "the file exists" if Path(pa_path).exists() else "the file does not exist"
+    raise ConfigError(f"training with pre-attacked data is not implemented yet ({state}: "
+                      f"{pa_path}); set pa_path: 'None' to train with online attacks only",
+                      key="dataset_settings.pa_path", value=pa_path, file=config.source)
 
 
 def run_training(config: Config, *, resume: bool = True, debug: bool = False) -> Path:

@@ -238,10 +238,54 @@ def test_tensorboard_scalars_are_written(reference_run: dict) -> None:
     expected = {"train/loss", "train/gamma_mean_label1", "train/gamma_mean_label0",
                 "train/p_gamma_pos_label1", "train/p_gamma_nonpos_label0", "train/lr",
                 "train/grad_scale", "val/clean_acc", "val/robust_acc", "val/gamma_clean",
-                "val/gamma_adv"}
+                "val/gamma_adv", "val/auc_fixed", "val/auc_adaptive", "val/det_alpha_clean",
+                "val/det_alpha_fixed", "val/det_alpha_adaptive"}
     assert expected <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
     assert len(events.Scalars("val/robust_acc")) == 4  # eval_freq.iter = 1
+
+
+def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run: dict) -> None:
+    import json
+    from adaptive_smoothing.detection import roc_auc
+    trainer = reference_run["trainer"]
+    out = Path(reference_run["config"].evaluation_settings.output_dir)
+    results = json.loads((out / "training_results.json").read_text())
+    saved = _load(reference_run["path"])
+    assert results["iteration"] == saved["iteration"] == 4
+    assert results["validation"] == pytest.approx(saved["validation"])
+    # The fixed-attack AUC is that of the deployed composite's gamma on the cached images.
+    composite = build_composite(reference_run["config"])
+    load_composite_weights(composite, reference_run["config"])
+    load_mixer_checkpoint(composite, reference_run["path"])
+    with torch.no_grad():
+        clean = composite.eval()(trainer.x_val[:trainer.n_detection]).gamma
+        attacked = composite(trainer.x_det_fixed).gamma
+    assert results["validation"]["auc_fixed"] == pytest.approx(roc_auc(clean, attacked),
+                                                               abs=1e-6)
+
+
+def test_saved_gamma_bn_is_reestimated_on_the_last_buffer(reference_run: dict) -> None:
+    trainer = reference_run["trainer"]
+    saved = _load(reference_run["path"])
+    composite = build_composite(reference_run["config"])
+    load_composite_weights(composite, reference_run["config"])
+    load_mixer_checkpoint(composite, reference_run["path"])
+    composite.gamma_bn.running_mean.fill_(123.0)
+    xs, minibatches = trainer.last_buffer
+    composite.reestimate_gamma_bn(xs[idx] for idx in minibatches)
+    assert saved["bn"]["running_mean"].item() == pytest.approx(
+        composite.gamma_bn.running_mean.item(), abs=1e-6)
+    assert saved["bn"]["running_var"].item() == pytest.approx(
+        composite.gamma_bn.running_var.item(), rel=1e-5)
+
+
+def test_pre_attacked_data_path_is_refused_not_ignored(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "pa")
+    from adaptive_smoothing.config import ConfigError, apply_overrides
+    config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa.pt")})
+    with pytest.raises(ConfigError, match=r"dataset_settings\.pa_path.*does not exist.*pa\.pt"):
+        Trainer(config)
 
 
 def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:

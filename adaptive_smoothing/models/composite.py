@@ -8,7 +8,7 @@ gamma, and this module turns gamma into alpha and mixes the probabilities.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -187,9 +187,53 @@ class CompositeModel(nn.Module):
             # Clamping before the BN keeps outliers from dominating its running statistics.
             mean, std = (global_mean_std(gamma) if self.global_batch_stats
                          else (gamma.mean().detach(), gamma.std().detach()))
-            gamma = torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
+            gamma = _clamp(gamma, mean, std)
         scale, bias = self.train_gamma if self.training else self.eval_gamma
         return (self.gamma_bn(gamma) * scale + bias).reshape(-1)
+
+    @torch.no_grad()
+    def reestimate_gamma_bn(self, batches: Iterable[torch.Tensor]) -> int:
+        """Set the gamma BN's running statistics to the average batch statistics that training
+        normalises with, measured for the deployed (eval-mode) mixer; returns the batch count.
+
+        Training normalises each mini-batch's clamped mixer output by that batch's mean and
+        (unbiased) variance; evaluation uses the running statistics instead. With momentum 0.01
+        and a mixer that changes fast, those lag far behind. Here, for each batch (give the
+        training mini-batches, clean and attacked as in the buffer), the mixer's raw output is
+        computed with the mixer in eval mode (its own BN running statistics, as deployed, and
+        untouched here), clamped per batch exactly as in training, and the running mean/var
+        become the plain average of the batch means/variances (BatchNorm's momentum-None
+        cumulative average). So an input at the training batches' centre gets gamma = the
+        evaluation bias, with the spread training used. The caller sets autocast.
+        """
+        if self.mixer is None:
+            return 0
+        mixer_mode = self.mixer.training
+        self.mixer.eval()
+        means, variances = [], []
+        try:
+            for x in batches:
+                if x.shape[0] < 2:
+                    continue  # a batch of one has no variance (training never sees one)
+                std_out = self.std_model.forward_features(x)
+                rob_out = self.rob_model.forward_features(x)
+                raw = self.mixer([std_out.features[0], rob_out.features[0]],
+                                 [std_out.features[1], rob_out.features[1]]).to(
+                                     self.gamma_bn.running_mean.dtype)
+                clamped = _clamp(raw, raw.mean(), raw.std())
+                means.append(clamped.mean())
+                variances.append(clamped.var())
+        finally:
+            self.mixer.train(mixer_mode)
+        if not means:
+            return 0
+        self.gamma_bn.running_mean.fill_(torch.stack(means).mean().item())
+        self.gamma_bn.running_var.fill_(torch.stack(variances).mean().item())
+        return len(means)
+
+
+def _clamp(gamma: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
 
 
 def fixed_alpha_composite(composite: CompositeModel, alpha: float) -> CompositeModel:
