@@ -183,6 +183,29 @@ def test_rn18_configs(name: str, width: int) -> None:
     assert ((out.alpha > 0.2 - 1e-6) & (out.alpha < 0.95 + 1e-6)).all()
 
 
+def test_authors_rn18_file_loads_with_its_values() -> None:
+    """The authors' ResNet-18 file (docs/METHOD.md): 'none' eval iterations, string tuples, the
+    pre-attacked-data keys, accum_grad -1 and their evaluation gamma constants."""
+    cfg = load_config(CONFIG_DIR / "rn18_cifar10_authors.yaml")
+    ts, ds = cfg.training_settings, cfg.dataset_settings
+    assert ts.eval_freq.iter is None and ts.eval_freq.epoch == 2
+    assert (ts.epochs, ts.batch_size_train_per_gpu, ts.accum_grad, ts.lr) == (5, 500, -1, 1e-4)
+    assert ts.gamma_consts.train == (2.0, 0.4) and ts.gamma_consts.eval == (3.0, 20.0)
+    c, sc = ts.comp_loss_params.consts, ts.comp_loss_params.scale
+    assert (c.bce, c.ce, c.prod, sc.clean, sc.ada, sc.pa) == (1.0, 0.5, 0.1, 2.0, 1.0, 1.0)
+    assert ds.pa_path is not None and (ds.gamma_0, ds.blocks) == (7.1, 8)
+    assert cfg.randomized_attack_settings.alpha_factor == 5.0
+    assert cfg.forward_settings.std_model_type == "resnet18" and cfg.seed == 20220304
+
+
+def test_eval_freq_iter_none_is_accepted_but_zero_refused(tmp_path: Path) -> None:
+    base = load_config(CONFIG_DIR / "rn18_cifar10.yaml")
+    assert apply_overrides(base, **{"training_settings.eval_freq.iter": "none"}
+                           ).training_settings.eval_freq.iter is None
+    with pytest.raises(ConfigError, match=r"eval_freq\.iter"):
+        apply_overrides(base, **{"training_settings.eval_freq.iter": 0})
+
+
 def test_every_shipped_config_loads() -> None:
     files = sorted(CONFIG_DIR.glob("*.yaml"))
     assert len(files) >= 4
