@@ -1,0 +1,117 @@
+"""Pre-attacked training data (the authors' ResNet-18 recipe, docs/METHOD.md): blocks of training
+images attacked once, ahead of time, each block against one fixed setting of the base models.
+
+Block design (the authors' generator is out of date and their data unreleased, so this is ours):
+block k holds the same training images attacked by PGD-CE against the fixed mixture of the two
+base models with gamma_k, i.e. alpha_k = sigmoid(gamma_k) (-inf: STD alone, +inf: ROB alone; no
+mixer and no alpha scaling), at the training eps. Default gammas: (-inf, -2, 0, 2, 4, 6, 8, +inf),
+eight blocks: with the authors' ``gamma_0`` 7.1 the first six are labelled 1 ("use ROB": attacks
+that exploit STD) and the last two 0 (attacks on a nearly ROB-only mixture, which the STD model
+resists as well as ROB does).
+
+File format (``torch.load(..., weights_only=True)``): a dict with ``format`` =
+:data:`FORMAT`, ``version``, ``x`` uint8 (blocks, n, C, H, W) (exact: eps is a whole number of
+1/255 steps from a uint8 image, so rounding stays inside the ball), ``y`` int64 (n,), ``index``
+int64 (n,) (the training-set indices), ``gamma`` float64 (blocks,), and the attack's ``eps``,
+``norm``, ``iterations``, ``step_size``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from adaptive_smoothing.attacks import Norm, pgd
+from adaptive_smoothing.models.composite import CompositeModel, fixed_alpha_composite
+from adaptive_smoothing.runtime import autocast_context
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_GAMMAS", "FORMAT", "PreAttackedError", "block_labels", "generate_blocks",
+           "load_blocks", "save_blocks"]
+
+FORMAT = "adaptive_smoothing.pre_attacked"
+VERSION = 1
+DEFAULT_GAMMAS = (-math.inf, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, math.inf)
+
+
+class PreAttackedError(ValueError):
+    """A pre-attacked data file that cannot be used (names the file and the problem)."""
+
+
+def _alpha(gamma: float) -> float:
+    return 0.0 if gamma == -math.inf else 1.0 if gamma == math.inf else 1 / (1 + math.exp(-gamma))
+
+
+def block_labels(gamma: torch.Tensor, gamma_0: float) -> torch.Tensor:
+    """The mixer label of each block: 1 (trust ROB) where its gamma < gamma_0, else 0."""
+    return (gamma < gamma_0).to(torch.float32)
+
+
+def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
+                    index: torch.Tensor, *, gammas: Sequence[float] = DEFAULT_GAMMAS,
+                    eps: float, norm: Norm = "Linf", iterations: int = 10,
+                    step_size: Optional[float] = None, batch_size: int = 256,
+                    device: torch.device = torch.device("cpu"),
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Attack ``x`` (float in [0, 1], uint8-valued) once per gamma; returns the file's dict."""
+    if not gammas:
+        raise ValueError("generate_blocks needs at least one gamma")
+    step = eps / 4 if step_size is None else step_size
+    blocks = []
+    for k, gamma in enumerate(gammas):
+        fixed = fixed_alpha_composite(composite, _alpha(float(gamma))).to(device)
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        out = []
+        for start in tqdm(range(0, len(x), batch_size), desc=f"block {k} (gamma {gamma})",
+                          leave=False):
+            xb = x[start:start + batch_size].to(device)
+            yb = y[start:start + batch_size].to(device)
+            with autocast_context(device, dtype):
+                result = pgd(fixed, xb, yb, eps, norm=norm, n_iter=iterations, step_size=step,
+                             loss="ce", generator=generator)
+            out.append((result.x_adv.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8))
+        blocks.append(torch.cat(out))
+        logger.info("block %d: gamma %s, %d images", k, gamma, len(x))
+    return {"format": FORMAT, "version": VERSION, "x": torch.stack(blocks),
+            "y": y.to(torch.int64).cpu(), "index": index.to(torch.int64).cpu(),
+            "gamma": torch.tensor([float(g) for g in gammas], dtype=torch.float64),
+            "eps": float(eps), "norm": norm, "iterations": int(iterations),
+            "step_size": float(step)}
+
+
+def save_blocks(blocks: dict, path: os.PathLike | str) -> Path:
+    """Write atomically (a crash never leaves a half-written file under ``path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blocks, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_blocks(path: os.PathLike | str) -> dict:
+    """Read and check a pre-attacked data file (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreAttackedError(f"{path}: pre-attacked data file not found")
+    try:
+        blocks = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickles of arbitrary objects are refused by weights_only
+        raise PreAttackedError(f"{path}: not a pre-attacked data file of scripts/pre_attack.py "
+                               f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(blocks, dict) or blocks.get("format") != FORMAT:
+        raise PreAttackedError(f"{path}: not a pre-attacked data file of scripts/pre_attack.py "
+                               f"(expected format {FORMAT!r})")
+    if blocks.get("version") != VERSION:
+        raise PreAttackedError(f"{path}: version {blocks.get('version')!r}, expected {VERSION}")
+    x, y, gamma = blocks["x"], blocks["y"], blocks["gamma"]
+    if x.dtype != torch.uint8 or x.dim() != 5 or x.shape[0] != len(gamma) or x.shape[1] != len(y):
+        raise PreAttackedError(f"{path}: x has shape {tuple(x.shape)} ({x.dtype}); expected uint8 "
+                               f"(blocks={len(gamma)}, n={len(y)}, C, H, W)")
+    return blocks

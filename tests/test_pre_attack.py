@@ -1,0 +1,62 @@
+"""Pre-attacked data blocks (scripts/pre_attack.py): format, eps ball, gammas, labels, errors."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptive_smoothing.models import CompositeModel, MixingNet, create_model
+from adaptive_smoothing.models.composite import fixed_alpha_composite
+from adaptive_smoothing.pre_attack import (PreAttackedError, block_labels, generate_blocks,
+                                           load_blocks, save_blocks)
+
+
+def _composite() -> CompositeModel:
+    torch.manual_seed(0)
+    std, rob = create_model("resnet18", 10, width=2), create_model("resnet18", 10, width=2)
+    for model in (std, rob):
+        with torch.no_grad():
+            model.linear.weight.mul_(20)  # confident, so that the attack has a gradient
+    return CompositeModel(std, rob, MixingNet((2, 2), version=3)).eval()
+
+
+def test_blocks_round_trip_weights_only_inside_the_ball_and_attack_their_mixture(
+        tmp_path: Path) -> None:
+    model = _composite()
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8).float() / 255
+    y = torch.randint(0, 10, (5,))
+    eps = 8 / 255
+    gammas = (-math.inf, 0.0, math.inf)
+    blocks = generate_blocks(model, x, y, torch.arange(10, 15), gammas=gammas, eps=eps,
+                             iterations=3, batch_size=4)
+    path = save_blocks(blocks, tmp_path / "pa.pt")
+    loaded = load_blocks(path)  # weights_only inside
+    assert loaded["x"].shape == (3, 5, 3, 32, 32) and loaded["x"].dtype == torch.uint8
+    assert loaded["gamma"].tolist() == [-math.inf, 0.0, math.inf]
+    assert loaded["index"].tolist() == [10, 11, 12, 13, 14] and torch.equal(loaded["y"], y)
+    adv = loaded["x"].float() / 255
+    assert (adv - x).abs().max() <= eps + 1e-6  # uint8 rounding stays inside the ball
+    assert (adv - x).abs().amax(dim=(1, 2, 3, 4)).min() > 0  # every block moved its images
+    # Each block raises the CE of the mixture it attacked (vs the clean images).
+    for k, gamma in enumerate(gammas):
+        alpha = 0.0 if gamma == -math.inf else 1.0 if gamma == math.inf else 0.5
+        fixed = fixed_alpha_composite(model, alpha)
+        with torch.no_grad():
+            ce_clean = torch.nn.functional.cross_entropy(fixed(x).log_probs, y)
+            ce_adv = torch.nn.functional.cross_entropy(fixed(adv[k]).log_probs, y)
+        assert ce_adv > ce_clean, k
+
+
+def test_block_labels_follow_gamma_0() -> None:
+    gamma = torch.tensor([-math.inf, -2.0, 7.0, 7.1, 8.0, math.inf], dtype=torch.float64)
+    assert block_labels(gamma, 7.1).tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_bad_files_are_refused_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(PreAttackedError, match="missing.pt: pre-attacked data file not found"):
+        load_blocks(tmp_path / "missing.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(PreAttackedError, match="other.pt: not a pre-attacked data file"):
+        load_blocks(tmp_path / "other.pt")
