@@ -12,13 +12,15 @@
 Attacks differentiate w.r.t. the input only (``torch.autograd.grad``): parameter ``.grad`` fields
 are never touched, and the model's mode is left as the caller set it, except in
 :func:`generate_training_attacks`, which sets the mode the method prescribes and restores it.
-All randomness comes from an optional ``torch.Generator`` so that runs are reproducible.
+All randomness comes from an optional ``torch.Generator`` so that runs are reproducible, or from
+a :class:`PerImageRandom`, whose draws for an image depend only on the seed and that image's index
+(evaluation: results then do not depend on the batch size, the number of processes or the device).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional, Union
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,6 +88,67 @@ class AttackResult(NamedTuple):
     fooled: torch.Tensor  # (B,) bool: misclassified (argmax != y) at an evaluated point
 
 
+# -- per-image randomness -------------------------------------------------------------------------
+_STREAMS = {"autoattack": 1, "pgd": 2, "adaptive": 3}
+
+
+class PerImageRandom:
+    """Random draws whose row i depends only on (seed, stream, image_ids[i], draw number).
+
+    Each image has its own CPU generator, seeded from the evaluation seed and the image's index in
+    the test set and re-seeded per draw from how many draws that image has had. An image goes
+    through the same sequence of attack runs whatever batch it is in (each run attacks the
+    images still robust, and that depends on the image alone), so it gets the same random starts
+    at batch size 25 or 250, on one process or eight, on a CPU or a GPU (draws are made on the
+    CPU and then moved). Subsets (:meth:`subset`) share the draw counts.
+    """
+
+    def __init__(self, seed: int, image_ids: Sequence[int], stream: str = "autoattack",
+                 _counts: Optional[dict[int, int]] = None) -> None:
+        self.seed, self.stream = int(seed), stream
+        self.image_ids = [int(i) for i in image_ids]
+        self._counts: dict[int, int] = {} if _counts is None else _counts
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def subset(self, index: torch.Tensor) -> "PerImageRandom":
+        """The draws of the images at positions ``index`` (a 1-D index or bool tensor)."""
+        positions = index.nonzero().squeeze(1) if index.dtype == torch.bool else index
+        ids = [self.image_ids[i] for i in positions.tolist()]
+        return PerImageRandom(self.seed, ids, self.stream, self._counts)
+
+    def _generator(self, image_id: int) -> torch.Generator:
+        draw = self._counts.get(image_id, 0)
+        self._counts[image_id] = draw + 1
+        words = [self.seed % 2**32, self.seed // 2**32 % 2**32, _STREAMS[self.stream],
+                 image_id % 2**32, image_id // 2**32, draw]
+        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+        return torch.Generator().manual_seed(int(state[0]) | int(state[1] & 0x7FFFFFFF) << 32)
+
+    def draw(self, shape: tuple[int, ...], *, normal: bool = False,
+             dtype: torch.dtype = torch.float32,
+             device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """A (len(self), *shape[1:]) tensor: uniform [0, 1) or standard normal, row per image."""
+        if shape[0] != len(self.image_ids):
+            raise ValueError(f"a per-image draw of shape {shape} for {len(self.image_ids)} "
+                             "images: the first dimension must be the number of images")
+        fn = torch.randn if normal else torch.rand
+        rows = [fn(tuple(shape[1:]), generator=self._generator(i), dtype=torch.float32)
+                for i in self.image_ids]
+        out = torch.stack(rows) if rows else torch.empty(shape)
+        return out.to(device=device, dtype=dtype)
+
+
+RandomSource = Union[torch.Generator, PerImageRandom]
+
+
+def _subset_random(generator: Optional[RandomSource],
+                   index: torch.Tensor) -> Optional[RandomSource]:
+    # A per-image source follows its images into a subset; a plain generator just continues.
+    return generator.subset(index.cpu()) if isinstance(generator, PerImageRandom) else generator
+
+
 # -- helpers --------------------------------------------------------------------------------------
 def _check_norm(norm: str) -> Norm:
     if norm not in _NORM_ALIASES:
@@ -109,8 +172,10 @@ def _view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
-def _rand(shape: tuple[int, ...], generator: Optional[torch.Generator], like: torch.Tensor,
+def _rand(shape: tuple[int, ...], generator: Optional[RandomSource], like: torch.Tensor,
           normal: bool = False) -> torch.Tensor:
+    if isinstance(generator, PerImageRandom):
+        return generator.draw(shape, normal=normal, dtype=like.dtype, device=like.device)
     # Draw on the generator's device so one CPU generator serves CPU and GPU runs alike.
     device = generator.device if generator is not None else like.device
     fn = torch.randn if normal else torch.rand
@@ -140,7 +205,7 @@ def _project(x_new: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, norm: Norm
 
 
 def _random_start(x: torch.Tensor, eps: torch.Tensor, norm: Norm,
-                  generator: Optional[torch.Generator]) -> torch.Tensor:
+                  generator: Optional[RandomSource]) -> torch.Tensor:
     # AutoAttack's start: a random direction scaled to the boundary of the ball.
     if norm == "Linf":
         t = 2 * _rand(tuple(x.shape), generator, x) - 1
@@ -188,7 +253,7 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
          loss: AttackLossName = "ce", y_target: Optional[torch.Tensor] = None,
          bce_weight: PerSample = 0.0, momentum: float = 0.75, rho: float = 0.75,
          random_start: bool = True, return_adversarial: bool = False,
-         generator: Optional[torch.Generator] = None) -> AttackResult:
+         generator: Optional[RandomSource] = None) -> AttackResult:
     """One APGD run (Croce & Hein 2020), batched, every sample with its own eps and loss weight.
 
     Follows pyautoattack's ``APGDAttack.attack_single_run``: step size 2 * eps, halved per sample
@@ -288,7 +353,7 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
         step_size: Optional[PerSample] = None, alpha_factor: float = 2.5,
         momentum_decay: PerSample = 0.0, loss: AttackLossName = "ce",
         y_target: Optional[torch.Tensor] = None, bce_weight: PerSample = 0.0,
-        random_start: bool = True, generator: Optional[torch.Generator] = None) -> AttackResult:
+        random_start: bool = True, generator: Optional[RandomSource] = None) -> AttackResult:
     """PGD with (MI-FGSM style) momentum, per-sample eps and momentum decay.
 
     g <- mu * g + grad / mean|grad|;  x <- proj(x + step * sign(g))  (Linf) or
@@ -477,7 +542,7 @@ class AdaptiveAttackResult(NamedTuple):
 def adaptive_attack(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
                     x: torch.Tensor, y: torch.Tensor, eps: PerSample, norm: Norm = "Linf",
                     n_iter: int = 100, bce_weight: float = 0.5, n_target: int = 9,
-                    generator: Optional[torch.Generator] = None) -> AdaptiveAttackResult:
+                    generator: Optional[RandomSource] = None) -> AdaptiveAttackResult:
     """APGD-CE and APGD-T with the composite loss ((1 - w) * CE|DLR-T + w * BCE(gamma, 1)).
 
     Like AutoAttack, each run attacks only the points still robust; a point is robust only if it
@@ -512,7 +577,7 @@ def adaptive_attack(model: Union[AttackTarget, Callable[[torch.Tensor], object]]
                 y_target = target(x[idx])[0].sort(dim=1)[1][:, -target_rank]
         result = apgd(target, x[idx], y[idx], eps_b[idx], norm=norm, n_iter=n_iter, loss=loss,
                       y_target=y_target, bce_weight=bce_weight, return_adversarial=True,
-                      generator=generator)
+                      generator=_subset_random(generator, idx))
         fooled_idx = idx[result.fooled]
         robust[fooled_idx] = False
         x_adv[fooled_idx] = result.x_adv[result.fooled]

@@ -16,6 +16,13 @@ attacks"), and a restored run reaches an unbound ``y_adv``. The adapter therefor
 batch granularity itself: with ``state_path`` it attacks ``bs`` images at a time through
 pyautoattack (no state), keeps each finished batch's result next to the state file, and finally
 writes the state file robustbench reads.
+
+pyautoattack draws APGD's random starts with ``torch.rand`` over whatever batch it attacks, so
+an image's start (and with it, at few iterations, whether the attack finds its adversarial
+example) would depend on its batch. :func:`use_per_image_random_starts` makes APGD-CE/DLR and
+APGD-T start from per-image draws instead (see ``attacks.PerImageRandom``), through the
+``x_init`` argument pyautoattack's ``attack_single_run`` already has: the start is computed by
+pyautoattack's own formula, only the noise source changes, so no attack is weakened.
 """
 from __future__ import annotations
 
@@ -35,6 +42,47 @@ def import_autoattack() -> ModuleType:
     import pyautoattack
 
     return pyautoattack
+
+
+def use_per_image_random_starts(adversary: Any, random: Any, x: torch.Tensor) -> None:
+    """Make the APGD attacks of ``adversary`` (a pyautoattack AutoAttack about to attack ``x``)
+    draw their random starts per image from ``random`` (an ``attacks.PerImageRandom`` for the
+    rows of ``x``).
+
+    pyautoattack hands its attacks row subsets of ``x`` (the points still robust), without their
+    indices; rows are identified by their exact values. Identical images share their draws,
+    which keeps them identical. FAB-T draws nothing with one restart and its targets, like
+    APGD-T's, are the top-k classes; Square's random search stays per batch.
+    """
+    lookup: dict[bytes, int] = {}
+    for position, row in enumerate(x.detach().cpu().float().contiguous()):
+        lookup.setdefault(row.numpy().tobytes(), position)
+
+    def wrap(attack: Any) -> None:
+        original = attack.attack_single_run
+
+        def attack_single_run(x_batch: torch.Tensor, y_batch: torch.Tensor,
+                              x_init: Optional[torch.Tensor] = None) -> Any:
+            if x_init is None and attack.norm in ("Linf", "L2"):
+                rows = x_batch.detach().cpu().float().contiguous()
+                positions = [lookup.get(row.numpy().tobytes()) for row in rows]
+                if None in positions:
+                    logging.getLogger(__name__).warning(
+                        "per-image random starts: an attacked image is not among the batch's "
+                        "images; this run draws its starts per batch")
+                else:
+                    draws = random.subset(torch.tensor(positions, dtype=torch.int64))
+                    t = draws.draw(tuple(x_batch.shape), normal=attack.norm == "L2")
+                    if attack.norm == "Linf":
+                        t = 2 * t - 1
+                    t = t.to(x_batch.device)
+                    x_init = x_batch + attack.eps * torch.ones_like(x_batch) * attack.normalize(t)
+            return original(x_batch, y_batch, x_init=x_init)
+
+        attack.attack_single_run = attack_single_run  # this instance only
+
+    wrap(adversary.apgd)
+    wrap(adversary.apgd_targeted)
 
 
 def _robustbench_autoattack_module() -> ModuleType:

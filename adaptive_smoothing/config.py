@@ -46,6 +46,10 @@ AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 TRAINING_ATTACKS = ("apgd-ce", "apgd-t")  # what 'default' means in pgd_settings (SPEC 9)
 DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
+# Radii above these are not a threat model anyone evaluates on [0, 1] images (Linf 64/255 already
+# allows a visible grey overlay); a larger value is almost always a unit mistake (eps: 8 for 8/255).
+MAX_PLAUSIBLE_EPS = {"Linf": 64 / 255, "L2": 8.0}
+MAX_SEED = 2**63 - 1  # torch.manual_seed and pyautoattack take seeds up to this
 BIT_STD_RESIZE = 128  # the published STD model sees CIFAR images resized to 128x128
 
 
@@ -403,7 +407,7 @@ class EvaluationSettings:
     autoattack_iterations: int = _opt(100, ge=1, doc="APGD iterations inside AutoAttack "
                                       "(100 in the standard version)")
     save_adversarial: bool = _opt(False, doc="save the adversarial images")
-    seed: int = _opt(DERIVED, derived=True, doc="'default': top-level seed")
+    seed: int = _opt(DERIVED, derived=True, ge=0, le=MAX_SEED, doc="'default': top-level seed")
 
     @property
     def autoattack_version(self) -> str:
@@ -416,7 +420,7 @@ class EvaluationSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    seed: int = _opt(0, doc="random seed")
+    seed: int = _opt(0, ge=0, le=MAX_SEED, doc="random seed")
     log_dir: str = _opt(".", doc="root folder of checkpoints (Base/, CompModel/) and outputs")
     log_path: str = _opt("results", doc="output folder, relative to log_dir")
     model_load_path: ModelLoadPath = _opt(doc="checkpoint paths")
@@ -463,6 +467,7 @@ def _resolve_derived(config: Config) -> None:
 
     pgd_norm = "Linf" if pgd.type == "l_inf" else "L2"
     pgd = _fill(pgd, eps=DEFAULT_EPS[pgd_norm], attacks_to_run=TRAINING_ATTACKS)
+    _check_plausible_eps(pgd.eps, pgd_norm, "pgd_settings.eps")
     if pgd.n_target_classes > config.dataset_settings.num_classes - 1:
         raise ConfigError(f"expected at most {config.dataset_settings.num_classes - 1} "
                           f"(classes of {config.dataset_settings.name} minus one)",
@@ -474,12 +479,24 @@ def _resolve_derived(config: Config) -> None:
                output_dir=os.path.join(config.log_dir, config.log_path), seed=config.seed,
                pgd_iters=pgd.iters_test, pgd_step_size=pgd.alpha_test,
                pgd_loss="comp" if pgd.pgd_eval_loss == "comp_simple" else pgd.pgd_eval_loss)
+    _check_plausible_eps(ev.eps, ev.norm, "evaluation_settings.eps")
 
     # Frozen dataclass: __post_init__ is the one place allowed to complete its own fields.
     object.__setattr__(config, "forward_settings", fwd)
     object.__setattr__(config, "pgd_settings", pgd)
     object.__setattr__(config, "evaluation_settings", ev)
     _assert_resolved(config, "")
+
+
+def _check_plausible_eps(eps: float, norm: str, key: str) -> None:
+    limit = MAX_PLAUSIBLE_EPS[norm]
+    if eps <= limit:
+        return
+    hint = ""
+    if norm == "Linf" and eps / 255 <= limit:
+        hint = f"; did you mean {eps:g}/255 (= {eps / 255:.5f})? Write it as '{eps:g}/255'"
+    raise ConfigError(f"an {norm} radius above {limit:.4g} is implausible for images in [0, 1]"
+                      f"{hint}", key=key, value=eps)
 
 
 def _fill(section: Any, **values: Any) -> Any:

@@ -147,8 +147,9 @@ def _read_npz(path: Path, num_classes: Optional[int]
             classes = [str(c) for c in data["classes"]] if "classes" in data.files else []
     except DataError:
         raise
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as a NumPy .npz file ({exc})") from exc
+    except Exception as exc:  # zipfile.BadZipFile, EOFError, OSError, ...: all mean a bad file
+        raise DataError(f"{path}: cannot read as a NumPy .npz file, it is truncated or not an "
+                        f".npz ({type(exc).__name__}: {exc}); copy or download it again") from exc
 
     if jpeg.ndim != 1 or jpeg.dtype != np.uint8:
         raise DataError(f"{path}: key 'jpeg' must be a 1-D uint8 array, "
@@ -298,16 +299,19 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
     folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
 
     def load(download_here: bool) -> Dataset:
+        created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
             return cls(str(root), train=split == "train", download=download_here,
                        transform=_pil_transform(augment))
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            if created and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()  # a failed download leaves no empty folder behind
             raise DataError(
                 f"cannot load {name} ({split}) through torchvision in {root}: {exc}. Without "
                 f"network, put {archive} (or its extracted folder {folder}/) into {root}, or use "
-                "the offline copy: format='npz' with path=../shared/data/cifar10 (CIFAR-10 "
-                "only)") from exc
+                "an offline copy in the .npz format: --data-dir ../shared/data/cifar10 (a "
+                "folder with test.npz; CIFAR-10 only)") from exc
 
     rank, world = distributed_rank_world()
     if world == 1 or not download:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -20,14 +21,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import adaptive_attack, pgd
-from adaptive_smoothing.compat import import_autoattack
+from adaptive_smoothing.attacks import PerImageRandom, adaptive_attack, pgd
+from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
 from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
-from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
+from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
+from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
                                         distributed_session, init_distributed,
                                         prepare_model, resolve_precision)
@@ -57,26 +60,73 @@ def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str,
     return {"settings": fields, "model": model_info}
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN/Infinity float replaced by None: JSON has no such numbers, and a
+    bare ``NaN`` in results.json breaks strict readers."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
 def _atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        json.dump(_strict(obj), f, indent=2, sort_keys=True, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+# What a difference in a manifest entry means, for the refusal message.
+_FINGERPRINT_NAMES = {"std": "the STD checkpoint's content", "rob": "the ROB checkpoint's content",
+                      "comp": "the mixer checkpoint's content",
+                      "data": "the evaluated images or labels"}
+# Everything a run writes into its folder; --overwrite deletes exactly these.
+_RESULT_ENTRIES = ("batches", "adversarial", MANIFEST_FILE, RESULTS_FILE, TABLE_FILE)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise EvaluationError(f"{path}: unreadable {what} ({err}); delete this file (it is "
+                              "recomputed), or rerun with --overwrite to start over") from None
+
+
 def _check_manifest(output_dir: Path, plan: dict[str, Any]) -> None:
     path = output_dir / MANIFEST_FILE
+    new = json.loads(json.dumps(plan))
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(plan)):
-            diffs = _first_differences(old, json.loads(json.dumps(plan)))
+        old = _read_json(path, "evaluation manifest")
+        if old != new:
+            diffs = _first_differences(old, new)
             raise EvaluationError(
-                f"{output_dir} holds results of a different evaluation ({'; '.join(diffs)}); "
-                "use another --output-dir, or delete that folder to start over")
+                f"{output_dir} holds results of a different evaluation ({'; '.join(diffs)}), so "
+                "its finished batches cannot be reused; choose a new --output-dir, or rerun "
+                "with --overwrite to delete them and start over")
         return
+    if (output_dir / "batches").is_dir() and any((output_dir / "batches").glob("*.json")):
+        raise EvaluationError(
+            f"{output_dir} holds batch results without a {MANIFEST_FILE} (from an older "
+            "version or another tool), so what produced them is unknown; choose a new "
+            "--output-dir, or rerun with --overwrite to delete them and start over")
     _atomic_write_json(plan, path)
+
+
+def clear_results(output_dir: Path) -> None:
+    """Delete the results an earlier evaluation wrote into ``output_dir`` (``--overwrite``)."""
+    import shutil
+
+    for name in _RESULT_ENTRIES:
+        entry = output_dir / name
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        elif entry.exists():
+            entry.unlink()
 
 
 def _first_differences(old: Any, new: Any, prefix: str = "", limit: int = 3) -> list[str]:
@@ -87,7 +137,25 @@ def _first_differences(old: Any, new: Any, prefix: str = "", limit: int = 3) -> 
             if len(out) >= limit:
                 break
         return out[:limit]
-    return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
+    if old == new:
+        return []
+    key = prefix.rstrip(".")
+    parts = key.split(".")
+    if len(parts) >= 2 and parts[-2] == "fingerprints" and parts[-1] in _FINGERPRINT_NAMES:
+        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
+        return [f"{_FINGERPRINT_NAMES[parts[-1]]} changed (sha256 {short[0]} -> {short[1]})"]
+    return [f"{key}: was {old!r}, now {new!r}"]
+
+
+def _read_batch(path: Path) -> dict[str, Any]:
+    counters = _read_json(path, "batch result")
+    if not isinstance(counters, dict) or any(
+            not isinstance(counters.get(k, 0.0), (int, float, type(None))) for k in _COUNTERS) or \
+            "n" not in counters:
+        raise EvaluationError(f"{path}: not a batch result of this project (expected a JSON "
+                              f"object with counters {list(_COUNTERS)}); delete this file (it "
+                              "is recomputed), or rerun with --overwrite to start over")
+    return counters
 
 
 def _wait_for_files(paths: Sequence[Path], poll_seconds: float = 1.0,
@@ -120,6 +188,18 @@ def _mixing_stats(composite: CompositeModel, x: torch.Tensor,
     return out.log_probs.argmax(1), out.gamma.float(), out.alpha.float()
 
 
+def _check_outputs_finite(log_probs: torch.Tensor, where: str) -> None:
+    """Refuse to report numbers computed from NaN/Inf outputs (e.g. NaN mixer or Inf base
+    weights), which would otherwise show up as a plausible-looking accuracy."""
+    bad = torch.isnan(log_probs).any(1) | torch.isposinf(log_probs).any(1) | \
+        ~torch.isfinite(log_probs).any(1)
+    if bool(bad.any()):
+        raise EvaluationError(
+            f"the model's outputs on the clean images of {where} are not finite (NaN or Inf for "
+            f"{int(bad.sum())} of {len(bad)} images), so no accuracy can be reported; check the "
+            "checkpoints (a NaN/Inf weight, e.g. from a diverged training) and the precision")
+
+
 def _sum_finite(values: torch.Tensor) -> tuple[float, int]:
     finite = torch.isfinite(values)
     return float(values[finite].sum()), int((~finite).sum())
@@ -143,13 +223,25 @@ def _use_standard_parameters(adversary: Any, apgd_iterations: int) -> None:
 
 def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
                    settings: EvaluationSettings, *, device: torch.device, dtype: torch.dtype,
-                   seed: int = 0) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
+                   seed: int = 0, image_ids: Optional[Sequence[int]] = None,
+                   where: str = "this batch"
+                   ) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """Evaluate one batch; returns its counters and the adversarial images (AutoAttack's, else
-    those of the last attack run)."""
+    those of the last attack run).
+
+    Every random start is drawn per image from ``(seed, image_ids[i])`` (default: positions in
+    this batch), so an image's result does not depend on the batch it is evaluated in.
+    ``where`` names the batch in error messages.
+    """
+    ids = list(range(len(y))) if image_ids is None else [int(i) for i in image_ids]
     composite.eval()  # scale_alpha on: the published evaluation behaviour
     forward = AutocastModule(composite, device, dtype)
     x, y = x.to(device), y.to(device)
-    pred, gamma, alpha = _mixing_stats(composite, x, forward)
+    with torch.no_grad():
+        clean_out = forward(x)
+    _check_outputs_finite(clean_out.log_probs, where)
+    pred, gamma, alpha = (clean_out.log_probs.argmax(1), clean_out.gamma.float(),
+                          clean_out.alpha.float())
     clean_correct = pred == y
     robust = clean_correct.clone()
     counters: dict[str, Any] = {k: 0.0 for k in _COUNTERS}
@@ -170,6 +262,7 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
             version="standard" if standard else "custom",
             attacks=None if standard else list(settings.attacks_to_run))
         _use_standard_parameters(adversary, settings.autoattack_iterations)
+        use_per_image_random_starts(adversary, PerImageRandom(seed, ids, "autoattack"), x)
         x_aa, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
         x_adv_report = x_aa.to(device)
         pred_aa, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report, forward)
@@ -177,13 +270,12 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
         counters["autoattack_robust"] = int(aa_robust.sum())
         robust &= aa_robust
 
-    generator = torch.Generator().manual_seed(seed)
     if settings.pgd:
         result = pgd(forward, x, y, settings.eps, norm=settings.norm, n_iter=settings.pgd_iters,
                      step_size=settings.pgd_step_size,
                      loss="ce" if settings.pgd_loss == "comp" else settings.pgd_loss,
                      bce_weight=settings.adaptive_attack_weight if settings.pgd_loss == "comp"
-                     else 0.0, generator=generator)
+                     else 0.0, generator=PerImageRandom(seed, ids, "pgd"))
         pred_pgd, _, _ = _mixing_stats(composite, result.x_adv, forward)
         pgd_robust = clean_correct & (pred_pgd == y)
         counters["pgd_robust"] = int(pgd_robust.sum())
@@ -194,7 +286,7 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
         result = adaptive_attack(forward, x, y, settings.eps, norm=settings.norm,
                                  n_iter=settings.adaptive_attack_iterations,
                                  bce_weight=settings.adaptive_attack_weight,
-                                 generator=generator)
+                                 generator=PerImageRandom(seed, ids, "adaptive"))
         counters["adaptive_robust"] = int(result.robust.sum())
         robust &= result.robust
         x_adv_report = x_adv_report if x_adv_report is not None else result.x_adv
@@ -218,7 +310,8 @@ def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings
     total = {k: 0.0 for k in _COUNTERS}
     for batch in counters:
         for k in _COUNTERS:
-            total[k] += batch.get(k, 0.0)
+            value = batch.get(k, 0.0)
+            total[k] += math.nan if value is None else value  # None: a NaN written as JSON
     n, adv_n = total["n"], total["adv_n"]
 
     def ratio(num: float, den: float) -> Optional[float]:
@@ -291,12 +384,32 @@ def format_table(summary: dict[str, Any]) -> str:
 def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor,
              settings: EvaluationSettings, output_dir: Path, *, device: torch.device,
              dtype: torch.dtype = torch.float32,
-             model_info: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+             model_info: Optional[dict[str, Any]] = None,
+             overwrite: bool = False) -> dict[str, Any]:
     """Evaluate on ``x_all, y_all`` (already the first n examples), batch by batch, resumably.
 
     Under torchrun each process takes every world_size-th batch; rank 0 then aggregates the
     batch files. Writes ``output_dir/results.json`` and ``results.md`` and returns the summary.
+    Finished batches of an earlier run are reused only when its manifest (settings, model and
+    the fingerprints in ``model_info``) is identical; ``overwrite`` deletes them first. The
+    folder is locked for the run's life (one run per folder).
     """
+    rank, _ = distributed_rank_world()
+    lock = RunLock(output_dir) if rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _evaluate(composite, x_all, y_all, settings, output_dir, device=device,
+                         dtype=dtype, model_info=model_info, overwrite=overwrite)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor,
+              settings: EvaluationSettings, output_dir: Path, *, device: torch.device,
+              dtype: torch.dtype, model_info: Optional[dict[str, Any]],
+              overwrite: bool) -> dict[str, Any]:
     if composite.unsafe_detach_mixer_inputs:
         logger.warning("the mixer's inputs are detached: this evaluation is NOT VALID "
                        "(gradient attacks cannot see the mixing network)")
@@ -305,6 +418,8 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
     rank, world_size = distributed_rank_world()
     batches_dir = output_dir / "batches"
     if rank == 0:
+        if overwrite:
+            clear_results(output_dir)
         batches_dir.mkdir(parents=True, exist_ok=True)
         _check_manifest(output_dir, _plan(settings, model_info))
         if settings.save_adversarial:
@@ -319,12 +434,13 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
     for index, start in bar:
         batch_file = batches_dir / f"{index:05d}.json"
         if batch_file.exists():
-            counters.append(json.loads(batch_file.read_text()))
+            counters.append(_read_batch(batch_file))
         else:
             end = min(start + settings.batch_size, n)
             batch_counters, x_adv = evaluate_batch(
                 composite, x_all[start:end], y_all[start:end], settings, device=device,
-                dtype=dtype, seed=settings.seed + index)
+                dtype=dtype, seed=settings.seed, image_ids=range(start, end),
+                where=f"batch {index} (images {start}..{end - 1})")
             if settings.save_adversarial and x_adv is not None:
                 torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
             batch_counters.update(start=start, end=end)
@@ -339,7 +455,7 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
     if world_size > 1:
         batch_files = [batches_dir / f"{i:05d}.json" for i in range(len(starts))]
         _wait_for_files(batch_files)
-        counters = [json.loads(path.read_text()) for path in batch_files]
+        counters = [_read_batch(path) for path in batch_files]
     summary = summarize(counters, settings, model_info)
     if rank != 0:
         return summary
@@ -362,32 +478,46 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     data = config.dataset_settings
     dataset = build_dataset(data.name, "test", data.format, settings.data_dir, augment=False)
     x, y = load_tensors(dataset, settings.n_examples)
+    if len(y) < settings.n_examples:
+        logger.warning("the test set has %d images, fewer than n_examples = %d: evaluating %d",
+                       len(y), settings.n_examples, len(y))
+    # Contents, not paths: a checkpoint replaced at the same path, or relabelled data, must
+    # not pass for what an earlier run into the same folder evaluated.
+    fingerprints = {which: optional_file_sha256(path)
+                    for which, path in checkpoint_paths(config).items()}
+    fingerprints["data"] = tensors_sha256(x, y)
     model_info = {"forward_settings": dataclasses.asdict(config.forward_settings),
                   "model_load_path": dataclasses.asdict(config.model_load_path),
-                  "dataset": data.name}
+                  "dataset": data.name, "fingerprints": fingerprints}
     return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
 
 
-def run_evaluation(config: Config) -> Optional[str]:
+def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
     """``run.py --eval``: build and load the configured model, evaluate it on the first
     ``n_examples`` test images, write the results, and return the table (None on the processes
-    other than rank 0 under torchrun, so that the table is printed once)."""
+    other than rank 0 under torchrun, so that the table is printed once). ``overwrite`` deletes
+    an earlier evaluation's results in the output folder first."""
     with distributed_session(config.evaluation_settings.device) as (rank, _, _):
         composite, x, y, device, dtype, model_info = _prepare(config)
         settings = config.evaluation_settings
         summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
-                           dtype=dtype, model_info=model_info)
+                           dtype=dtype, model_info=model_info, overwrite=overwrite)
     return format_table(summary) if rank == 0 else None
 
 
-def run_alpha_sweep(config: Config, alphas: Sequence[float]) -> Optional[str]:
+def run_alpha_sweep(config: Config, alphas: Sequence[float], *,
+                    overwrite: bool = False) -> Optional[str]:
     """See :func:`_alpha_sweep`; the process group (torchrun) lasts for the sweep."""
+    bad = [a for a in alphas if not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0)]
+    if bad:
+        raise EvaluationError(f"--alpha-sweep: {bad[0]!r} is outside [0, 1]; alpha is ROB's "
+                              "weight in the mixture (0 = STD only, 1 = ROB only)")
     with distributed_session(config.evaluation_settings.device) as (rank, _, _):
-        table = _alpha_sweep(config, alphas)
+        table = _alpha_sweep(config, alphas, overwrite=overwrite)
     return table if rank == 0 else None
 
 
-def _alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
+def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False) -> str:
     """``run.py --eval --alpha-sweep``: the adaptive composite and fixed-alpha mixtures of the
     same base models (alpha 0 = STD, 1 = ROB), on the same images and attacks.
 
@@ -402,12 +532,13 @@ def _alpha_sweep(config: Config, alphas: Sequence[float]) -> str:
     rows = {}
     # A fixed-alpha mixture does not use the mixer, so its finished results stay valid when the
     # mixer checkpoint changes: a sweep of a newly trained mixer reuses them.
-    fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None))
+    fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
+                      fingerprints=dict(model_info["fingerprints"], comp=None))
     for name, model in models:
         logger.info("evaluating %s", name)
         info = dict(model_info if name == "adaptive" else fixed_info, variant=name)
         rows[name] = evaluate(model, x, y, settings, output_dir / name, device=device,
-                              dtype=dtype, model_info=info)
+                              dtype=dtype, model_info=info, overwrite=overwrite)
     rank, _ = distributed_rank_world()
     if rank == 0:
         _atomic_write_json(rows, output_dir / "sweep.json")

@@ -69,17 +69,30 @@ def _create(config: Config, which: str, name: str, num_classes: int,
                           file=config.source) from None
 
 
+def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:
+    """The checkpoint files the composite is loaded from: std, rob, comp (None: no mixer file)."""
+    comp = config.model_path("comp") if config.forward_settings.use_policy else None
+    return {"std": _existing_std_path(config.model_path("std")), "rob": config.model_path("rob"),
+            "comp": comp}
+
+
 def load_composite_weights(composite: CompositeModel, config: Config) -> None:
     """Load the checkpoints of ``config.model_load_path`` (relative to ``log_dir``).
 
     STD and ROB are always loaded; the mixer when ``comp`` is set and the model has one.
     All files are checked before any is loaded (see ``checkpoints.load_authors_checkpoints``).
     """
-    from adaptive_smoothing.checkpoints import load_authors_checkpoints
+    from adaptive_smoothing.checkpoints import CheckpointNotFoundError, load_authors_checkpoints
 
     std_path = _existing_std_path(config.model_path("std"))
     rob_path = config.model_path("rob")
     mixer_path = config.model_path("comp")
+    for which, path in (("std", std_path), ("rob", rob_path), ("comp", mixer_path)):
+        if path is not None and not path.exists() and (which != "comp" or composite.mixer):
+            raise CheckpointNotFoundError(
+                f"checkpoint file not found: {path} (model_load_path.{which} of "
+                f"{config.source or 'the config'}, relative to log_dir {config.log_dir!r}); "
+                f"{_how_to_make(config, which, path)}")
     if mixer_path is not None and composite.mixer is None:
         logger.warning("model_load_path.comp (%s) is ignored: forward_settings.use_policy is "
                        "false, so the model has no mixing network", mixer_path)
@@ -88,6 +101,23 @@ def load_composite_weights(composite: CompositeModel, config: Config) -> None:
         logger.info("no mixer checkpoint (model_load_path.comp is None): the mixing network "
                     "keeps its random initial weights")
     load_authors_checkpoints(composite, std_path, rob_path, mixer_path)
+
+
+def _how_to_make(config: Config, which: str, path: Path) -> str:
+    """Which script makes or downloads a missing checkpoint."""
+    from adaptive_smoothing.download import SOURCES
+
+    stem = path.with_suffix("").name
+    for source in SOURCES:
+        if Path(source.target).with_suffix("").name == stem:
+            return (f"it is a published checkpoint: python3 scripts/download_models.py "
+                    f"--root-dir {config.log_dir} --only {source.name}")
+    if which == "comp":
+        return ("train a mixer with run.py --training (it writes OUTPUT_DIR/checkpoints/"
+                "last.pt), or set model_load_path.comp to None for an untrained one")
+    return (f"train it with python3 scripts/train_base.py --output {path} (see "
+            "scripts/reproduce_rn18_cpu.sh for both base models), or use the trained "
+            "ResNet-18s in demo/ (configs/demo.yaml)")
 
 
 def _existing_std_path(path: Optional[Path]) -> Path:

@@ -18,15 +18,31 @@ logger = logging.getLogger(__name__)
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class DeviceError(ValueError):
+    """The requested device does not exist on this machine."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> CUDA when present (this process's local rank under torchrun), else CPU."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu'")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"device {name!r}: not a device name; expected 'auto', 'cpu', 'cuda' "
+                          "or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise DeviceError(f"device {name!r}: CUDA is not available here ({why}); use "
+                              "--device cpu, or --device auto to take a GPU when there is one")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {name!r}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}; choose one of them or 'auto'")
     return device
 
 

@@ -38,7 +38,9 @@ from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, config_to_dict
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
-from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
+from adaptive_smoothing.fingerprint import optional_file_sha256
+from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_session,
@@ -46,7 +48,8 @@ from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_s
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "Trainer",
+__all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "TrainingResumeError",
+           "Trainer", "training_identity",
            "attack_settings_from_config", "augment_batch", "optimizer_steps_per_iteration",
            "run_training", "validate"]
 
@@ -67,6 +70,80 @@ DEBUG_VAL_EXAMPLES = 8
 
 class TrainingDivergedError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class TrainingResumeError(RuntimeError):
+    """The checkpoint to resume from cannot continue this run (wrong file or changed config)."""
+
+
+# Config keys that do not shape the trained weights: where things are written and read from
+# (contents are compared by fingerprint instead), what is validated and reported, and keys the
+# training does not read. Everything else must match to resume.
+_NOT_SHAPING_WEIGHTS = (
+    "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
+    "dataset_settings.pa_path", "dataset_settings.gamma_0", "dataset_settings.blocks",
+    "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
+    "training_settings.n_val_examples", "training_settings.batch_size_test_per_gpu",
+    "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
+    "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
+    # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
+    # the same training.
+    "training_settings.precision",
+    "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
+    "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
+    "randomized_attack_settings.randomize")
+_FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
+                     "model_load_path.rob": "the ROB checkpoint's content",
+                     "model_load_path.comp": "the initial mixer checkpoint's content",
+                     "dataset_settings.train_data": "the training data's content"}
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _shapes_weights(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
+
+
+def training_identity(config: Config) -> dict[str, Any]:
+    """Everything that shapes the trained weights: the config keys (dotted) except those of
+    ``_NOT_SHAPING_WEIGHTS``, plus content fingerprints of the base/initial-mixer checkpoints
+    and of the training data (under the keys of ``_FINGERPRINT_KEYS``)."""
+    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if _shapes_weights(k)}
+    for which, path in checkpoint_paths(config).items():
+        identity[f"model_load_path.{which}"] = optional_file_sha256(path)
+    ds = config.dataset_settings
+    data = None
+    if ds.format == "npz":
+        split = "test" if ds.train_with_test else "train"
+        path = Path(ds.path)
+        data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
+    # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
+    # in for their content.
+    identity["dataset_settings.train_data"] = data or f"path {ds.path}"
+    return json_safe(identity)
+
+
+def json_safe(tree: Any) -> Any:
+    """Tuples -> lists, so that identities compare equal after a checkpoint round trip."""
+    if isinstance(tree, dict):
+        return {k: json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [json_safe(v) for v in tree]
+    return tree
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if key in _FINGERPRINT_KEYS:
+        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
+        return f"{key} ({_FINGERPRINT_KEYS[key]}): {short[0]} -> {short[1]}"
+    return f"{key}: {old!r} -> {new!r}"
 
 
 # -- small pure helpers ---------------------------------------------------------------------------
@@ -333,8 +410,11 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: bool = True, debug: bool = False,
-                 train_set: Optional[Dataset] = None, val_set: Any = None) -> None:
+                 train_set: Optional[Dataset] = None, val_set: Any = None,
+                 allow_config_change: Any = ()) -> None:
         self.config, self.debug = config, debug
+        self.allow_config_change = tuple(allow_config_change)
+        self.config_changes: list[dict[str, Any]] = []
         ts = config.training_settings
         self.rank, self.world, self.device = init_distributed(config.evaluation_settings.device)
         self.dtype = resolve_precision(ts.precision, self.device)
@@ -363,6 +443,7 @@ class Trainer:
             self.ddp_mixer = DistributedDataParallel(
                 self.mixer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.base_fingerprint = _base_fingerprint(self.composite)
+        self.identity = training_identity(config)
 
         # Data.
         self.attack_settings = attack_settings_from_config(config)
@@ -402,6 +483,9 @@ class Trainer:
         self.total_steps = self.total_iterations * self.steps_per_iteration
         if ts.max_steps is not None:
             self.total_steps = min(self.total_steps, ts.max_steps)
+        # Iterations actually run: max_steps may end the run long before the last epoch.
+        self.planned_iterations = min(self.total_iterations,
+                                      math.ceil(self.total_steps / self.steps_per_iteration))
 
         # Optimisation.
         cl = ts.comp_loss_params
@@ -445,23 +529,58 @@ class Trainer:
             "iterations_per_epoch": self.data.iterations_per_epoch,
             "total_steps": self.total_steps, "world_size": self.world,
             "validation": dict(self.last_validation), "config": config_to_dict(self.config),
+            "identity": self.identity, "config_changes": list(self.config_changes),
             "format_version": CHECKPOINT_VERSION,
         }
 
+    def _check_resumable(self, path: Path, state: Any) -> dict[str, list[Any]]:
+        """Refuse a file that is not this project's training checkpoint, or one whose run had
+        another config; returns the allowed changes {key: [old, new]}."""
+        if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_VERSION:
+            keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+            raise TrainingResumeError(
+                f"{path}: not a training checkpoint of this version (format_version "
+                f"{CHECKPOINT_VERSION} with optimizer state; it holds {keys}, e.g. a mixer-only "
+                "file such as epoch_NNN.pt or a published mixer); move it away, or use "
+                "--no-resume to start over (it will be overwritten)")
+        old = state.get("identity")
+        if old is None:  # written before identities were recorded: compare the config only
+            old = {k: v for k, v in _flatten(json_safe(state.get("config", {}))).items()
+                   if _shapes_weights(k)}
+            logger.warning("%s records no fingerprints of its base models and data (an older "
+                           "version); only its config is compared", path)
+        changed = {k: [old.get(k), self.identity.get(k)]
+                   for k in sorted(set(old) | set(self.identity))
+                   if k in old and old.get(k) != self.identity.get(k)}
+        refused = {k: v for k, v in changed.items() if k not in self.allow_config_change}
+        if refused:
+            listed = "; ".join(_describe_change(k, *v) for k, v in refused.items())
+            raise TrainingResumeError(
+                f"{path}: cannot resume, the config changed in what shapes the trained weights "
+                f"({listed}); apply the change with --allow-config-change "
+                f"{','.join(refused)} (recorded in the checkpoint), or start over with a new "
+                "--output-dir or --no-resume")
+        return changed
+
     def _load(self, path: Path) -> None:
         state = read_checkpoint(path, "a training checkpoint written by adaptive_smoothing")
-        if state.get("format_version") != CHECKPOINT_VERSION:
-            raise ConfigError(f"{path} is not a training checkpoint of this version (no "
-                              f"format_version {CHECKPOINT_VERSION}); move it away to start over")
+        changed = self._check_resumable(path, state)
         for key, now in (("iterations_per_epoch", self.data.iterations_per_epoch),
                          ("total_steps", self.total_steps), ("world_size", self.world)):
             if state[key] != now:
                 logger.warning("resuming %s: %s was %s, now %s; the data order or learning-rate "
                                "schedule will differ from an uninterrupted run", path, key,
                                state[key], now)
-        self.mixer.load_state_dict(state["model"])
-        self.composite.gamma_bn.load_state_dict(state["bn"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.mixer.load_state_dict(state["model"])
+            self.composite.gamma_bn.load_state_dict(state["bn"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise TrainingResumeError(
+                f"{path}: its mixer or optimizer state does not fit this run's mixing network "
+                f"({first}); move it away, or start over with a new --output-dir or "
+                "--no-resume") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.warmup.load_state_dict(state["warmup"])
         if state["scaler"]:
@@ -470,6 +589,14 @@ class Trainer:
             # A disabled scaler (bf16/fp32) saves an empty state, which load_state_dict refuses.
             logger.info("resuming %s in fp16 from a run without a gradient scaler (bf16/fp32): "
                         "the scaler starts afresh", path)
+        self.config_changes = list(state.get("config_changes", []))
+        self._apply_schedule_settings(float(state["config"]["training_settings"]["lr"]))
+        if changed:
+            self.config_changes.append({"iteration": int(state["iteration"]),
+                                        "global_step": int(state["global_step"]),
+                                        "changes": changed})
+            logger.warning("resuming %s with config changes (allowed): %s", path,
+                           "; ".join(_describe_change(k, *v) for k, v in changed.items()))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         _restore_cuda_rng(state["rng"].get("cuda"), path)
         self.epoch, self.iteration_in_epoch = int(state["epoch"]), int(state["batch"])
@@ -478,6 +605,24 @@ class Trainer:
         self.last_validation = dict(state["validation"])
         logger.info("resuming from %s: epoch %d, iteration %d, optimizer step %d", path,
                     self.epoch, self.iteration, self.global_step)
+
+    def _apply_schedule_settings(self, checkpoint_lr: float) -> None:
+        """Make the restored optimizer and schedules follow the config in force: the loaded
+        states carry the old lr, weight decay and schedule length, which would otherwise
+        silently win over an (allowed) change."""
+        ts = self.config.training_settings
+        ratio = ts.lr / checkpoint_lr
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            group["initial_lr"] = ts.lr
+            group["weight_decay"] = ts.weight_decay
+        self.warmup.lrs = [lr * ratio for lr in self.warmup.lrs]
+        self.scheduler.base_lrs = [ts.lr for _ in self.optimizer.param_groups]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.scheduler.T_max = self.total_steps
+        period = max(1, self.total_steps // WARMUP_FRACTION)
+        self.warmup.warmup_params = [{"warmup_period": period}
+                                     for _ in self.optimizer.param_groups]
 
     def _sync_gamma_bn(self) -> None:
         # The gamma BN is outside DDP, so its running statistics drift apart between processes;
@@ -763,7 +908,7 @@ class Trainer:
     def _fit(self) -> None:
         eval_every = self.config.training_settings.eval_freq.iter
         eval_epochs = self.config.training_settings.eval_freq.epoch
-        bar = tqdm(total=self.total_iterations, initial=self.iteration, disable=self.rank != 0,
+        bar = tqdm(total=self.planned_iterations, initial=self.iteration, disable=self.rank != 0,
                    desc="mixer training", dynamic_ncols=True)
         checkpointed = False
         with bar:
@@ -792,27 +937,30 @@ class Trainer:
                     self.iteration, self.global_step, self.checkpoint_path)
 
 
-def _refuse_pre_attacked_data(config: Config) -> None:
-    """A config naming pre-attacked data must not train as if it did not (silently different)."""
-    pa_path = config.dataset_settings.pa_path
-    if pa_path is None:
-        return
-    state = "the file exists" if Path(pa_path).exists() else "the file does not exist"
-    raise ConfigError(f"training with pre-attacked data is not implemented yet ({state}: "
-                      f"{pa_path}); set pa_path: 'None' to train with online attacks only",
-                      key="dataset_settings.pa_path", value=pa_path, file=config.source)
-
-
-def run_training(config: Config, *, resume: bool = True, debug: bool = False) -> Path:
+def run_training(config: Config, *, resume: bool = True, debug: bool = False,
+                 allow_config_change: Any = ()) -> Path:
     """Train the mixing network as ``config`` describes (SPEC section 5).
 
     Args:
         resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
         debug: two iterations end to end (attacks, optimizer steps, validation on a few images,
             checkpoint) into ``output_dir/debug``, then stop.
+        allow_config_change: dotted config keys that may differ from the checkpoint's on
+            resume (applied, and recorded in the checkpoint's ``config_changes``).
 
     Returns:
         The path of the final checkpoint (``output_dir/checkpoints/last.pt``).
+
+    The output folder is locked for the run's life: a second run into it is refused.
     """
-    with distributed_session(config.evaluation_settings.device):
-        return Trainer(config, resume=resume, debug=debug).fit()
+    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
+        output_dir = Path(config.evaluation_settings.output_dir)
+        lock = RunLock(output_dir / DEBUG_DIR if debug else output_dir) if rank == 0 else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            return Trainer(config, resume=resume, debug=debug,
+                           allow_config_change=allow_config_change).fit()
+        finally:
+            if lock is not None:
+                lock.release()

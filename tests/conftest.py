@@ -22,6 +22,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fingerprint_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the checkpoint-digest cache of the tests out of the user's ~/.cache."""
+    import os
+
+    os.environ["ADAPTIVE_SMOOTHING_CACHE_DIR"] = str(tmp_path_factory.mktemp("fingerprints"))
+
+
 @pytest.fixture
 def shared_cifar10() -> Path:
     """The offline CIFAR-10 copy (../shared/data/cifar10), skipped where absent."""

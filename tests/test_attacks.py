@@ -349,3 +349,23 @@ def test_apgd_as_strong_as_autoattack(cifar_cnn, norm: str, eps: float) -> None:
     assert ours_acc < clean_acc
     # Same algorithm, same start: the per-point outcomes should (nearly) coincide.
     assert (ours_robust == ref_robust).float().mean() >= 0.98
+
+
+def test_per_image_random_starts_do_not_depend_on_the_batch():
+    """An image's random start must be the same alone or inside any batch (else robust accuracy
+    changes with --batch-size or the number of processes)."""
+    from adaptive_smoothing.attacks import PerImageRandom, _random_start
+
+    x = torch.rand(6, 3, 8, 8)
+    eps = torch.full((1, 1, 1, 1), 8 / 255)
+    whole = _random_start(x, eps, "Linf", PerImageRandom(3, range(10, 16)))
+    part = _random_start(x[4:], eps, "Linf", PerImageRandom(3, [14, 15]))
+    assert torch.equal(whole[4:], part)
+    other_seed = _random_start(x, eps, "Linf", PerImageRandom(4, range(10, 16)))
+    assert not torch.equal(whole, other_seed)
+    # A second draw for the same image (e.g. APGD-T's next target) is a new one.
+    random = PerImageRandom(3, [10])
+    assert not torch.equal(random.draw((1, 5)), random.draw((1, 5)))
+    subset = PerImageRandom(3, range(10, 16)).subset(torch.tensor([False, True, False, False,
+                                                                   False, False]))
+    assert subset.image_ids == [11]

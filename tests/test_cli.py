@@ -135,3 +135,173 @@ def test_fixed_alpha_composite_is_the_constant_mixture():
     assert math.isinf(fixed_alpha_composite(composite, 0.0).gamma)
     with pytest.raises(ValueError, match="alpha must lie in"):
         fixed_alpha_composite(composite, 1.5)
+
+
+# -- clear errors instead of wrong numbers or raw tracebacks ----------------------------------
+def _one_line_error(result) -> str:
+    """The CLI failed with a message, not a traceback; returns the message."""
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # not a raw exception
+    assert "Traceback" not in result.output and "Usage:" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_eval_and_training_together_are_refused(tmp_path, shared_cifar10):
+    config = _write_config(tmp_path, shared_cifar10)
+    result = CliRunner().invoke(run.main, ["--eval", "--training", "--config", str(config)])
+    assert "--eval and --training exclude each other" in _one_line_error(result)
+
+
+def _small_npz(path, n, labels=None):
+    """The first n images of demo/test.npz as a .npz of the offline format."""
+    import numpy as np
+    from conftest import REPO_ROOT
+
+    with np.load(REPO_ROOT / "demo" / "test.npz") as d:
+        offsets = d["offsets"][:n + 1]
+        np.savez(path, jpeg=d["jpeg"][:offsets[-1]], offsets=offsets,
+                 labels=d["labels"][:n] if labels is None else labels, classes=d["classes"])
+
+
+def _mixer(path, seed):
+    torch.manual_seed(seed)
+    composite = CompositeModel(create_model("resnet18", width=4),
+                               create_model("resnet18", width=4), MixingNet((4, 4), version=3))
+    save_checkpoint(mixer_checkpoint(composite), path)
+
+
+@pytest.mark.parametrize("change", ["mixer_replaced_at_same_path", "labels_changed"])
+def test_rerun_after_model_or_data_changed_refuses_stale_batches(tmp_path, shared_cifar10,
+                                                                  change):
+    config = _write_config(tmp_path, shared_cifar10)
+    data = tmp_path / "data"
+    data.mkdir()
+    _small_npz(data / "test.npz", 8)
+    _mixer(tmp_path / "models" / "mixer.pt", seed=1)
+    out = tmp_path / "out"
+    args = ["--eval", "--config", str(config), "--data-dir", str(data), "--n-examples", "8",
+            "--attacks", "none", "--mixer-checkpoint", "mixer.pt", "--output-dir", str(out),
+            "--device", "cpu"]
+    assert CliRunner().invoke(run.main, args).exit_code == 0
+    first = json.loads((out / "results.json").read_text())
+    if change == "mixer_replaced_at_same_path":  # e.g. a retrained checkpoints/last.pt
+        _mixer(tmp_path / "models" / "mixer.pt", seed=2)
+        expected = "the mixer checkpoint's content changed"
+    else:
+        _small_npz(data / "test.npz", 8, labels=(torch.arange(8) % 10).numpy())
+        expected = "the evaluated images or labels changed"
+    message = _one_line_error(CliRunner().invoke(run.main, args))
+    assert expected in message and "--overwrite" in message
+    assert json.loads((out / "results.json").read_text()) == first  # nothing reused or lost
+    result = CliRunner().invoke(run.main, args + ["--overwrite"])
+    assert result.exit_code == 0, result.output
+    second = json.loads((out / "results.json").read_text())
+    if change == "mixer_replaced_at_same_path":
+        assert second["mean_alpha_clean"] != first["mean_alpha_clean"]
+    else:
+        assert second["clean_accuracy"] != first["clean_accuracy"]
+
+
+def test_set_overrides_any_config_key_and_is_validated(tmp_path, shared_cifar10):
+    config = _write_config(tmp_path, shared_cifar10)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(run.main, [
+        "--eval", "--config", str(config), "--data-dir", str(shared_cifar10), "--device", "cpu",
+        "--set", "evaluation_settings.n_examples=8", "--set", "evaluation_settings.attacks_to_run=[]",
+        "--set", "forward_settings.alpha_bias=0.1", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["n_examples"] == 8 and summary["autoattack"] == []
+    assert summary["model"]["forward_settings"]["alpha_bias"] == 0.1
+    bad = CliRunner().invoke(run.main, ["--eval", "--config", str(config),
+                                        "--set", "training_settings.lr=fast"])
+    assert "training_settings.lr = 'fast'" in _one_line_error(bad)
+    unknown = CliRunner().invoke(run.main, ["--eval", "--config", str(config),
+                                            "--set", "training_settings.lrr=1"])
+    assert "did you mean 'lr'" in _one_line_error(unknown)
+
+
+def _corrupt_batch(tmp_path, shared_cifar10, args):
+    out = tmp_path / "corrupt"
+    ok = CliRunner().invoke(run.main, args + [
+        "--n-examples", "16", "--attacks", "none", "--device", "cpu", "--output-dir", str(out),
+        "--data-dir", str(shared_cifar10)])
+    assert ok.exit_code == 0, ok.output
+    (out / "batches" / "00001.json").write_text("{")
+    return ["--n-examples", "16", "--attacks", "none", "--device", "cpu",
+            "--output-dir", str(out), "--data-dir", str(shared_cifar10)]
+
+
+def _truncated_npz(tmp_path, shared_cifar10, args):
+    from conftest import REPO_ROOT
+
+    folder = tmp_path / "truncated"
+    folder.mkdir()
+    whole = (REPO_ROOT / "demo" / "test.npz").read_bytes()
+    (folder / "test.npz").write_bytes(whole[:len(whole) // 2])
+    return ["--data-dir", str(folder), "--device", "cpu"]
+
+
+def _file_in_the_way(tmp_path, shared_cifar10, args):
+    (tmp_path / "a_file").write_text("x")
+    return ["--output-dir", str(tmp_path / "a_file" / "out"), "--device", "cpu",
+            "--data-dir", str(shared_cifar10), "--n-examples", "8", "--attacks", "none"]
+
+
+_CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    pytest.param(lambda t, d, a: ["--device", "cuda"], "device 'cuda': CUDA is not available",
+                 marks=pytest.mark.skipif(_CUDA, reason="this machine has CUDA"), id="cuda"),
+    pytest.param(lambda t, d, a: ["--device", "cuda:7"], "device 'cuda:7'", id="cuda7"),
+    pytest.param(_file_in_the_way, "a file is in the way", id="output_dir_under_a_file"),
+    pytest.param(lambda t, d, a: ["--output-dir", "/sys/adaptive_smoothing_test/out",
+                                  "--device", "cpu", "--data-dir", str(d), "--attacks", "none",
+                                  "--n-examples", "8"],
+                 "/sys/adaptive_smoothing_test/out: cannot be created", id="output_dir_on_sys"),
+    pytest.param(lambda t, d, a: ["--alpha-sweep", "0,1.5"],
+                 "--alpha-sweep '0,1.5': expected comma-separated numbers in [0, 1]",
+                 id="alpha_out_of_range"),
+    pytest.param(_truncated_npz, "truncated/test.npz: cannot read as a NumPy .npz file",
+                 id="truncated_npz"),
+    pytest.param(_corrupt_batch, "corrupt/batches/00001.json: unreadable batch result",
+                 id="corrupt_batch_json"),
+    pytest.param(lambda t, d, a: ["--set", "forward_settings.std_model_kwargs={width: 4, "
+                                  "depth: 3}", "--device", "cpu"],
+                 "forward_settings.std_model_kwargs = {'width': 4, 'depth': 3}: cannot build "
+                 "'resnet18'", id="unknown_model_kwarg"),
+    pytest.param(lambda t, d, a: ["--seed", str(10**30)],
+                 "seed = 1000000000000000000000000000000: expected a value <= "
+                 "9223372036854775807", id="huge_seed"),
+    pytest.param(lambda t, d, a: ["--set", "pgd_settings.eps=8"], "did you mean 8/255",
+                 id="eps_8_for_linf"),
+])
+def test_common_mistakes_give_a_one_line_error_naming_the_value(tmp_path, shared_cifar10,
+                                                               make_args, expected):
+    config = _write_config(tmp_path, shared_cifar10)
+    args = ["--eval", "--config", str(config)]
+    result = CliRunner().invoke(run.main, args + make_args(tmp_path, shared_cifar10, args))
+    assert expected in _one_line_error(result)
+
+
+@pytest.mark.parametrize("case", ["mixer_only_last_pt", "output_dir_under_a_file"])
+def test_training_mistakes_give_a_one_line_error(tmp_path, case):
+    from conftest import REPO_ROOT
+
+    out = tmp_path / "train"
+    if case == "mixer_only_last_pt":
+        (out / "checkpoints").mkdir(parents=True)
+        shutil.copy(REPO_ROOT / "demo" / "mixer_rn18_w8.pt", out / "checkpoints" / "last.pt")
+        expected = "last.pt: not a training checkpoint"
+    else:
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "train"
+        expected = "a file is in the way"
+    result = CliRunner().invoke(run.main, [
+        "--training", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), "--device", "cpu",
+        "--set", f"log_dir={REPO_ROOT / 'demo'}", "--data-dir", str(REPO_ROOT / "demo"),
+        "--output-dir", str(out)])
+    assert expected in _one_line_error(result)

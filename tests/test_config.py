@@ -553,3 +553,20 @@ def test_every_key_is_documented() -> None:
                     check(hints[f.name])
 
     check(Config)
+
+
+@pytest.mark.parametrize("overrides, key, hint", [
+    ({"pgd_settings.eps": 8}, "pgd_settings.eps", "did you mean 8/255"),
+    ({"evaluation_settings.eps": 16}, "evaluation_settings.eps", "did you mean 16/255"),
+    ({"pgd_settings.type": "l_2", "pgd_settings.eps": 12}, "pgd_settings.eps", "above 8"),
+])
+def test_implausible_eps_is_refused_instead_of_reporting_zero_robustness(overrides, key, hint):
+    from adaptive_smoothing.config import apply_overrides, load_config
+    from conftest import REPO_ROOT
+
+    config = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    with pytest.raises(ConfigError, match=rf"{key} = .*{hint}"):
+        apply_overrides(config, **overrides)
+    ok = apply_overrides(config, **dict(overrides, **{
+        key: 0.5 if overrides.get("pgd_settings.type") == "l_2" else "8/255"}))
+    assert ok.evaluation_settings.eps <= 0.5

@@ -209,6 +209,8 @@ def test_torchvision_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyP
         build_dataset("CIFAR-10", "test", "torchvision", root)
     message = str(info.value)
     assert str(root) in message and "cifar-10-python.tar.gz" in message and "npz" in message
+    assert "--data-dir" in message  # the README's flag, not only config keys
+    assert not root.exists()  # the failed download leaves no empty data/ folder behind
     with pytest.raises(DataError, match="cifar-100-python"):
         build_dataset("cifar100", "train", "torchvision", root)
     with pytest.raises(DataError, match="cifar-10-python.tar.gz"):

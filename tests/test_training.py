@@ -493,3 +493,100 @@ def test_trained_mixer_separates_clean_from_attacked_inputs(
     assert mixer_accuracy >= 0.8
     assert trained_clean >= fixed_clean - 0.05
     assert trained_robust >= fixed_robust + 0.2
+
+
+# -- resuming only what the config still describes (issue: silently ignored changes) -------------
+from adaptive_smoothing.config import apply_overrides  # noqa: E402
+from adaptive_smoothing.rundir import RunDirError, RunLock  # noqa: E402
+from adaptive_smoothing.training import TrainingResumeError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_step_run(tiny_root: Path) -> Path:
+    """A run killed after its first checkpoint (1 iteration of 2): something to resume."""
+    config = _tiny_config(tiny_root, "one_step", epochs=1, eval_freq={"epoch": 1, "iter": 1})
+    original = Trainer._train_iteration
+
+    def crash_at_second(self: Trainer, *args: Any) -> Any:
+        if self.iteration == 1:
+            raise _Interrupted()
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "_train_iteration", crash_at_second)
+        with pytest.raises(_Interrupted):
+            run_training(config)
+    return tiny_root / "one_step" / "checkpoints" / "last.pt"
+
+
+def _resumable_copy(one_step_run: Path, tiny_root: Path, name: str) -> Path:
+    target = tiny_root / name / "checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "last.pt").write_bytes(one_step_run.read_bytes())
+    return target / "last.pt"
+
+
+@pytest.mark.parametrize("key, value", [
+    ("training_settings.lr", "1e-4"), ("pgd_settings.eps", "4/255"), ("seed", 6),
+    ("training_settings.comp_loss_params.consts.bce", 0.5), ("forward_settings.pn_version", 4)])
+def test_resume_refuses_a_changed_config_key_naming_it(
+        one_step_run: Path, tiny_root: Path, key: str, value: Any) -> None:
+    _resumable_copy(one_step_run, tiny_root, f"changed_{key}")
+    config = apply_overrides(_tiny_config(tiny_root, f"changed_{key}", epochs=1),
+                             **{key: value})
+    with pytest.raises(TrainingResumeError, match=rf"{key}: .* -> .*--allow-config-change {key}"):
+        Trainer(config)
+
+
+def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root: Path) -> None:
+    _resumable_copy(one_step_run, tiny_root, "new_std")
+    torch.manual_seed(9)
+    other = create_model("resnet18", 10, width=2)
+    torch.save({"model": other.state_dict()}, tiny_root / "Base" / "std_other.pt")
+    config = apply_overrides(_tiny_config(tiny_root, "new_std", epochs=1),
+                             **{"model_load_path.std": "Base/std_other.pt"})
+    with pytest.raises(TrainingResumeError, match="STD checkpoint's content"):
+        Trainer(config)
+
+
+def test_allowed_lr_change_is_applied_and_recorded(one_step_run: Path, tiny_root: Path) -> None:
+    _resumable_copy(one_step_run, tiny_root, "allowed_lr")
+    old = _load(one_step_run)
+    old_lr = old["optimizer"]["param_groups"][0]["lr"]
+    config = apply_overrides(_tiny_config(tiny_root, "allowed_lr", epochs=1),
+                             **{"training_settings.lr": "3e-4"})  # 10x lower than 3e-3
+    trainer = Trainer(config, allow_config_change=["training_settings.lr"])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(old_lr / 10)
+    assert trainer.scheduler.base_lrs == [pytest.approx(3e-4)]
+    path = trainer.fit()
+    state = _load(path)
+    assert state["config"]["training_settings"]["lr"] == pytest.approx(3e-4)
+    (change,) = state["config_changes"]
+    assert change["changes"]["training_settings.lr"] == [pytest.approx(3e-3), pytest.approx(3e-4)]
+    assert change["iteration"] == 1
+
+
+def test_resume_from_a_mixer_only_file_says_what_it_is(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "mixer_only", epochs=1)
+    path = tiny_root / "mixer_only" / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True)
+    composite = build_composite(config)
+    torch.save({"model": composite.mixer.state_dict(), "bn": composite.gamma_bn.state_dict()},
+               path)
+    with pytest.raises(TrainingResumeError, match=r"last\.pt: not a training checkpoint.*"
+                                                  r"mixer-only.*--no-resume"):
+        Trainer(config)
+
+
+def test_second_training_into_a_locked_folder_is_refused(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "locked", epochs=1)
+    with RunLock(tiny_root / "locked"):
+        with pytest.raises(RunDirError, match=r"in use by another run \(pid \d+"):
+            run_training(config)
+
+
+def test_progress_bar_follows_max_steps(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "bar", epochs=50, max_steps=3)
+    trainer = Trainer(config)
+    # 100 iterations of 2 optimizer steps are configured, but max_steps stops after 2.
+    assert trainer.total_iterations == 100 and trainer.planned_iterations == 2
