@@ -28,7 +28,8 @@ from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
-from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
+from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
+                                        require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
@@ -472,6 +473,7 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     settings = config.evaluation_settings
     _, _, device = init_distributed(settings.device)
     dtype = resolve_precision(settings.precision, device)
+    require_checkpoint_files(config)
     composite = build_composite(config, device)
     load_composite_weights(composite, config)
     prepare_model(composite, channels_last=settings.channels_last, compile=settings.compile)

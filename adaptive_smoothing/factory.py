@@ -82,17 +82,12 @@ def load_composite_weights(composite: CompositeModel, config: Config) -> None:
     STD and ROB are always loaded; the mixer when ``comp`` is set and the model has one.
     All files are checked before any is loaded (see ``checkpoints.load_authors_checkpoints``).
     """
-    from adaptive_smoothing.checkpoints import CheckpointNotFoundError, load_authors_checkpoints
+    from adaptive_smoothing.checkpoints import load_authors_checkpoints
 
+    require_checkpoint_files(config)
     std_path = _existing_std_path(config.model_path("std"))
     rob_path = config.model_path("rob")
     mixer_path = config.model_path("comp")
-    for which, path in (("std", std_path), ("rob", rob_path), ("comp", mixer_path)):
-        if path is not None and not path.exists() and (which != "comp" or composite.mixer):
-            raise CheckpointNotFoundError(
-                f"checkpoint file not found: {path} (model_load_path.{which} of "
-                f"{config.source or 'the config'}, relative to log_dir {config.log_dir!r}); "
-                f"{_how_to_make(config, which, path)}")
     if mixer_path is not None and composite.mixer is None:
         logger.warning("model_load_path.comp (%s) is ignored: forward_settings.use_policy is "
                        "false, so the model has no mixing network", mixer_path)
@@ -101,6 +96,19 @@ def load_composite_weights(composite: CompositeModel, config: Config) -> None:
         logger.info("no mixer checkpoint (model_load_path.comp is None): the mixing network "
                     "keeps its random initial weights")
     load_authors_checkpoints(composite, std_path, rob_path, mixer_path)
+
+
+def require_checkpoint_files(config: Config) -> None:
+    """Raise CheckpointNotFoundError, naming the script that makes or downloads it, for the
+    first checkpoint of ``model_load_path`` that does not exist (before building large models)."""
+    from adaptive_smoothing.checkpoints import CheckpointNotFoundError
+
+    for which, path in checkpoint_paths(config).items():
+        if path is not None and not path.is_file():
+            raise CheckpointNotFoundError(
+                f"checkpoint file not found: {path} (model_load_path.{which} of "
+                f"{config.source or 'the config'}, relative to log_dir {config.log_dir!r}); "
+                f"{_how_to_make(config, which, path)}")
 
 
 def _how_to_make(config: Config, which: str, path: Path) -> str:

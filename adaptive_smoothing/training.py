@@ -38,7 +38,8 @@ from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, config_to_dict
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
-from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
+from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
+                                        require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.losses import CompLoss
@@ -427,6 +428,7 @@ class Trainer:
         _refuse_pre_attacked_data(config)
 
         # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
+        require_checkpoint_files(config)
         torch.manual_seed(self.seed)
         self.composite = build_composite(config, self.device)
         if self.composite.mixer is None:

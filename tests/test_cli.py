@@ -305,3 +305,21 @@ def test_training_mistakes_give_a_one_line_error(tmp_path, case):
         "--set", f"log_dir={REPO_ROOT / 'demo'}", "--data-dir", str(REPO_ROOT / "demo"),
         "--output-dir", str(out)])
     assert expected in _one_line_error(result)
+
+
+@pytest.mark.parametrize("config_name, mode, script", [
+    ("cifar10_edm.yaml", "--eval", "scripts/download_models.py --root-dir {root} --only "
+                                   "cifar10_std"),
+    ("rn18w8_cifar10_cpu.yaml", "--training", "scripts/train_base.py --output {root}/std_w8.pt"),
+])
+def test_missing_base_checkpoint_names_the_script_that_makes_it(tmp_path, config_name, mode,
+                                                                 script):
+    from conftest import REPO_ROOT
+
+    root = tmp_path / "empty"
+    root.mkdir()
+    result = CliRunner().invoke(run.main, [
+        mode, "--config", str(REPO_ROOT / "configs" / config_name), "--device", "cpu",
+        "--set", f"log_dir={root}", "--output-dir", str(tmp_path / "out")])
+    message = _one_line_error(result)
+    assert "checkpoint file not found" in message and script.format(root=root) in message
