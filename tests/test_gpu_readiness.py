@@ -346,6 +346,7 @@ def test_device_cuda_n_becomes_the_current_cuda_device(monkeypatch: pytest.Monke
     current: list[torch.device] = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # cuda:1 exists
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(device))
     assert runtime.init_distributed("cuda:1") == (0, 1, torch.device("cuda", 1))
     assert [torch.device(d) for d in current] == [torch.device("cuda", 1)]
