@@ -166,7 +166,7 @@ def test_run_py_speed_flags_reach_the_config_and_set_the_threads(
     path.write_text(yaml.safe_dump(_raw_config()))
     seen: dict[str, Any] = {}
     monkeypatch.setattr(evaluation, "run_evaluation",
-                        lambda config: seen.setdefault("config", config) and "table")
+                        lambda config, **kwargs: seen.setdefault("config", config) and "table")
     monkeypatch.setattr(training, "run_training",
                         lambda config, **kwargs: seen.setdefault("config", config))
     result = CliRunner().invoke(run.main, [
