@@ -939,6 +939,17 @@ class Trainer:
                     self.iteration, self.global_step, self.checkpoint_path)
 
 
+def _refuse_pre_attacked_data(config: Config) -> None:
+    """A config naming pre-attacked data must not train as if it did not (silently different)."""
+    pa_path = config.dataset_settings.pa_path
+    if pa_path is None:
+        return
+    state = "the file exists" if Path(pa_path).exists() else "the file does not exist"
+    raise ConfigError(f"training with pre-attacked data is not implemented yet ({state}: "
+                      f"{pa_path}); set pa_path: 'None' to train with online attacks only",
+                      key="dataset_settings.pa_path", value=pa_path, file=config.source)
+
+
 def run_training(config: Config, *, resume: bool = True, debug: bool = False,
                  allow_config_change: Any = ()) -> Path:
     """Train the mixing network as ``config`` describes (SPEC section 5).
