@@ -41,6 +41,7 @@ from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256
+from adaptive_smoothing.pre_attack import PreAttackedError, block_labels, load_blocks
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
@@ -149,7 +150,8 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
 
 # -- small pure helpers ---------------------------------------------------------------------------
 _PURPOSES = {"main": 1, "extra": 2, "augment": 3, "attack": 4, "buffer": 5, "validate": 6,
-             "attack_iterations": 7, "detection_fixed": 8, "detection_adaptive": 9}
+             "attack_iterations": 7, "detection_fixed": 8, "detection_adaptive": 9,
+             "pre_attacked": 10, "pa_augment": 11}
 
 
 def _derive_seed(seed: int, purpose: str, *indices: int) -> int:
@@ -425,7 +427,7 @@ class Trainer:
             resume = False
         self.checkpoint_path = self.output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
         self.seed = config.seed
-        _refuse_pre_attacked_data(config)
+        self.pre_attacked = _load_pre_attacked(config)
 
         # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
         require_checkpoint_files(config)
@@ -451,6 +453,12 @@ class Trainer:
         self.attack_settings = attack_settings_from_config(config)
         self.n_target = self.attack_settings.n_target
         self.batch = ts.per_process_batch_size(self.world)
+        # With pre-attacked data (the authors' recipe): a clean batch of batch * 5 // blocks and,
+        # per buffer, a pre-attacked slice as large as the online attacks at the full batch.
+        self.pa_slice = 0
+        if self.pre_attacked is not None:
+            self.pa_slice = (self.n_target + 1) * self.batch
+            self.batch = max(1, self.batch * 5 // self.pre_attacked["blocks"])
         ds = config.dataset_settings
         if train_set is None:
             train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
@@ -493,6 +501,7 @@ class Trainer:
         cl = ts.comp_loss_params
         self.loss_fn = CompLoss(cl.consts.bce, cl.consts.ce, cl.consts.prod,
                                 clean_scale=cl.scale.clean, adv_scale=cl.scale.ada)
+        self.scales = (cl.scale.clean, cl.scale.ada, cl.scale.pa)
         self.optimizer = torch.optim.AdamW(self.mixer.parameters(), lr=ts.lr,
                                            weight_decay=ts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
@@ -673,6 +682,30 @@ class Trainer:
             logger.info("saved %s", self.checkpoint_path)
         barrier()
 
+    def _pre_attacked_slice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This iteration's pre-attacked images (augmented), labels and mixer labels.
+
+        The (block, image) pairs are read as an endless chain of seeded permutations indexed by
+        the global iteration (like the extra clean stream), so a resumed run reads the same
+        slices; every process reads its own chain.
+        """
+        pa = self.pre_attacked
+        total = pa["x"].shape[0]
+        out: list[torch.Tensor] = []
+        position, need = self.iteration * self.pa_slice, self.pa_slice
+        while need > 0:
+            cycle, offset = divmod(position, total)
+            order = torch.randperm(total, generator=_generator(
+                _derive_seed(self.seed, "pre_attacked", cycle, self.rank)))
+            take = order[offset:offset + need]
+            out.append(take)
+            position, need = position + len(take), need - len(take)
+        idx = torch.cat(out)
+        x = pa["x"][idx].to(self.device).float() / 255
+        x = augment_batch(x, _generator(_derive_seed(self.seed, "pa_augment", self.iteration,
+                                                     self.rank)))
+        return x, pa["y"][idx].to(self.device), pa["label"][idx].to(self.device)
+
     def _write_results(self) -> None:
         """The final validation (detection AUCs included) as JSON beside the checkpoints."""
         if self.rank != 0:
@@ -726,7 +759,8 @@ class Trainer:
         return bool(flag.item())
 
     def _optimizer_step(self, xs: torch.Tensor, ys: torch.Tensor, labels: torch.Tensor,
-                        groups: list[torch.Tensor], stats: torch.Tensor) -> None:
+                        groups: list[torch.Tensor], stats: torch.Tensor,
+                        scales: Optional[torch.Tensor] = None) -> None:
         """Forward/backward the mini-batches of one accumulation group and take one step.
 
         The finiteness of the losses is collected on the device and decided once per step: a
@@ -746,6 +780,7 @@ class Trainer:
                     with autocast_context(self.device, self.dtype):
                         out = self.composite(xs[idx])
                     loss = self.loss_fn(out.log_probs, out.gamma, ys[idx], labels[idx],
+                                        scale=None if scales is None else scales[idx],
                                         accum_count=len(groups))
                     finite_loss = torch.isfinite(loss.detach())
                     losses_finite &= finite_loss
@@ -831,6 +866,16 @@ class Trainer:
         xs = torch.cat([x, x_extra.to(self.device), *adversarial])
         ys = torch.cat([y, y_extra.to(self.device), *([y] * len(adversarial))])
         labels = torch.cat([torch.zeros(n_clean), torch.ones(len(xs) - n_clean)]).to(self.device)
+        scales = None
+        if self.pre_attacked is not None:
+            x_pa, y_pa, label_pa = self._pre_attacked_slice()
+            clean_s, ada_s, pa_s = self.scales
+            scales = torch.cat([torch.full((n_clean,), clean_s),
+                                torch.full((len(xs) - n_clean,), ada_s),
+                                torch.full((len(x_pa),), pa_s)]).to(self.device)
+            xs = torch.cat([xs, x_pa])
+            ys = torch.cat([ys, y_pa])
+            labels = torch.cat([labels, label_pa])
         order = torch.randperm(len(xs), generator=_generator(
             _derive_seed(self.seed, "buffer", self.iteration, self.rank))).to(self.device)
         minibatches = list(order.chunk(self.n_mini))
@@ -838,7 +883,8 @@ class Trainer:
         stats = torch.zeros(9, dtype=torch.float64, device=self.device)
         steps = 0
         for start in range(0, len(minibatches), self.accum):
-            self._optimizer_step(xs, ys, labels, minibatches[start:start + self.accum], stats)
+            self._optimizer_step(xs, ys, labels, minibatches[start:start + self.accum], stats,
+                                 scales)
             steps += 1
             if self.global_step >= self.total_steps:
                 break
@@ -905,6 +951,9 @@ class Trainer:
                     self.total_steps, self.dtype, self.device)
         logger.info("lr %g, weight decay %g, accum_grad %d, output %s", ts.lr, ts.weight_decay,
                     ts.accum_grad, self.output_dir)
+        if self.pre_attacked is not None:
+            logger.info("plus %d pre-attacked images per buffer (clean batch %d = batch * 5 // "
+                        "%d blocks)", self.pa_slice, self.batch, self.pre_attacked["blocks"])
         return handler
 
     def _fit(self) -> None:
@@ -939,15 +988,37 @@ class Trainer:
                     self.iteration, self.global_step, self.checkpoint_path)
 
 
-def _refuse_pre_attacked_data(config: Config) -> None:
-    """A config naming pre-attacked data must not train as if it did not (silently different)."""
-    pa_path = config.dataset_settings.pa_path
-    if pa_path is None:
-        return
-    state = "the file exists" if Path(pa_path).exists() else "the file does not exist"
-    raise ConfigError(f"training with pre-attacked data is not implemented yet ({state}: "
-                      f"{pa_path}); set pa_path: 'None' to train with online attacks only",
-                      key="dataset_settings.pa_path", value=pa_path, file=config.source)
+def _load_pre_attacked(config: Config) -> Optional[dict[str, Any]]:
+    """The pre-attacked data of ``dataset_settings.pa_path`` (scripts/pre_attack.py), flattened
+    to (block, image) pairs with their mixer labels, or None without pa_path.
+
+    ``blocks`` (if set) takes the file's first ``blocks`` blocks; ``gamma_0`` is required: a
+    pair's mixer label is 1 where its block's gamma < gamma_0, else 0.
+    """
+    ds = config.dataset_settings
+    if ds.pa_path is None:
+        return None
+    try:
+        data = load_blocks(ds.pa_path)
+    except PreAttackedError as err:
+        raise ConfigError(f"cannot use the pre-attacked data: {err}", key="dataset_settings.pa_path",
+                          value=ds.pa_path, file=config.source) from None
+    if ds.gamma_0 is None:
+        raise ConfigError("expected a number: pre-attacked data (pa_path) needs gamma_0 to label "
+                          "its blocks", key="dataset_settings.gamma_0", value=None,
+                          file=config.source)
+    x, y, gamma = data["x"], data["y"], data["gamma"]
+    n_blocks = len(gamma) if ds.blocks is None else ds.blocks
+    if not 1 <= n_blocks <= len(gamma):
+        raise ConfigError(f"expected 1 .. {len(gamma)} (the blocks in {ds.pa_path})",
+                          key="dataset_settings.blocks", value=ds.blocks, file=config.source)
+    labels = block_labels(gamma[:n_blocks], ds.gamma_0)
+    n = x.shape[1]
+    logger.info("pre-attacked data %s: %d blocks of %d images, gammas %s, mixer labels %s",
+                ds.pa_path, n_blocks, n, gamma[:n_blocks].tolist(), labels.tolist())
+    return {"x": x[:n_blocks].reshape(n_blocks * n, *x.shape[2:]),
+            "y": y.repeat(n_blocks), "label": labels.repeat_interleave(n),
+            "blocks": n_blocks}
 
 
 def run_training(config: Config, *, resume: bool = True, debug: bool = False,

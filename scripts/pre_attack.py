@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Write pre-attacked training data (blocks of training images attacked once, ahead of time).
 
-Block design and file format: adaptive_smoothing/pre_attack.py. Training with such a file
-(dataset_settings.pa_path) is not supported yet; training refuses a config that names one.
+Block design and file format: adaptive_smoothing/pre_attack.py. Training reads such a file through
+dataset_settings.pa_path (docs/TRAINING.md, "Pre-attacked data").
 """
 from __future__ import annotations
 

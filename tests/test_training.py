@@ -280,12 +280,62 @@ def test_saved_gamma_bn_is_reestimated_on_the_last_buffer(reference_run: dict) -
         composite.gamma_bn.running_var.item(), rel=1e-5)
 
 
-def test_pre_attacked_data_path_is_refused_not_ignored(tiny_root: Path) -> None:
-    config = _tiny_config(tiny_root, "pa")
+def test_missing_pre_attacked_file_is_an_error_naming_key_and_file(tiny_root: Path) -> None:
+    config = _tiny_config(tiny_root, "pa_missing")
     from adaptive_smoothing.config import ConfigError, apply_overrides
-    config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa.pt")})
-    with pytest.raises(ConfigError, match=r"dataset_settings\.pa_path.*does not exist.*pa\.pt"):
+    config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa.pt"),
+                                        "dataset_settings.gamma_0": 7.1})
+    with pytest.raises(ConfigError, match=r"dataset_settings\.pa_path.*pa\.pt.*not found"):
         Trainer(config)
+
+
+def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adaptive_smoothing.config import apply_overrides
+    from adaptive_smoothing.data import build_dataset, load_tensors
+    from adaptive_smoothing.pre_attack import generate_blocks, save_blocks
+    config = _tiny_config(tiny_root, "pa", epochs=1, accum_grad=-1,
+                          comp_loss_params={"scale": {"clean": 2.0, "ada": 1.0, "pa": 3.0}})
+    composite = build_composite(config)
+    load_composite_weights(composite, config)
+    x, y = load_tensors(build_dataset("cifar10", "train", "npz", str(tiny_root / "data")))
+    gammas = (-math.inf, 0.0, 5.0, 8.0, math.inf)  # gamma_0 7.1: labels 1, 1, 1, 0, 0
+    save_blocks(generate_blocks(composite, x, y, torch.arange(len(y)), gammas=gammas,
+                                eps=8 / 255, iterations=1), tiny_root / "pa_blocks.pt")
+    config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa_blocks.pt"),
+                                        "dataset_settings.gamma_0": 7.1,
+                                        "dataset_settings.blocks": 5})
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = CompLoss.forward
+
+    def record(self: CompLoss, log_probs: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor,
+               label: torch.Tensor, scale: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+        seen.append((label.clone(), scale.clone()))
+        return original(self, log_probs, gamma, y, label, scale, **kwargs)
+
+    monkeypatch.setattr(CompLoss, "forward", record)
+    trainer = Trainer(config)
+    assert trainer.batch == 4 * 5 // 5 and trainer.pa_slice == 2 * 4
+    # The slice of an iteration is a function of the position (resume reads the same one).
+    trainer.iteration = 1
+    xa, ya, la = trainer._pre_attacked_slice()
+    other = Trainer(config)
+    other.iteration = 1
+    xb, yb, lb = other._pre_attacked_slice()
+    assert torch.equal(xa, xb) and torch.equal(la, lb) and xa.shape == (8, 3, 32, 32)
+    trainer.iteration = 0
+    trainer.fit()
+    labels, scales = torch.cat([s[0] for s in seen]), torch.cat([s[1] for s in seen])
+    per_iteration = 4 + 4 + 2 * 4 + 8
+    assert len(labels) == trainer.iteration * per_iteration
+    # Clean (label 0, scale 2), online attacks (label 1, scale 1), pre-attacked (scale 3).
+    pa = scales == 3.0
+    assert int(pa.sum()) == trainer.iteration * 8
+    assert int(((scales == 2.0) & (labels == 0)).sum()) == trainer.iteration * 8
+    assert int(((scales == 1.0) & (labels == 1)).sum()) == trainer.iteration * 8
+    # Pre-attacked labels come from the blocks' gammas: flat index // 8 images is the block.
+    expected = (torch.tensor(gammas) < 7.1).float().repeat_interleave(len(y))
+    assert torch.equal(trainer.pre_attacked["label"], expected)
 
 
 def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:
