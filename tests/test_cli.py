@@ -3,6 +3,7 @@ alpha sweep with its plots."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -323,3 +324,13 @@ def test_missing_base_checkpoint_names_the_script_that_makes_it(tmp_path, config
         "--set", f"log_dir={root}", "--output-dir", str(tmp_path / "out")])
     message = _one_line_error(result)
     assert "checkpoint file not found" in message and script.format(root=root) in message
+
+
+def test_debug_log_level_keeps_the_traceback_of_a_one_line_error(tmp_path, shared_cifar10,
+                                                                 caplog):
+    config = _write_config(tmp_path, shared_cifar10)
+    with caplog.at_level(logging.DEBUG):
+        result = CliRunner().invoke(run.main, ["--eval", "--config", str(config), "--device",
+                                               "cuda:7", "--log-level", "DEBUG"])
+    assert "device 'cuda:7'" in _one_line_error(result)
+    assert any(record.exc_info for record in caplog.records)  # for bug reports
