@@ -1,4 +1,5 @@
-"""How much of the robust model's robustness a fixed mixture can keep (SPEC section 8).
+"""How much of the robust model's robustness a fixed mixture can keep (docs/METHOD.md,
+"Certified robustness").
 
 A mixture with weight alpha on ROB outputs log((1 - alpha) p_std + alpha p_rob). At a point where
 ROB's probability margin d = p_rob(y) - max_{j != y} p_rob(j) exceeds (1 - alpha) / alpha, the

@@ -5,7 +5,7 @@
   the composite attack loss (1 - w) * CE|DLR|DLR-T + w * BCE(gamma, 1).
 - :func:`pgd`: PGD with per-sample momentum and eps (the training attacks' PGD variant).
 - :class:`RandomizedAttackSettings` / :func:`generate_training_attacks`: the randomized attacks
-  used to train the mixing network (SPEC section 5 step 1).
+  used to train the mixing network (docs/METHOD.md, "Training" step 1).
 - :func:`adaptive_attack`: APGD-CE + APGD-T with the composite loss, for evaluation beside
   AutoAttack (AutoAttack sees the log-probabilities only and never aims at the mixer).
 
@@ -358,8 +358,8 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
 
     g <- mu * g + grad / mean|grad|;  x <- proj(x + step * sign(g))  (Linf) or
     x <- proj(x + step * g / ||g||_2)  (L2). The step is ``step_size`` if given, else
-    eps / n_iter * alpha_factor per sample (SPEC section 9). mu = 0 is plain PGD. Returns the last
-    iterate, with its loss and whether it is misclassified.
+    eps / n_iter * alpha_factor per sample (docs/METHOD.md, "Authors' configs"). mu = 0 is plain
+    PGD. Returns the last iterate, with its loss and whether it is misclassified.
     """
     norm, target, x, eps_b, w = _setup(model, x, eps, bce_weight, norm, n_iter)
     batch = x.shape[0]
@@ -395,7 +395,7 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
     return AttackResult(x_adv.detach(), final_loss.detach(), logits.argmax(1) != y)
 
 
-# -- randomized training attacks (SPEC section 5 step 1) ------------------------------------------
+# -- randomized training attacks (docs/METHOD.md, "Training" step 1) ---------------------------
 @dataclass(frozen=True)
 class RandomizedAttackSettings:
     """Settings of the randomized attacks that generate the mixer's adversarial training data.
@@ -403,7 +403,7 @@ class RandomizedAttackSettings:
     Per run: iterations = max(1, round(chi2(iters_df) + iters_const)). Per run and sample:
     eps_i = eps * U(eps_factor_loc, eps_factor_loc + eps_factor_scale), w_i ~ U(0, comp_loss_wmax)
     and, for PGD, momentum decay ~ U(mom_decay_loc, mom_decay_loc + mom_decay_scale).
-    The eps, iteration and w defaults are the paper's (SPEC section 5); the PGD-only
+    The eps, iteration and w defaults are the paper's (docs/METHOD.md, "Training"); the PGD-only
     defaults (momentum, alpha_factor) are this project's choice.
     """
 
@@ -484,8 +484,8 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
     Untargeted run: loss (1 - w) * CE + w * BCE(gamma, 1); targeted run j (j = 1..n_target):
     (1 - w) * DLR_targeted + w * BCE(gamma, 1) with target the (j + 1)-th highest class of the
     composite's clean output. Each batch holds the highest-loss point per sample (fooled or not).
-    The composite runs in eval mode with scale_alpha off (SPEC section 5); the caller's mode is
-    restored afterwards, also on error.
+    The composite runs in eval mode with scale_alpha off (docs/METHOD.md, "Training"); the
+    caller's mode is restored afterwards, also on error.
     """
     from adaptive_smoothing.models.composite import CompositeModel
     was_training = composite.training

@@ -1,4 +1,5 @@
-"""Reading, checking and writing every checkpoint format of the project (SPEC section 4).
+"""Reading, checking and writing every checkpoint format of the project (docs/METHOD.md,
+"Published models").
 
 Formats read:
 
@@ -314,7 +315,8 @@ def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
 
 def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_path: PathLike,
                              mixer_path: Optional[PathLike]) -> None:
-    """Load the authors' three files (STD, ROB, mixer; SPEC section 4) into ``composite``.
+    """Load the authors' three files (STD, ROB, mixer; docs/METHOD.md, "Published models") into
+    ``composite``.
 
     ``mixer_path`` None loads the base models only. All files are checked before any is loaded.
     """

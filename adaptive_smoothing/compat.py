@@ -1,4 +1,4 @@
-"""The one place that works around third-party packaging quirks (SPEC section 10).
+"""The one place that works around third-party packaging quirks (docs/METHOD.md, "Quirks").
 
 robustbench 1.1.1 depends on the maintained AutoAttack (PyPI ``pyautoattack``) but imports it as
 ``autoattack`` and calls it with the original package's conventions, which pyautoattack changed:

@@ -1,7 +1,7 @@
 """YAML configuration -> validated, typed, frozen dataclasses.
 
-The authors' file layout (SPEC section 9) loads unchanged, quirks included: numbers written as
-strings ('5e-5'), tuples written as strings ('(2., 0.4)'), the string 'None', and 'default' for
+The authors' file layout (docs/METHOD.md, "Authors' configs") loads unchanged, quirks included:
+numbers written as strings ('5e-5'), tuples written as strings ('(2., 0.4)'), the string 'None', and 'default' for
 values that depend on other keys. This project's additions (``evaluation_settings``, a global
 ``training_settings.batch_size``, ...) are optional keys. docs/CONFIG.md documents every key.
 
@@ -44,7 +44,8 @@ MODEL_TYPE_ALIASES: dict[str, str] = {
 }
 AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
-TRAINING_ATTACKS = ("apgd-ce", "apgd-t")  # what 'default' means in pgd_settings (SPEC 9)
+# What 'default' means in pgd_settings (docs/METHOD.md, "Authors' configs").
+TRAINING_ATTACKS = ("apgd-ce", "apgd-t")
 DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
 # Radii above these are not a threat model anyone evaluates on [0, 1] images (Linf 64/255 already
 # allows a visible grey overlay); a larger value is almost always a unit mistake (eps: 8 for 8/255).

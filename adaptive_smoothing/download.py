@@ -1,4 +1,5 @@
-"""Download the published checkpoints into the layout of SPEC section 4 (stdlib urllib only).
+"""Download the published checkpoints into the layout of docs/METHOD.md, "Published models"
+(stdlib urllib only).
 
 Each file goes to ``<target>.part`` first (resumed with an HTTP Range request where the server
 honours it) and is renamed onto the target only once it passed the checks: complete, size and
@@ -57,7 +58,7 @@ class Source:
     dataset: str           # cifar10 | cifar100
     model: str             # edm | trades | std (the BiT model shared by both mixers)
     kind: str              # std | rob | mixer
-    target: str            # relative to --root-dir, SPEC section 4
+    target: str            # relative to --root-dir, docs/METHOD.md, "Published models"
     host: str              # key of DEFAULT_BASE_URLS
     path: Optional[str] = None      # URL path below the host's base URL
     drive_id: Optional[str] = None  # Google Drive file id (host 'gdrive')

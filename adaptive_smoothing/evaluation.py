@@ -1,9 +1,9 @@
 """Evaluation of a composite model: clean accuracy, AutoAttack, PGD and the adaptive attack.
 
-The attacked function is always the whole composite in eval mode with scale_alpha on (SPEC
-section 6): AutoAttack sees it through :class:`LogProbClassifier`, our own attacks through the
-composite itself (so they also see gamma). Results are persisted per batch under
-``output_dir/batches``: a run that is killed and restarted skips the finished batches, and within a
+The attacked function is always the whole composite in eval mode with scale_alpha on
+(docs/METHOD.md, "Evaluation"): AutoAttack sees it through :class:`LogProbClassifier`, our own
+attacks through the composite itself (so they also see gamma). Results are persisted per batch
+under ``output_dir/batches``: a run that is killed and restarted skips the finished batches, and within a
 batch AutoAttack resumes from its own state file.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ from adaptive_smoothing.runtime import resolve_device
 logger = logging.getLogger(__name__)
 
 # The authors' README names the STD file Base/{dataset}_bit_rn152.tar while their benchmark
-# script looked for .pt; either is accepted (SPEC section 4).
+# script looked for .pt; either is accepted (docs/METHOD.md, "Published models").
 _STD_ALTERNATIVE_SUFFIXES = {".tar": ".pt", ".pt": ".tar"}
 
 

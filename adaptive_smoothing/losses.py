@@ -84,7 +84,8 @@ def composite_attack_loss(logits: torch.Tensor, gamma: Optional[torch.Tensor], y
     """Per-sample attack loss (1 - w) * L(out, y) + w * BCEWithLogits(gamma, 1).
 
     L is CE, DLR or targeted DLR. Maximising the BCE term pushes gamma down, i.e. fools the mixer
-    into trusting the STD model (SPEC section 5). ``bce_weight`` w is a float or a (B,) tensor.
+    into trusting the STD model (docs/METHOD.md, "Training"). ``bce_weight`` w is a float or a
+    (B,) tensor.
     ``gamma`` None (a plain classifier) or +-inf drops the BCE term.
     """
     base = attack_base_loss(logits, y, loss, y_target)
@@ -96,7 +97,7 @@ def composite_attack_loss(logits: torch.Tensor, gamma: Optional[torch.Tensor], y
 
 
 class CompLoss(nn.Module):
-    """The mixing network's training loss (SPEC section 5 step 3).
+    """The mixing network's training loss (docs/METHOD.md, "Training" step 3).
 
     Per sample:  scale * (c_bce * BCE(gamma, mixer_label) + c_ce * CE(out, y)
                           + c_prod * BCE * CE)

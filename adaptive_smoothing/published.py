@@ -1,4 +1,5 @@
-"""The three published adaptive-smoothing models (SPEC section 4; RobustBench Bai2023Improving_*).
+"""The three published adaptive-smoothing models (docs/METHOD.md, "Published models"; RobustBench
+Bai2023Improving_*).
 
 ``load_published_model(root_dir, dataset, model_name)`` builds the published architecture and loads
 the authors' checkpoint files from the layout their README asks for::
@@ -148,7 +149,8 @@ def published_paths(root_dir: PathLike, dataset: str, model_name: str) -> tuple[
     if any(path is None for path in found):
         raise CheckpointNotFoundError(
             f"published model {spec.dataset}/{spec.name}: checkpoint files missing under "
-            f"{root} (expected layout below; see SPEC section 4):\n" + "\n".join(lines))
+            f"{root} (expected layout below; see docs/METHOD.md, 'Published models'):\n"
+            + "\n".join(lines))
     return found[0], found[1], found[2]
 
 

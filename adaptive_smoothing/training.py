@@ -1,4 +1,4 @@
-"""Training the mixing network (SPEC section 5); docs/TRAINING.md is the user's guide.
+"""Training the mixing network (docs/METHOD.md, "Training"); docs/TRAINING.md is the user's guide.
 
 One *iteration* takes B clean training images and builds the buffer
 
@@ -63,7 +63,7 @@ RESULTS_FILE = "training_results.json"
 DEBUG_DIR = "debug"
 CHECKPOINT_VERSION = 1
 
-GRAD_CLIP_NORM = 10.0          # SPEC section 5 step 4
+GRAD_CLIP_NORM = 10.0          # docs/METHOD.md, "Training" step 4
 WARMUP_FRACTION = 25           # exponential warm-up over the first 1/25 of the optimizer steps
 CROP_PADDING = 4               # CIFAR augmentation: RandomCrop(32, padding=4) + horizontal flip
 DEBUG_ITERATIONS = 2
@@ -171,7 +171,8 @@ def attack_settings_from_config(config: Config) -> RandomizedAttackSettings:
     pgd_s, ras = config.pgd_settings, config.randomized_attack_settings
     if not ras.randomize:
         raise ConfigError("expected true: this project implements the randomized training "
-                          "attacks only (SPEC section 5); narrow them with eps_factor_scale, "
+                          "attacks only (docs/METHOD.md, 'Training'); narrow them with "
+                          "eps_factor_scale, "
                           "comp_loss_wmax or iters_const instead",
                           key="randomized_attack_settings.randomize", value=ras.randomize,
                           file=config.source)
@@ -530,7 +531,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
-            # "model" + "bn": the authors' mixer checkpoint (SPEC section 4), loadable as such.
+            # "model" + "bn": the authors' mixer checkpoint (docs/METHOD.md, "Published models"),
+            # loadable as such.
             "model": self.mixer.state_dict(), "bn": self.composite.gamma_bn.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "warmup": self.warmup.state_dict(), "scaler": self.scaler.state_dict(),
@@ -1023,7 +1025,7 @@ def _load_pre_attacked(config: Config) -> Optional[dict[str, Any]]:
 
 def run_training(config: Config, *, resume: bool = True, debug: bool = False,
                  allow_config_change: Any = ()) -> Path:
-    """Train the mixing network as ``config`` describes (SPEC section 5).
+    """Train the mixing network as ``config`` describes (docs/METHOD.md, "Training").
 
     Args:
         resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """How much of ROB's robustness can a mixture keep? ROB's probability margins under attack and
-fixed-alpha mixtures at several ROB logit scales (adaptive_smoothing.analysis, SPEC section 8)."""
+fixed-alpha mixtures at several ROB logit scales (adaptive_smoothing.analysis;
+docs/METHOD.md, "Certified robustness")."""
 from __future__ import annotations
 
 import dataclasses

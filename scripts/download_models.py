@@ -1,4 +1,5 @@
-"""Download the published checkpoints (SPEC section 4) into a model root folder."""
+"""Download the published checkpoints (docs/METHOD.md, "Published models") into a model root
+folder."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,5 @@
-"""The margin analysis of fixed mixtures (SPEC section 8): the threshold is exactly where an STD
-output can start to flip the mixture, and the report's shares are consistent."""
+"""The margin analysis of fixed mixtures (docs/METHOD.md, "Certified robustness"): the threshold
+is exactly where an STD output can start to flip the mixture, and the report's shares are consistent."""
 from __future__ import annotations
 
 import importlib.util

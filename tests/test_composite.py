@@ -1,4 +1,4 @@
-"""The composite classifier against hand computations of SPEC section 1, with small models."""
+"""The composite classifier against hand computations (docs/METHOD.md, "Composite")."""
 from __future__ import annotations
 
 import copy
@@ -71,7 +71,8 @@ def count_calls(module: torch.nn.Module) -> list:
 
 
 def test_fixed_gamma_equals_hand_mixture(x):
-    # alpha_scale/bias apply to the mixer's alpha only; a fixed gamma is used as is (SPEC 1).
+    # alpha_scale/bias apply to the mixer's alpha only; a fixed gamma is used as is
+    # (docs/METHOD.md, "Composite").
     model = composite(mixer=False, gamma=0.7, alpha_scale=0.5, alpha_bias=0.1)
     out = model(x)
     g, h = model.std_model(x), model.rob_model(x)

@@ -19,7 +19,8 @@ from adaptive_smoothing.factory import build_composite
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-# A file exactly in the authors' layout (SPEC section 9), none of this project's new keys.
+# A file exactly in the authors' layout (docs/METHOD.md, "Authors' configs"), none of this
+# project's new keys.
 AUTHORS_FILE = """\
 seed: 20230331
 log_dir: '/data/models'
@@ -112,7 +113,8 @@ def _set(raw: dict, key_path: str, value: Any) -> dict:
 
 
 # -- shipped configs ---------------------------------------------------------------------------
-# SPEC section 4 table: gamma (eval), alpha (scale, bias), logit scales (s_std, s_rob).
+# docs/METHOD.md, "Published models": gamma (eval), alpha (scale, bias), logit scales
+# (s_std, s_rob).
 PUBLISHED = {
     "cifar10_edm": ("cifar10", "dm_wrn_70_16_silu", (2.0, 1.05), (0.04, 0.96), (1.2, 0.3),
                     (1.5, 0.0, 0.3), 1.0),

@@ -1,8 +1,8 @@
 """The three published models against robustbench's implementation (``get_composite_model``).
 
 For each model: robustbench's architecture with random weights, made confident (random weights
-give near-uniform outputs that hide mistakes, SPEC section 10), is written in the authors' file
-layout and in RobustBench's three files; ours loads each, and the outputs, gammas and state dicts
+give near-uniform outputs that hide mistakes; docs/METHOD.md, "Quirks"), is written in the
+authors' file layout and in RobustBench's three files; ours loads each, and the outputs, gammas and state dicts
 must agree.
 
 These are the published sizes (about 567 M parameters, 2.3 GB in fp32, ~10 s to build and a few
@@ -42,7 +42,7 @@ def build_robustbench_composite(dataset: str, name: str) -> torch.nn.Module:
     import_robustbench()
     from robustbench.model_zoo.architectures.comp_model import get_composite_model
 
-    # Its BiT calls .cuda() in the constructor (SPEC section 10); it also prints a lot.
+    # Its BiT calls .cuda() in the constructor (docs/METHOD.md, "Quirks"); it also prints a lot.
     with mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self), \
             contextlib.redirect_stdout(io.StringIO()):
         wrapper = get_composite_model(name, dataset)

@@ -16,7 +16,8 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def documented_channels(name: str) -> tuple[int, int]:
-    """Feature channels as docs/SPEC section 3 state them, from the architecture's name."""
+    """Feature channels as docs/METHOD.md ("Base models") states them, from the architecture's
+    name."""
     if match := re.fullmatch(r"bit_[ms]_r\d+x(\d+)", name):
         width = int(match.group(1))
         return 256 * width, 512 * width

@@ -1,4 +1,5 @@
-"""The mixer's training loop (SPEC section 5): resumption, NaN policy, outputs and behaviour.
+"""The mixer's training loop (docs/METHOD.md, "Training"): resumption, NaN policy, outputs and
+behaviour.
 
 Tiny models (ResNet-18 of width 2, or hand-built synthetic classifiers) and tiny datasets keep
 every run to seconds on a shared 2-core CPU; torch runs single-threaded here because two threads

@@ -1,4 +1,5 @@
-"""The adaptively smoothed ("composite", "mixed") classifier of Bai et al. (SPEC section 1).
+"""The adaptively smoothed ("composite", "mixed") classifier of Bai et al.
+(docs/METHOD.md, "Composite").
 
     out(x) = log((1 - alpha(x)) * softmax(s_std * g(x)) + alpha(x) * softmax(s_rob * h(x)))
 
