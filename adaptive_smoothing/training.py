@@ -83,7 +83,7 @@ class TrainingResumeError(RuntimeError):
 # training does not read. Everything else must match to resume.
 _NOT_SHAPING_WEIGHTS = (
     "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
-    "dataset_settings.pa_path", "dataset_settings.gamma_0", "dataset_settings.blocks",
+    "dataset_settings.pa_path",
     "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
     "training_settings.n_val_examples", "training_settings.batch_size_test_per_gpu",
     "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
@@ -97,7 +97,8 @@ _NOT_SHAPING_WEIGHTS = (
 _FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
                      "model_load_path.rob": "the ROB checkpoint's content",
                      "model_load_path.comp": "the initial mixer checkpoint's content",
-                     "dataset_settings.train_data": "the training data's content"}
+                     "dataset_settings.train_data": "the training data's content",
+                     "dataset_settings.pa_data": "the pre-attacked data's content"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -129,6 +130,10 @@ def training_identity(config: Config) -> dict[str, Any]:
     # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
     # in for their content.
     identity["dataset_settings.train_data"] = data or f"path {ds.path}"
+    if ds.pa_path is not None:
+        pa = Path(ds.pa_path)
+        identity["dataset_settings.pa_data"] = (optional_file_sha256(pa) if pa.is_file()
+                                                else f"path {ds.pa_path}")
     return json_safe(identity)
 
 
