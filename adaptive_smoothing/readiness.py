@@ -82,7 +82,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _DispatchSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+class SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """CPU stand-in for CUDA's sync debug mode: ops that wait for the GPU (.item()/bool(),
     nonzero and boolean-mask indexing) or copy Python data to it (torch.tensor / as_tensor)."""
 
@@ -106,7 +106,7 @@ class _DispatchSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
 def _count_syncs(fn: Callable[[], Any], device: torch.device) -> list[str]:
     """The synchronisations ``fn`` causes (messages of CUDA's sync debug warnings)."""
     if device.type != "cuda":
-        with _DispatchSyncRecorder() as recorder:
+        with SyncRecorder() as recorder:
             fn()
         return recorder.found
     _synchronize(device)

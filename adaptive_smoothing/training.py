@@ -860,9 +860,9 @@ class Trainer:
                          y_extra: torch.Tensor) -> dict[str, float]:
         """Attack, build and shuffle the buffer, and take its optimizer steps."""
         x, y = x.to(self.device), y.to(self.device)
-        gen_device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        attack_gen = _generator(_derive_seed(self.seed, "attack", self.iteration, self.rank),
-                                gen_device)
+        # A CPU generator on every device: the attacks' random draws (starts, eps, w) are made on
+        # the CPU and moved, so a GPU run trains on the same attacks as a CPU run of the seed.
+        attack_gen = _generator(_derive_seed(self.seed, "attack", self.iteration, self.rank))
         # Iteration counts from a generator without the rank: every process runs as many
         # attack iterations as the others (DDP waits for the slowest at the next all-reduce).
         iterations_gen = _generator(_derive_seed(self.seed, "attack_iterations", self.iteration))

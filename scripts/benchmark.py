@@ -9,7 +9,6 @@ adaptive_smoothing/speed.py for what is measured.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

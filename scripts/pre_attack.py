@@ -7,7 +7,6 @@ dataset_settings.pa_path (docs/TRAINING.md, "Pre-attacked data").
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from pathlib import Path
 

@@ -22,6 +22,7 @@ from torch.utils.data import TensorDataset
 
 from adaptive_smoothing import analysis, base_training, training
 from adaptive_smoothing.checkpoints import save_checkpoint
+from adaptive_smoothing.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
@@ -235,37 +236,15 @@ def test_gradient_scaling_leaves_fp32_gradients_bit_for_bit_unchanged() -> None:
 
 
 # -- 10, 11: no host-device synchronisation in the composite's forward and an APGD step ------------
-class _SyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that wait for a GPU or copy from the host on one: .item()/bool() of a
-    tensor (_local_scalar_dense), nonzero (boolean-mask indexing), and tensors made from Python
-    data (lift_fresh: torch.tensor / as_tensor)."""
-
-    SYNCS = {"nonzero", "_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "masked_select",
-             "is_nonzero"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = func.overloadpacket.__name__
-        if name in self.SYNCS:
-            self.found.append(name)
-        if name in ("index", "index_put", "index_put_") and any(
-                t is not None and t.dtype == torch.bool for t in args[1]):
-            self.found.append(f"{name} with a boolean mask")
-        return func(*args, **(kwargs or {}))
-
-
 def test_composite_forward_and_apgd_steps_do_not_synchronise_with_the_device() -> None:
     from adaptive_smoothing.attacks import apgd
     composite = tiny_composite(mixer=True, alpha_bias=0.2, alpha_scale=0.75).eval()
     x, y = synthetic_data(8, seed=1)
-    with _SyncRecorder() as recorder:
+    with SyncRecorder() as recorder:
         composite(x)
     assert recorder.found == []
     # 3 iterations: the step-size checkpoint (halving, restart from the best point) comes at 1.
-    with _SyncRecorder() as recorder:
+    with SyncRecorder() as recorder:
         apgd(composite, x, y, 8 / 255, n_iter=3, loss="ce", bce_weight=0.3)
     assert recorder.found == []
 
@@ -310,7 +289,7 @@ def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
         syncs_before_step.append(list(recorder.found))
         return original_step(*args, **kwargs)
     monkeypatch.setattr(trainer.scaler, "step", step)
-    with _SyncRecorder() as recorder:
+    with SyncRecorder() as recorder:
         trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
     # One decision (finite losses and gradient norm) for the whole accumulation group.
     assert syncs_before_step == [["_local_scalar_dense"]]
