@@ -64,8 +64,10 @@ class _Handler(BaseHTTPRequestHandler):
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(body)
+        # Counted before writing: the client may finish reading, and the test check the count,
+        # before this thread runs again (a failed write raises, so the count is not overstated).
         self.record.sent += len(body)
+        self.wfile.write(body)
 
 
 def serve_file(data: bytes, honour_range: bool = True) -> Route:
