@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -84,6 +85,21 @@ def _adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         model.train()
 
 
+# Settings that do not change the weights: a run may resume on another device or worker count.
+_RESUMABLE_CHANGES = frozenset({"device", "num_workers", "compile"})
+
+
+def _check_same_settings(path: Path, saved: dict[str, Any],
+                         settings: BaseTrainingSettings) -> None:
+    """Refuse to continue a checkpoint under settings that would train different weights."""
+    current = dataclasses.asdict(settings)
+    changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in sorted(saved)
+               if key in current and key not in _RESUMABLE_CHANGES and saved[key] != current[key]]
+    if changed:
+        raise ValueError(f"{path}: cannot resume, settings differ from the checkpoint's "
+                         f"({'; '.join(changed)}); use another --output or --no-resume")
+
+
 def _one_cycle(step: int, total: int) -> float:
     """Linear warm-up to the peak over the first 40% of steps, then linear decay to 0."""
     peak_at = 0.4 * total
@@ -117,6 +133,7 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
     scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
     start_epoch = 0
+    cpu_seconds = 0.0
     if resume and output.exists():
         # Loaded on the CPU: torch.set_rng_state takes a CPU ByteTensor only (a CUDA map_location
         # made every resume on a GPU crash); load_state_dict copies the weights to the device.
@@ -124,14 +141,21 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _check_same_settings(output, state.get("settings", {}), settings)
         start_epoch = int(state["epoch"])
+        cpu_seconds = float(state.get("cpu_seconds", 0.0))
         torch.set_rng_state(state["rng_state"])
-        logger.info("resuming %s from epoch %d", output, start_epoch)
+        logger.info("resuming %s from epoch %d (%.2f CPU-hours so far)", output, start_epoch,
+                    cpu_seconds / 3600)
 
     for epoch in range(start_epoch, settings.epochs):
         model.train()
+        # Each epoch's order depends on (seed, epoch) alone, so a run resumed from any epoch's
+        # checkpoint sees the same batches as one that was never stopped.
+        loader.generator.manual_seed(settings.seed + epoch)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        epoch_cpu_start = time.process_time()
         correct = seen = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}",
@@ -157,12 +181,13 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
         logger.info("epoch %d/%d: loss %.4f, %s accuracy %.4f", epoch + 1, settings.epochs,
                     loss_sum / max(seen, 1), "clean" if settings.method == "standard"
                     else "adversarial", correct / max(seen, 1))
+        cpu_seconds += time.process_time() - epoch_cpu_start
         save_checkpoint({
             "model": model.state_dict(), "arch": settings.arch,
             "arch_kwargs": dict(settings.arch_kwargs), "num_classes": settings.num_classes,
             "method": settings.method, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-            "rng_state": torch.get_rng_state(),
+            "rng_state": torch.get_rng_state(), "cpu_seconds": cpu_seconds,
             "settings": {k: v for k, v in dataclasses.asdict(settings).items()},
         }, output)
     model.eval()

@@ -70,7 +70,7 @@ def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: 
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         train_base_model(settings, train_set, output, resume=resume)
-    except RuntimeSettingsError as err:
+    except (RuntimeSettingsError, ValueError) as err:
         raise click.ClickException(str(err)) from None
 
 
