@@ -6,8 +6,10 @@
 - :func:`pgd`: PGD with per-sample momentum and eps (the training attacks' PGD variant).
 - :class:`RandomizedAttackSettings` / :func:`generate_training_attacks`: the randomized attacks
   used to train the mixing network (docs/METHOD.md, "Training" step 1).
-- :func:`adaptive_attack`: APGD-CE + APGD-T with the composite loss, for evaluation beside
-  AutoAttack (AutoAttack sees the log-probabilities only and never aims at the mixer).
+- :func:`apgd_cascade`: the orchestration, APGD-CE then APGD-T on the points still robust
+  (validation during training); :func:`adaptive_attack` is it with the composite loss, for
+  evaluation beside AutoAttack (AutoAttack sees the log-probabilities only and never aims at
+  the mixer).
 
 Attacks differentiate w.r.t. the input only (``torch.autograd.grad``): parameter ``.grad`` fields
 are never touched, and the model's mode is left as the caller set it, except in
@@ -19,11 +21,11 @@ a :class:`PerImageRandom`, whose draws for an image depend only on the seed and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
@@ -396,44 +398,53 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
 
 
 # -- randomized training attacks (docs/METHOD.md, "Training" step 1) ---------------------------
-@dataclass(frozen=True)
-class RandomizedAttackSettings:
+class RandomizedAttackSettings(BaseModel):
     """Settings of the randomized attacks that generate the mixer's adversarial training data.
 
     Per run: iterations = max(1, round(chi2(iters_df) + iters_const)). Per run and sample:
     eps_i = eps * U(eps_factor_loc, eps_factor_loc + eps_factor_scale), w_i ~ U(0, comp_loss_wmax)
     and, for PGD, momentum decay ~ U(mom_decay_loc, mom_decay_loc + mom_decay_scale).
     The eps, iteration and w defaults are the paper's (docs/METHOD.md, "Training"); the PGD-only
-    defaults (momentum, alpha_factor) are this project's choice.
+    defaults (momentum, alpha_factor) are this project's choice. The field names are the keys of
+    the config's ``randomized_attack_settings`` section; ``eps``, ``norm`` and ``n_target`` are
+    the training threat model (in the authors' layout: ``pgd_settings``).
     """
 
-    eps: float = 8 / 255
-    norm: Norm = "Linf"
-    n_target: int = 9
-    apgd: bool = True
-    random_start: bool = True
-    eps_factor_loc: float = 0.4
-    eps_factor_scale: float = 0.7
-    mom_decay_loc: float = 0.0
-    mom_decay_scale: float = 1.0
-    iters_df: float = 75.0
-    iters_const: float = 0.0
-    alpha_factor: float = 2.5
-    comp_loss_wmax: float = 0.4
-    apgd_momentum: float = 0.75
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "norm", _check_norm(self.norm))
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
-        if self.n_target < 0:
-            raise ValueError(f"n_target must be >= 0, got {self.n_target}")
-        if self.eps_factor_scale < 0 or self.mom_decay_scale < 0:
-            raise ValueError("eps_factor_scale and mom_decay_scale must be >= 0")
-        if self.iters_df <= 0:
-            raise ValueError(f"iters_df must be positive, got {self.iters_df}")
-        if not 0 <= self.comp_loss_wmax <= 1:
-            raise ValueError(f"comp_loss_wmax must lie in [0, 1], got {self.comp_loss_wmax}")
+    eps: float = Field(8 / 255, ge=0, description="attack radius before the per-sample factor")
+    norm: Norm = Field("Linf", description="threat model: 'Linf' or 'L2'")
+    n_target: int = Field(9, ge=0, description="targeted runs (APGD-T / targeted PGD) after the "
+                          "untargeted one; targets are the 2nd .. (n_target + 1)-th classes")
+    apgd: bool = Field(True, description="APGD (true) or PGD with random momentum (false)")
+    random_start: bool = Field(True, description="random start of the training attacks")
+    eps_factor_loc: float = Field(0.4, ge=0, description="eps_i = eps * U(loc, loc + scale)")
+    eps_factor_scale: float = Field(0.7, ge=0, description="see eps_factor_loc")
+    mom_decay_loc: float = Field(0.1, ge=0, le=1,
+                                 description="PGD momentum ~ U(loc, loc + scale); loc + scale "
+                                 "<= 1")
+    mom_decay_scale: float = Field(0.3, ge=0, le=1, description="see mom_decay_loc")
+    iters_df: float = Field(75.0, gt=0,
+                            description="iterations = max(1, round(chi2(iters_df) + "
+                            "iters_const))")
+    iters_const: float = Field(0.0, description="see iters_df")
+    alpha_factor: float = Field(2.5, gt=0,
+                                description="PGD step = eps / iterations * alpha_factor")
+    comp_loss_wmax: float = Field(0.4, ge=0, le=1,
+                                  description="BCE weight w ~ U(0, comp_loss_wmax)")
+
+    @field_validator("norm", mode="before")
+    @classmethod
+    def _normalise_norm(cls, value: Any) -> Any:
+        return _NORM_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _momentum_range_within_one(self) -> "RandomizedAttackSettings":
+        total = self.mom_decay_loc + self.mom_decay_scale
+        if total > 1 + 1e-12:
+            raise ValueError(f"expected mom_decay_loc + mom_decay_scale <= 1 (mom_decay_scale = "
+                             f"{self.mom_decay_scale}, sum = {total})")
+        return self
 
 
 class AttackRunDraw(NamedTuple):
@@ -513,7 +524,6 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
             if settings.apgd:
                 result = apgd(target, x, y, draw.eps, norm=settings.norm, n_iter=draw.n_iter,
                               loss=loss, y_target=y_target, bce_weight=draw.bce_weight,
-                              momentum=settings.apgd_momentum,
                               random_start=settings.random_start, generator=generator)
             else:
                 result = pgd(target, x, y, draw.eps, norm=settings.norm, n_iter=draw.n_iter,
@@ -532,56 +542,92 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
     return batches
 
 
-# -- evaluation-side adaptive attack --------------------------------------------------------------
-class AdaptiveAttackResult(NamedTuple):
+# -- orchestration: APGD-CE, then APGD-T on the points still robust ------------------------------
+class CascadeResult(NamedTuple):
     robust: torch.Tensor         # (B,) bool: correct on x and not fooled by any run
     clean_correct: torch.Tensor  # (B,) bool
     x_adv: torch.Tensor          # first adversarial example found per sample, else x
+    first_x_adv: torch.Tensor    # the first run's point (first adversarial iterate, else the
+    #                              highest-loss one) where it ran, else x
 
 
-def adaptive_attack(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
-                    x: torch.Tensor, y: torch.Tensor, eps: PerSample, norm: Norm = "Linf",
-                    n_iter: int = 100, bce_weight: float = 0.5, n_target: int = 9,
-                    generator: Optional[RandomSource] = None) -> AdaptiveAttackResult:
-    """APGD-CE and APGD-T with the composite loss ((1 - w) * CE|DLR-T + w * BCE(gamma, 1)).
+AdaptiveAttackResult = CascadeResult
 
-    Like AutoAttack, each run attacks only the points still robust; a point is robust only if it
-    is classified correctly on x and survives every run (worst case over runs). Targets of
-    APGD-T are the 2nd..(n_target + 1)-th highest classes of the model's output on x, taken for
-    the remaining points before each run. The model's mode (eval with scale_alpha on, for the
-    published evaluation) is the caller's. ``generator`` defaults to one seeded with 0, so that a
-    rerun attacks with the same random starts.
+
+def apgd_cascade(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
+                 x: torch.Tensor, y: torch.Tensor, eps: PerSample, *, norm: Norm = "Linf",
+                 n_iter: int = 100, n_target: int = 9, bce_weight: PerSample = 0.0,
+                 generator: Optional[RandomSource] = None,
+                 clean_correct: Optional[torch.Tensor] = None,
+                 first_on_all: bool = False) -> CascadeResult:
+    """APGD-CE, then APGD-T on the points still robust (AutoAttack's first two attacks).
+
+    Each run attacks only the points still robust; a point is robust only if it is classified
+    correctly on x and survives every run (worst case over runs). The targets of APGD-T are the
+    2nd .. (n_target + 1)-th highest classes of the model's output on x, taken for the remaining
+    points before each run (n_target 0: APGD-CE alone). The losses are (1 - w) * CE|DLR-T +
+    w * BCE(gamma, 1) with w = ``bce_weight`` (0: AutoAttack's plain losses). The model's mode
+    and autocast are the caller's.
+
+    Args:
+        clean_correct: (B,) bool, the points classified correctly on x, if the caller already
+            knows them (saves a forward pass).
+        first_on_all: the first run also attacks the misclassified points, so that
+            ``first_x_adv`` is an attacked input for every point (validation's gamma statistics).
+        generator: the random starts; a :class:`PerImageRandom` follows its images into each
+            run's subset.
     """
     target = as_attack_target(model)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
     x = x.detach()
     batch = x.shape[0]
     eps_b = _per_sample(eps, batch, x)
-    with torch.no_grad():
-        clean_logits, _ = target(x)
-    clean_correct = clean_logits.argmax(1) == y
+    if clean_correct is None:
+        with torch.no_grad():
+            clean_correct = target(x)[0].argmax(1) == y
     robust = clean_correct.clone()
-    x_adv = x.clone()
-    n_target = min(n_target, clean_logits.shape[1] - 1)
+    x_adv, first_x_adv = x.clone(), x.clone()
 
     runs: list[tuple[AttackLossName, int]] = [("ce", 0)]
     runs += [("dlr_targeted", j) for j in range(2, n_target + 2)]
-    for loss, target_rank in runs:
-        idx = robust.nonzero().squeeze(1)
+    for run, (loss, target_rank) in enumerate(runs):
+        attack = torch.ones_like(robust) if run == 0 and first_on_all else robust
+        idx = attack.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
         y_target = None
         if loss == "dlr_targeted":
             with torch.no_grad():
-                y_target = target(x[idx])[0].sort(dim=1)[1][:, -target_rank]
+                logits = target(x[idx])[0]
+            if target_rank > logits.shape[1]:  # fewer classes than targets
+                break
+            y_target = logits.sort(dim=1)[1][:, -target_rank]
         result = apgd(target, x[idx], y[idx], eps_b[idx], norm=norm, n_iter=n_iter, loss=loss,
-                      y_target=y_target, bce_weight=bce_weight, return_adversarial=True,
-                      generator=_subset_random(generator, idx))
+                      y_target=y_target, bce_weight=_per_sample(bce_weight, batch, x)[idx],
+                      return_adversarial=True, generator=_subset_random(generator, idx))
+        if run == 0:
+            first_x_adv[idx] = result.x_adv
         fooled_idx = idx[result.fooled]
+        newly = fooled_idx[robust[fooled_idx]]
+        x_adv[newly] = result.x_adv[result.fooled][robust[fooled_idx]]
         robust[fooled_idx] = False
-        x_adv[fooled_idx] = result.x_adv[result.fooled]
-        logger.info("adaptive attack %s%s: robust %d/%d", loss,
-                    f" (target rank {target_rank})" if target_rank else "",
-                    int(robust.sum()), batch)
-    return AdaptiveAttackResult(robust, clean_correct, x_adv)
+        logger.debug("APGD cascade %s%s: robust %d/%d", loss,
+                     f" (target rank {target_rank})" if target_rank else "",
+                     int(robust.sum()), batch)
+    return CascadeResult(robust, clean_correct, x_adv, first_x_adv)
+
+
+def adaptive_attack(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
+                    x: torch.Tensor, y: torch.Tensor, eps: PerSample, norm: Norm = "Linf",
+                    n_iter: int = 100, bce_weight: float = 0.5, n_target: int = 9,
+                    generator: Optional[RandomSource] = None) -> CascadeResult:
+    """The evaluation's adaptive attack: :func:`apgd_cascade` with the composite loss
+    ((1 - w) * CE|DLR-T + w * BCE(gamma, 1)), so the attacker also pushes gamma down.
+
+    The model's mode (eval with scale_alpha on, for the published evaluation) is the caller's.
+    ``generator`` defaults to one seeded with 0, so that a rerun attacks with the same random
+    starts.
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return apgd_cascade(model, x, y, eps, norm=norm, n_iter=n_iter, n_target=n_target,
+                        bce_weight=bce_weight, generator=generator)

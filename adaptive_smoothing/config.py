@@ -27,6 +27,9 @@ from typing import (Any, Callable, Literal, Mapping, Optional, Union, get_args, 
                     get_type_hints)
 
 import yaml
+from pydantic import BaseModel, ValidationError
+
+from adaptive_smoothing.attacks import RandomizedAttackSettings
 
 logger = logging.getLogger(__name__)
 
@@ -360,24 +363,6 @@ class PgdSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RandomizedAttackSettings:
-    randomize: bool = _opt(True, doc="randomise the training attacks")
-    apgd: bool = _opt(True, doc="APGD (true) or PGD with random momentum (false)")
-    random_start: bool = _opt(True, doc="random start of the training attacks")
-    eps_factor_loc: float = _opt(0.4, ge=0, doc="eps_i = eps * U(loc, loc + scale)")
-    eps_factor_scale: float = _opt(0.7, ge=0, doc="see eps_factor_loc")
-    mom_decay_loc: float = _opt(0.1, ge=0, le=1, doc="PGD momentum ~ U(loc, loc + scale)")
-    mom_decay_scale: float = _opt(0.3, ge=0, le=1, doc="see mom_decay_loc")
-    iters_df: float = _opt(75.0, gt=0, doc="iterations = round(chi2(iters_df) + iters_const)")
-    iters_const: float = _opt(0.0, doc="see iters_df")
-    alpha_factor: float = _opt(2.5, gt=0, doc="PGD step = eps / iterations * alpha_factor")
-    comp_loss_wmax: float = _opt(0.4, ge=0, le=1, doc="BCE weight w ~ U(0, comp_loss_wmax)")
-
-    def __post_init__(self) -> None:
-        _check_range_within_one(self, "mom_decay_loc", "mom_decay_scale")
-
-
-@dataclass(frozen=True, kw_only=True)
 class EvaluationSettings:
     n_examples: int = _opt(10000, ge=1, doc="test images (the full CIFAR test set)")
     batch_size: int = _opt(200, ge=1, doc="evaluation batch size")
@@ -429,8 +414,13 @@ class Config:
     dataset_settings: DatasetSettings = _opt(doc="the dataset")
     training_settings: TrainingSettings = _opt(default_factory=TrainingSettings, doc="training")
     pgd_settings: PgdSettings = _opt(default_factory=PgdSettings, doc="attacks (training)")
+    # eps, norm and n_target of the training attacks are pgd_settings' (filled in on loading).
     randomized_attack_settings: RandomizedAttackSettings = _opt(
-        default_factory=RandomizedAttackSettings, doc="randomised training attacks")
+        default_factory=RandomizedAttackSettings, doc="randomised training attacks",
+        from_other_keys=("eps", "norm", "n_target"),
+        fixed={"randomize": (True, "this project implements the randomized training attacks "
+                             "only (docs/METHOD.md, 'Training'); narrow them with "
+                             "eps_factor_scale, comp_loss_wmax or iters_const instead")})
     evaluation_settings: EvaluationSettings = _opt(default_factory=EvaluationSettings,
                                                    doc="evaluation CLI")
     # Not YAML keys: where the config came from (for messages) and the mapping it was read from
@@ -474,6 +464,10 @@ def _resolve_derived(config: Config) -> None:
                           f"(classes of {config.dataset_settings.name} minus one)",
                           key="pgd_settings.n_target_classes", value=pgd.n_target_classes)
 
+    ras = config.randomized_attack_settings
+    ras = RandomizedAttackSettings(**{**ras.model_dump(), "eps": pgd.eps, "norm": pgd_norm,
+                                      "n_target": pgd.n_target_classes})
+
     ev = _fill(ev, norm=pgd_norm)
     ev = _fill(ev, eps=pgd.eps if ev.norm == pgd_norm else DEFAULT_EPS[ev.norm],
                attacks_to_run=STANDARD_AUTOATTACK, data_dir=config.dataset_settings.path,
@@ -485,6 +479,7 @@ def _resolve_derived(config: Config) -> None:
     # Frozen dataclass: __post_init__ is the one place allowed to complete its own fields.
     object.__setattr__(config, "forward_settings", fwd)
     object.__setattr__(config, "pgd_settings", pgd)
+    object.__setattr__(config, "randomized_attack_settings", ras)
     object.__setattr__(config, "evaluation_settings", ev)
     _assert_resolved(config, "")
 
@@ -558,12 +553,51 @@ def _parse_section(cls: type, raw: Any, path: str, extra: Optional[dict] = None)
         raise err.located(prefix=path) from None
 
 
+def _parse_model(cls: type[BaseModel], raw: Any, path: str, meta: Mapping[str, Any]) -> Any:
+    """A section that is a pydantic model: the YAML quirks of each value are coerced as for the
+    dataclass sections, then the model checks. ``meta``: ``from_other_keys`` (fields filled from
+    other sections, not YAML keys here) and ``fixed`` (authors' keys that must hold one value:
+    {key: (value, why)})."""
+    fixed = meta.get("fixed", {})
+    keys = [k for k in cls.model_fields if k not in meta.get("from_other_keys", ())]
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"expected a mapping with keys {keys + list(fixed)}", key=path,
+                          value=raw)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = _join(path, str(key))
+        if key in fixed:
+            expected, why = fixed[key]
+            if _coerce(type(expected), value, key_path) != expected:
+                raise ConfigError(f"expected {str(expected).lower()}: {why}", key=key_path,
+                                  value=value)
+            continue
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys + list(fixed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key; expected one of {keys + list(fixed)}{hint}",
+                              key=key_path, value=value)
+        kwargs[key] = _coerce(cls.model_fields[key].annotation, value, key_path)
+    try:
+        return cls(**kwargs)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        problem = first["msg"].removeprefix("Value error, ").replace("Input should be ",
+                                                                     "expected ")
+        if not where:  # a check across keys; its message names them
+            raise ConfigError(problem, key=path) from None
+        raise ConfigError(problem, key=_join(path, where), value=raw.get(where)) from None
+
+
 def _yaml_keys(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)]
 
 
 def _coerce_field(f: dataclasses.Field, hint: Any, value: Any, path: str) -> Any:
     meta = f.metadata
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return _parse_model(hint, value, path, meta)
     if meta.get("derived") and (value is DERIVED or (
             isinstance(value, str) and value.strip().lower() in _DERIVED_WORDS)):
         return DERIVED
@@ -855,8 +889,14 @@ def _set_raw(raw: dict, parts: list[str], value: Any) -> None:
 def config_to_dict(config: Any) -> dict:
     """The resolved configuration as plain YAML/JSON-friendly data (one key per field)."""
     if dataclasses.is_dataclass(config):
-        return {f.name: config_to_dict(getattr(config, f.name))
-                for f in dataclasses.fields(config) if f.metadata.get("yaml", True)}
+        out = {f.name: config_to_dict(getattr(config, f.name))
+               for f in dataclasses.fields(config) if f.metadata.get("yaml", True)}
+        for f in dataclasses.fields(config):  # keys that belong to another section
+            for key in f.metadata.get("from_other_keys", ()):
+                del out[f.name][key]
+        return out
+    if isinstance(config, BaseModel):
+        return config.model_dump()
     if isinstance(config, tuple):
         return [config_to_dict(v) for v in config]  # type: ignore[return-value]
     if isinstance(config, Mapping):

@@ -144,8 +144,7 @@ class _Workload:
         self.dtype = resolve_precision(setting.precision, device)
         if mode == "train":
             from adaptive_smoothing.losses import CompLoss
-            from adaptive_smoothing.training import attack_settings_from_config
-            self.attack_settings = attack_settings_from_config(config)
+            self.attack_settings = config.randomized_attack_settings
             mixer = self.model.mixer
             if mixer is None:
                 raise ConfigError("expected true: --mode train needs the mixing network",

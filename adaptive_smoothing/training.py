@@ -32,8 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd,
-                                        generate_training_attacks, pgd)
+from adaptive_smoothing.attacks import apgd, generate_training_attacks, pgd
 from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, config_to_dict
 from adaptive_smoothing.data import build_dataset, load_tensors
@@ -52,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "TrainingResumeError",
            "Trainer", "training_identity",
-           "attack_settings_from_config", "augment_batch", "optimizer_steps_per_iteration",
+           "augment_batch", "optimizer_steps_per_iteration",
            "run_training", "validate"]
 
 CHECKPOINT_DIR = "checkpoints"
@@ -169,25 +168,6 @@ def _derive_seed(seed: int, purpose: str, *indices: int) -> int:
 
 def _generator(seed: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def attack_settings_from_config(config: Config) -> RandomizedAttackSettings:
-    """The training attacks' settings from ``pgd_settings`` + ``randomized_attack_settings``."""
-    pgd_s, ras = config.pgd_settings, config.randomized_attack_settings
-    if not ras.randomize:
-        raise ConfigError("expected true: this project implements the randomized training "
-                          "attacks only (docs/METHOD.md, 'Training'); narrow them with "
-                          "eps_factor_scale, "
-                          "comp_loss_wmax or iters_const instead",
-                          key="randomized_attack_settings.randomize", value=ras.randomize,
-                          file=config.source)
-    return RandomizedAttackSettings(
-        eps=pgd_s.eps, norm="Linf" if pgd_s.type == "l_inf" else "L2",
-        n_target=pgd_s.n_target_classes, apgd=ras.apgd, random_start=ras.random_start,
-        eps_factor_loc=ras.eps_factor_loc, eps_factor_scale=ras.eps_factor_scale,
-        mom_decay_loc=ras.mom_decay_loc, mom_decay_scale=ras.mom_decay_scale,
-        iters_df=ras.iters_df, iters_const=ras.iters_const, alpha_factor=ras.alpha_factor,
-        comp_loss_wmax=ras.comp_loss_wmax)
 
 
 def optimizer_steps_per_iteration(n_target: int, accum_grad: int) -> int:
@@ -456,7 +436,7 @@ class Trainer:
         self.identity = training_identity(config)
 
         # Data.
-        self.attack_settings = attack_settings_from_config(config)
+        self.attack_settings = config.randomized_attack_settings
         self.n_target = self.attack_settings.n_target
         self.batch = ts.per_process_batch_size(self.world)
         # With pre-attacked data (the authors' recipe): a clean batch of batch * 5 // blocks and,
