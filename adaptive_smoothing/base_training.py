@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from adaptive_smoothing.attacks import pgd
-from adaptive_smoothing.checkpoints import save_checkpoint
+from adaptive_smoothing.checkpoints import (BASE_TRAINING_FORMAT, load_checked, read_entries,
+                                            save_checkpoint)
 from adaptive_smoothing.data import build_loader
 from adaptive_smoothing.models import create_model
 from adaptive_smoothing.runtime import (autocast_context, prepare_model, resolve_precision,
@@ -137,7 +138,8 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
     if resume and output.exists():
         # Loaded on the CPU: torch.set_rng_state takes a CPU ByteTensor only (a CUDA map_location
         # made every resume on a GPU crash); load_state_dict copies the weights to the device.
-        state = torch.load(output, map_location="cpu", weights_only=True)
+        state = read_entries(output, ("model", "optimizer", "scheduler", "epoch", "rng_state"),
+                             BASE_TRAINING_FORMAT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -195,12 +197,13 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
 
 
 def load_base_model(path: Path, device: Optional[torch.device] = None) -> nn.Module:
-    """Rebuild a model saved by :func:`train_base_model` (architecture from the checkpoint)."""
-    state = torch.load(path, map_location=device or "cpu", weights_only=True)
-    for key in ("model", "arch", "num_classes"):
-        if key not in state:
-            raise KeyError(f"{path}: not a base-training checkpoint (no {key!r} entry)")
+    """Rebuild a model saved by :func:`train_base_model` (architecture from the checkpoint).
+
+    A file that is not a base-training checkpoint, or whose weights do not fit the architecture
+    it names, raises CheckpointError naming the file and what is missing.
+    """
+    state = read_entries(path, ("model", "arch", "num_classes"), BASE_TRAINING_FORMAT)
     model = create_model(state["arch"], num_classes=int(state["num_classes"]),
                          **dict(state.get("arch_kwargs", {})))
-    model.load_state_dict(state["model"])
+    load_checked(model, state["model"], source=path, expected=BASE_TRAINING_FORMAT)
     return model.to(device or "cpu").eval()

@@ -24,7 +24,6 @@ import os
 import re
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -34,6 +33,8 @@ from torch import nn
 
 from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.models.composite import CompositeModel
+# Re-exported: it lives beside the composite, and robustbench's state dict carries it.
+from adaptive_smoothing.models.constants import CompositeConstants  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ ROB_FORMAT = ("ROB checkpoint: a torch file whose 'model_state_dict' entry is th
               "state_dict (EDM, keys prefixed 'module.0.'), or a plain state_dict (TRADES)")
 ROBUSTBENCH_STD_FORMAT = "RobustBench file 0: the BiT state_dict"
 ROBUSTBENCH_ROB_FORMAT = "RobustBench file 1: the WideResNet state_dict"
+BASE_TRAINING_FORMAT = ("base-training checkpoint (scripts/train_base.py): a torch file with entries "
+                        "'model' (state_dict), 'arch' and 'num_classes'")
 MIXER_FORMAT = ("mixer checkpoint: a torch file with entries 'model' (mixing-network state_dict) "
                 "and 'bn' (gamma BatchNorm state)")
 
@@ -59,41 +62,6 @@ class CheckpointError(Exception):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint file does not exist (also a FileNotFoundError)."""
-
-
-# -- constants of the composite ------------------------------------------------------------
-@dataclass(frozen=True)
-class CompositeConstants:
-    """The fixed numbers of a composite model that are not tensors in our state dict."""
-
-    std_scale: float
-    rob_scale: float
-    eval_gamma: tuple[float, float]  # (scale, bias)
-    alpha_scale: float
-    alpha_bias: float
-
-    @classmethod
-    def from_composite(cls, composite: CompositeModel) -> "CompositeConstants":
-        return cls(composite.std_scale, composite.rob_scale, tuple(composite.eval_gamma),
-                   composite.alpha_scale, composite.alpha_bias)
-
-    def __post_init__(self) -> None:
-        if not (self.std_scale > 0 and self.rob_scale > 0):
-            raise ValueError(f"logit scales must be positive, got std_scale={self.std_scale}, "
-                             f"rob_scale={self.rob_scale}")
-        if (self.alpha_bias < 0 or self.alpha_scale < 0
-                or self.alpha_bias + self.alpha_scale > 1 + 1e-6):
-            raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
-                             f"({self.alpha_bias}, {self.alpha_bias + self.alpha_scale}) "
-                             f"must lie in [0, 1]")
-
-    def apply_to(self, composite: CompositeModel) -> None:
-        """Set these constants on ``composite``."""
-        composite.std_scale = float(self.std_scale)
-        composite.rob_scale = float(self.rob_scale)
-        composite.eval_gamma = (float(self.eval_gamma[0]), float(self.eval_gamma[1]))
-        composite.alpha_scale = float(self.alpha_scale)
-        composite.alpha_bias = float(self.alpha_bias)
 
 
 # -- reading files --------------------------------------------------------------------------
@@ -116,6 +84,20 @@ def read_checkpoint(path: PathLike, expected: str = "a torch.save file") -> Any:
     except Exception as exc:  # torch raises several types for corrupt input; all mean "bad file"
         raise CheckpointError(f"{path}: unreadable, {_describe_unreadable(path, exc)}; "
                               f"expected {expected}") from exc
+
+
+def read_entries(path: PathLike, keys: Sequence[str], expected: str) -> Mapping[str, Any]:
+    """A checkpoint that is a dict holding every entry of ``keys``; otherwise CheckpointError
+    naming the file and the missing entries."""
+    obj = read_checkpoint(path, expected)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected {expected}; the file holds a "
+                              f"{type(obj).__name__}, not a dict")
+    missing = [key for key in keys if key not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: expected {expected}; missing entries {missing} "
+                              f"(found {_first(list(obj))})")
+    return obj
 
 
 def _describe_unreadable(path: Path, exc: Exception) -> str:

@@ -9,13 +9,10 @@ import torch
 
 from adaptive_smoothing.config import Config, ConfigError
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
+from adaptive_smoothing.published import std_alternative, weight_file_for
 from adaptive_smoothing.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
-
-# The authors' README names the STD file Base/{dataset}_bit_rn152.tar while their benchmark
-# script looked for .pt; either is accepted (docs/METHOD.md, "Published models").
-_STD_ALTERNATIVE_SUFFIXES = {".tar": ".pt", ".pt": ".tar"}
 
 
 def build_composite(config: Config, device: Union[str, torch.device] = "cpu") -> CompositeModel:
@@ -72,7 +69,7 @@ def _create(config: Config, which: str, name: str, num_classes: int,
 def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:
     """The checkpoint files the composite is loaded from: std, rob, comp (None: no mixer file)."""
     comp = config.model_path("comp") if config.forward_settings.use_policy else None
-    return {"std": _existing_std_path(config.model_path("std")), "rob": config.model_path("rob"),
+    return {"std": _existing_std_path(config), "rob": config.model_path("rob"),
             "comp": comp}
 
 
@@ -85,7 +82,7 @@ def load_composite_weights(composite: CompositeModel, config: Config) -> None:
     from adaptive_smoothing.checkpoints import load_authors_checkpoints
 
     require_checkpoint_files(config)
-    std_path = _existing_std_path(config.model_path("std"))
+    std_path = _existing_std_path(config)
     rob_path = config.model_path("rob")
     mixer_path = config.model_path("comp")
     if mixer_path is not None and composite.mixer is None:
@@ -113,13 +110,10 @@ def require_checkpoint_files(config: Config) -> None:
 
 def _how_to_make(config: Config, which: str, path: Path) -> str:
     """Which script makes or downloads a missing checkpoint."""
-    from adaptive_smoothing.download import SOURCES
-
-    stem = path.with_suffix("").name
-    for source in SOURCES:
-        if Path(source.target).with_suffix("").name == stem:
-            return (f"it is a published checkpoint: python3 scripts/download_models.py "
-                    f"--root-dir {config.log_dir} --only {source.name}")
+    published = weight_file_for(getattr(config.model_load_path, which))
+    if published is not None:
+        return (f"it is a published checkpoint: python3 scripts/download_models.py "
+                f"--root-dir {config.log_dir} --only {published.name}")
     if which == "comp":
         return ("train a mixer with run.py --training (it writes OUTPUT_DIR/checkpoints/"
                 "last.pt), or set model_load_path.comp to None for an untrained one")
@@ -128,10 +122,20 @@ def _how_to_make(config: Config, which: str, path: Path) -> str:
             "ResNet-18s in demo/ (configs/demo.yaml)")
 
 
-def _existing_std_path(path: Optional[Path]) -> Path:
+def _existing_std_path(config: Config) -> Path:
+    """``model_load_path.std``, or the first accepted other name of it that exists: the published
+    table's names for a published STD file, else the other suffix (.tar <-> .pt)."""
+    path = config.model_path("std")
     assert path is not None  # model_load_path.std is a required key
-    other = _STD_ALTERNATIVE_SUFFIXES.get(path.suffix)
-    if not path.exists() and other is not None and path.with_suffix(other).exists():
-        logger.info("STD checkpoint %s not found; using %s", path, path.with_suffix(other))
-        return path.with_suffix(other)
+    published = weight_file_for(config.model_load_path.std)
+    if published is not None:
+        candidates = published.candidates(config.log_dir)
+        candidates = (path, *(c for c in candidates if c != path))
+    else:
+        candidates = (path, *filter(None, [std_alternative(path)]))
+    for candidate in candidates:
+        if candidate.exists():
+            if candidate != path:
+                logger.info("STD checkpoint %s not found; using %s", path, candidate)
+            return candidate
     return path

@@ -1,5 +1,11 @@
 """The three published adaptive-smoothing models (docs/METHOD.md, "Published models"; RobustBench
-Bai2023Improving_*).
+Bai2023Improving_*): the one table of their facts, and loading them.
+
+Like timm's ``default_cfgs``, each model's weight facts sit beside its architecture: one
+:class:`PublishedModel` holds the architectures, the constants and its three
+:class:`WeightFile` entries (the file name in the authors' layout, the other names accepted, and
+where the file is downloaded from). The downloader (download.py), the factory's hints and the
+shipped configs' test (tests/test_published.py) read this table.
 
 ``load_published_model(root_dir, dataset, model_name)`` builds the published architecture and loads
 the authors' checkpoint files from the layout their README asks for::
@@ -7,31 +13,124 @@ the authors' checkpoint files from the layout their README asks for::
     {root_dir}/Base/{dataset}_bit_rn152.tar          STD (.pt and the download name
                                                      {dataset}_std_rn152.pt are accepted too)
     {root_dir}/Base/{dataset}_linf_{name}_wrn70-16.pt ROB
-    {root_dir}/CompModel/{dataset}_{name}_best.pt     mixing network + gamma BN
+    {root_dir}/CompModel/{dataset}_{name}_best.pt     mixer network + gamma BN
 
 ``load_robustbench_files`` does the same from RobustBench's three files.
 """
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from adaptive_smoothing.checkpoints import (CheckpointNotFoundError, CompositeConstants, PathLike,
+from adaptive_smoothing.checkpoints import (CheckpointNotFoundError, PathLike,
                                             load_authors_checkpoints, load_robustbench_checkpoints)
-from adaptive_smoothing.models import CompositeModel, LogProbClassifier, MixingNet, create_model
+from adaptive_smoothing.models import (CompositeConstants, CompositeModel, LogProbClassifier,
+                                       MixingNet, create_model)
 
 logger = logging.getLogger(__name__)
+
+# Where the published files are served; each can be overridden (download.py, the tests).
+DEFAULT_BASE_URLS: Mapping[str, str] = MappingProxyType({
+    "gdrive": "https://drive.google.com",
+    "huggingface": "https://huggingface.co",
+    "gcs": "https://storage.googleapis.com",
+})
+ENV_PREFIX = "ADAPTIVE_SMOOTHING_BASE_URL_"
+
+
+def resolve_base_urls(overrides: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Defaults, then ``ADAPTIVE_SMOOTHING_BASE_URL_<HOST>`` variables, then ``overrides``."""
+    urls = dict(DEFAULT_BASE_URLS)
+    for host in DEFAULT_BASE_URLS:
+        env = os.environ.get(ENV_PREFIX + host.upper())
+        if env:
+            urls[host] = env
+    for host, url in (overrides or {}).items():
+        if host not in DEFAULT_BASE_URLS:
+            raise ValueError(f"unknown host {host!r}; expected one of {sorted(DEFAULT_BASE_URLS)}")
+        urls[host] = url
+    return urls
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One published checkpoint file: its place in the authors' layout and where it comes from."""
+
+    name: str              # download entry, e.g. cifar10_std
+    dataset: str           # cifar10 | cifar100
+    model: str             # edm | trades | std (the BiT model shared by both mixers)
+    kind: str              # std | rob | mixer
+    target: str            # relative to the model root (log_dir / --root-dir)
+    host: str              # key of DEFAULT_BASE_URLS
+    path: Optional[str] = None      # gcs: object path; huggingface: the file in ``hf_repo``
+    drive_id: Optional[str] = None  # Google Drive file id (host 'gdrive')
+    size: Optional[int] = None
+    sha256: Optional[str] = None
+    hf_repo: Optional[str] = None   # Hugging Face repository (host 'huggingface')
+    alternatives: tuple[str, ...] = ()  # other accepted names, relative to the model root
+
+    def url(self, base_urls: Optional[Mapping[str, str]] = None) -> str:
+        base = resolve_base_urls(base_urls)[self.host].rstrip("/")
+        if self.drive_id is not None:
+            return f"{base}/uc?export=download&id={self.drive_id}"
+        if self.hf_repo is not None:
+            from huggingface_hub import hf_hub_url
+            return hf_hub_url(self.hf_repo, self.path, endpoint=base)
+        assert self.path is not None
+        return f"{base}/{self.path.lstrip('/')}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The target first, then the accepted alternatives (relative to the model root)."""
+        return (self.target, *self.alternatives)
+
+    def candidates(self, root_dir: PathLike) -> tuple[Path, ...]:
+        return tuple(Path(root_dir) / name for name in self.names)
+
+
+# The authors' README names the STD file .tar while their benchmark script looks for .pt; either
+# is accepted, for the published STD files and for any STD file a config names.
+STD_SUFFIX_ALTERNATIVES: Mapping[str, str] = MappingProxyType({".tar": ".pt", ".pt": ".tar"})
+
+
+def std_alternative(path: PathLike) -> Optional[Path]:
+    """The STD file's other accepted name (.tar <-> .pt), or None."""
+    path = Path(path)
+    other = STD_SUFFIX_ALTERNATIVES.get(path.suffix)
+    return None if other is None else path.with_suffix(other)
+
+
+def _std_file(dataset: str, drive_id: str) -> WeightFile:
+    # The BiT STD models: the authors serve them from their own server (as {dataset}_std_rn152.pt,
+    # accepted too); we download RobustBench's Drive copies (file 0 of the Bai2023Improving
+    # entries), whose keys lack the "module." prefix (the checkpoint loader accepts both).
+    target = f"Base/{dataset}_bit_rn152.tar"
+    return WeightFile(f"{dataset}_std", dataset, "std", "std", target, "gdrive",
+                      drive_id=drive_id,
+                      alternatives=(std_alternative(target).as_posix(),
+                                    f"Base/{dataset}_std_rn152.pt"))
+
+
+def _mixer_file(dataset: str, name: str, drive_id: str) -> WeightFile:
+    # File 2 of the RobustBench entries. Sizes and hashes are not published: None.
+    return WeightFile(f"{dataset}_{name}_mixer", dataset, name, "mixer",
+                      f"CompModel/{dataset}_{name}_best.pt", "gdrive", drive_id=drive_id)
+
+
+_DM_IMPROVES_AT = "wzekai99/DM-Improves-AT"
+_CIFAR100_STD = _std_file("cifar100", "12Z63xr4bQwdIvR2w8xvpUnXG1fnUpy5B")
 
 
 @dataclass(frozen=True)
 class PublishedModel:
-    """One published composite: architectures, constants and the authors' file names."""
+    """One published composite: architectures, constants and its three weight files."""
 
     dataset: str
     name: str
@@ -41,22 +140,26 @@ class PublishedModel:
     constants: CompositeConstants
     clean_accuracy: float         # reported, percent
     autoattack_accuracy: float    # reported, percent, Linf eps 8/255
+    std: WeightFile
+    rob: WeightFile
+    mixer: WeightFile
     std_arch: str = "bit_m_r152x2"
     std_resize: int = 128
     mixer_in_planes: tuple[int, int] = (512, 256)
     mixer_version: int = 4
 
+    @property
+    def files(self) -> tuple[WeightFile, WeightFile, WeightFile]:
+        return (self.std, self.rob, self.mixer)
+
     def std_candidates(self, root_dir: Path) -> tuple[Path, ...]:
-        # The README's name, the authors' benchmark script's name, and the download name.
-        base = Path(root_dir) / "Base"
-        return (base / f"{self.dataset}_bit_rn152.tar", base / f"{self.dataset}_bit_rn152.pt",
-                base / f"{self.dataset}_std_rn152.pt")
+        return self.std.candidates(root_dir)
 
     def rob_candidates(self, root_dir: Path) -> tuple[Path, ...]:
-        return (Path(root_dir) / "Base" / f"{self.dataset}_linf_{self.name}_wrn70-16.pt",)
+        return self.rob.candidates(root_dir)
 
     def mixer_candidates(self, root_dir: Path) -> tuple[Path, ...]:
-        return (Path(root_dir) / "CompModel" / f"{self.dataset}_{self.name}_best.pt",)
+        return self.mixer.candidates(root_dir)
 
 
 PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
@@ -65,20 +168,46 @@ PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
         rob_arch="dm_wrn_70_16_silu",
         constants=CompositeConstants(std_scale=1.2, rob_scale=0.3, eval_gamma=(2.0, 1.05),
                                      alpha_scale=0.04, alpha_bias=0.96),
-        clean_accuracy=95.23, autoattack_accuracy=68.06),
+        clean_accuracy=95.23, autoattack_accuracy=68.06,
+        std=_std_file("cifar10", "1-5EwY_5tQZudo9idwXiUGr3P4OUUGaQN"),
+        rob=WeightFile("cifar10_edm_rob", "cifar10", "edm", "rob",
+                       "Base/cifar10_linf_edm_wrn70-16.pt", "huggingface",
+                       hf_repo=_DM_IMPROVES_AT, path="checkpoint/cifar10_linf_wrn70-16.pt"),
+        mixer=_mixer_file("cifar10", "edm", "1-7oV7QDgz8McvhbaCj6Owx3Rz3daiPrT")),
     ("cifar100", "edm"): PublishedModel(
         dataset="cifar100", name="edm", robustbench_name="Bai2023Improving_edm", num_classes=100,
         rob_arch="dm_wrn_70_16_silu",
         constants=CompositeConstants(std_scale=2.0, rob_scale=1.0, eval_gamma=(2.0, 1.3),
                                      alpha_scale=0.15, alpha_bias=0.84),
-        clean_accuracy=85.21, autoattack_accuracy=38.72),
+        clean_accuracy=85.21, autoattack_accuracy=38.72,
+        std=_CIFAR100_STD,
+        rob=WeightFile("cifar100_edm_rob", "cifar100", "edm", "rob",
+                       "Base/cifar100_linf_edm_wrn70-16.pt", "huggingface",
+                       hf_repo=_DM_IMPROVES_AT, path="checkpoint/cifar100_linf_wrn70-16.pt"),
+        mixer=_mixer_file("cifar100", "edm", "1--8Jd82Q9ZLlVS_6c1iPrBxqy9sbdAkx")),
     ("cifar100", "trades"): PublishedModel(
         dataset="cifar100", name="trades", robustbench_name="Bai2023Improving_trades",
         num_classes=100, rob_arch="dm_wrn_70_16",  # DeepMind's Swish
         constants=CompositeConstants(std_scale=2.0, rob_scale=1.0, eval_gamma=(2.0, 1.0),
                                      alpha_scale=0.1, alpha_bias=0.815),
-        clean_accuracy=80.18, autoattack_accuracy=35.15),
+        clean_accuracy=80.18, autoattack_accuracy=35.15,
+        std=_CIFAR100_STD,
+        rob=WeightFile("cifar100_trades_rob", "cifar100", "trades", "rob",
+                       "Base/cifar100_linf_trades_wrn70-16.pt", "gcs",
+                       path="dm-adversarial-robustness/cifar100_linf_wrn70-16_with.pt"),
+        mixer=_mixer_file("cifar100", "trades", "1-0Sffx4gCIydJc16n1H0k6FYE4kHRnGm")),
 })
+
+# Every published file once, in table order (the CIFAR-100 STD serves both CIFAR-100 models).
+WEIGHT_FILES: tuple[WeightFile, ...] = tuple(
+    {f.name: f for spec in PUBLISHED_MODELS.values() for f in spec.files}.values())
+
+
+def weight_file_for(relative_path: PathLike) -> Optional[WeightFile]:
+    """The published file whose target or accepted alternative is ``relative_path`` (relative to
+    the model root), or None."""
+    wanted = Path(relative_path).as_posix()
+    return next((f for f in WEIGHT_FILES if wanted in f.names), None)
 
 
 def published_model(dataset: str, model_name: str) -> PublishedModel:

@@ -205,13 +205,14 @@ def check_precision(device: torch.device, smoke: bool, data_dir: Optional[Path])
 
 def check_base_resume(device: torch.device, smoke: bool, data_dir: Optional[Path]) -> dict:
     from adaptive_smoothing.base_training import BaseTrainingSettings, train_base_model
+    from adaptive_smoothing.checkpoints import read_checkpoint
     x, y, _ = _images(8, None)
     settings = BaseTrainingSettings(arch_kwargs={"width": 2}, epochs=1, batch_size=4,
                                     device=str(device), precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
         output = Path(tmp) / "base.pt"
         train_base_model(settings, TensorDataset(x, y), output)
-        saved = torch.load(output, map_location="cpu", weights_only=True)["rng_state"]
+        saved = read_checkpoint(output)["rng_state"]
         train_base_model(settings, TensorDataset(x, y), output)  # resumes the finished run
         return {"ok": bool(torch.equal(torch.get_rng_state(), saved)),
                 "resumed_rng_state_restored": bool(torch.equal(torch.get_rng_state(), saved))}

@@ -54,3 +54,24 @@ def test_resume_refuses_settings_that_would_train_other_weights(tmp_path: Path) 
     train_base_model(dataclasses.replace(SETTINGS, epochs=1), _data(), output)
     with pytest.raises(ValueError, match=r"base\.pt: cannot resume.*lr: 0\.1 -> 0\.05"):
         train_base_model(dataclasses.replace(SETTINGS, epochs=1, lr=0.05), _data(), output)
+
+
+def test_wrong_file_as_base_model_names_the_file_and_missing_entry(tmp_path: Path) -> None:
+    from adaptive_smoothing.base_training import load_base_model
+    from adaptive_smoothing.checkpoints import CheckpointError
+
+    mixer_like = tmp_path / "mixer.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "bn": {}}, mixer_like)
+    with pytest.raises(CheckpointError, match=r"mixer\.pt: expected base-training checkpoint.*"
+                                              r"missing entries \['arch', 'num_classes'\]"):
+        load_base_model(mixer_like)
+
+    trained = tmp_path / "rn18.pt"
+    model = train_base_model(dataclasses.replace(SETTINGS, epochs=1), _data(), trained)
+    state = torch.load(trained, weights_only=True)
+    assert torch.equal(load_base_model(trained).state_dict()["linear.weight"],
+                       model.state_dict()["linear.weight"])
+    state["num_classes"] = 100  # weights of a 10-class model: the shapes do not fit
+    torch.save(state, trained)
+    with pytest.raises(CheckpointError, match=r"rn18\.pt: does not match .*wrong shapes"):
+        load_base_model(trained)

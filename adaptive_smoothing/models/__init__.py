@@ -6,7 +6,8 @@ from adaptive_smoothing.models.registry import create_model, list_models, regist
 from adaptive_smoothing.models import bit, resnet, wide_resnet  # noqa: F401,E402
 from adaptive_smoothing.models.composite import (CompositeModel, CompositeOutput,  # noqa: E402
                                                  LogProbClassifier)
+from adaptive_smoothing.models.constants import CompositeConstants  # noqa: E402
 from adaptive_smoothing.models.mixing import MixingNet  # noqa: E402
 
-__all__ = ["BaseClassifier", "BaseOutput", "CompositeModel", "CompositeOutput",
+__all__ = ["BaseClassifier", "BaseOutput", "CompositeConstants", "CompositeModel", "CompositeOutput",
            "LogProbClassifier", "MixingNet", "create_model", "list_models", "register_model"]
