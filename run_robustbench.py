@@ -1,71 +1,11 @@
 #!/usr/bin/env python3
-"""Benchmark a published adaptive-smoothing model with RobustBench (AutoAttack, Linf 8/255).
+"""Benchmark a published model with RobustBench; the same command as the installed
+`adaptive-smoothing-robustbench` (adaptive_smoothing/cli/robustbench.py). Runs from a checkout
+without installing, since Python puts this file's folder, the repository root, on sys.path:
 
-    python run_robustbench.py --root_dir models --dataset cifar10 --model_name edm
-
-The checkpoint layout under --root_dir is described in the README (Base/, CompModel/).
+    python3 run_robustbench.py --root_dir models --dataset cifar10 --model_name edm
 """
-from __future__ import annotations
-
-import logging
-from pathlib import Path
-from typing import Optional
-
-import click
-
-from adaptive_smoothing.benchmark import published_model_or_error, run_benchmark
-from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
-
-
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--root_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder holding Base/ and CompModel/ with the published checkpoints.")
-@click.option("--dataset", required=True, type=click.Choice(["cifar10", "cifar100"]))
-@click.option("--model_name", required=True, type=click.Choice(["edm", "trades"]),
-              help="edm: WRN-70-16 trained with EDM data; trades: DeepMind's TRADES WRN-70-16 "
-                   "(CIFAR-100 only).")
-@click.option("--n_examples", default=10000, type=int, help="Test images to evaluate.")
-@click.option("--fp16/--fp32", default=False,
-              help="fp16 autocast for the forward passes (CUDA only); same as --precision fp16.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Autocast dtype [fp32; --fp16 = fp16]: bf16 on CUDA or CPU (faster only with "
-                   "native bf16), fp16 on CUDA only.")
-@click.option("--channels-last/--no-channels-last", default=True,
-              help="NHWC memory format for the models.")
-@click.option("--compile/--no-compile", "compile_model", default=False,
-              help="torch.compile the composite.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch threads [default: OMP_NUM_THREADS, else the cores].")
-@click.option("--batch_size", default=100, type=int, help="AutoAttack batch size.")
-@click.option("--data_dir", default="data", type=click.Path(path_type=Path),
-              help="Where RobustBench finds (or downloads) the CIFAR test set.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--output_dir", default="outputs/robustbench", type=click.Path(path_type=Path),
-              help="Result JSON and AutoAttack state (an interrupted run resumes from it).")
-def main(root_dir: Path, dataset: str, model_name: str, n_examples: int, fp16: bool,
-         precision: Optional[str], channels_last: bool, compile_model: bool,
-         threads: Optional[int], batch_size: int, data_dir: Path, device: str,
-         output_dir: Path) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    reason = published_model_or_error(dataset, model_name)
-    if reason is not None:
-        raise click.BadParameter(reason, param_hint="--dataset/--model_name")
-    if fp16 and precision not in (None, "fp16"):
-        raise click.BadParameter(f"--fp16 contradicts --precision {precision}",
-                                 param_hint="--precision")
-    configure_threads(threads)
-    try:
-        result = run_benchmark(root_dir, dataset, model_name, n_examples=n_examples,
-                               precision=precision or ("fp16" if fp16 else "fp32"),
-                               batch_size=batch_size, data_dir=data_dir, device=device,
-                               output_dir=output_dir, channels_last=channels_last,
-                               compile=compile_model)
-    except RuntimeSettingsError as err:
-        raise click.ClickException(str(err)) from None
-    click.echo(f"{dataset} {model_name}: clean accuracy {100 * result.clean_accuracy:.2f}%, "
-               f"AutoAttack robust accuracy {100 * result.robust_accuracy:.2f}% "
-               f"({result.n_examples} examples)")
-
+from adaptive_smoothing.cli.robustbench import main
 
 if __name__ == "__main__":
     main()

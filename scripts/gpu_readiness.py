@@ -1,44 +1,7 @@
 #!/usr/bin/env python3
-"""Checks of what only a GPU run can show, one JSON file per check (readiness.py).
-
-    python3 scripts/gpu_readiness.py --out "$OUT/gpu_readiness"             # on a GPU machine
-    python3 scripts/gpu_readiness.py --smoke --device cpu --out /tmp/ready  # tiny, on a CPU
-"""
-from __future__ import annotations
-
-import json
-import logging
-import sys
-from pathlib import Path
-from typing import Optional
-
-import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from adaptive_smoothing.readiness import CHECKS, run_checks  # noqa: E402
-from adaptive_smoothing.runtime import select_device  # noqa: E402
-
-
-@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder for <check>.json.")
-@click.option("--checks", default=",".join(CHECKS),
-              help="Comma-separated subset of the checks.")
-@click.option("--device", default="auto", help="auto, cuda, cuda:N or cpu.")
-@click.option("--smoke", is_flag=True, help="Tiny sizes (seconds on a CPU).")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="CIFAR-10 .npz folder (test.npz); noise images without it.")
-def main(out_dir: Path, checks: str, device: str, smoke: bool, data_dir: Optional[Path]) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    names = [c.strip() for c in checks.split(",") if c.strip()]
-    try:
-        results = run_checks(names, out_dir, select_device(device), smoke=smoke,
-                             data_dir=data_dir)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--checks/--device") from None
-    click.echo(json.dumps({name: result["ok"] for name, result in results.items()}))
-
+"""`python3 scripts/gpu_readiness.py` = the installed `adaptive-smoothing-gpu-readiness`
+(adaptive_smoothing/cli/gpu_readiness.py); needs `pip install -e .` (README, "Install")."""
+from adaptive_smoothing.cli.gpu_readiness import main
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@
 # data/cifar10 (ignored by git; 54 MB) and carry it, plus wheels for what its image lacks
 # (pyautoattack, repacked without its 45 MB of example models, and pytorch_warmup).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.."  # python3 -m adaptive_smoothing.cli.X runs from here, installed or not
 DATA=${DATA:-data/cifar10}
 RUNS=runs/rn18_gpu  # the config's log_dir
 DEVICE=${DEVICE:-auto}
@@ -26,10 +26,12 @@ BASE=(--arch resnet18 --data-format npz --data-dir "$DATA" --n-train "${N_TRAIN:
 CONFIG=(--config configs/rn18_cifar10_gpu.yaml --data-dir "$DATA")
 mkdir -p "$RUNS"
 SECONDS=0
-python3 scripts/train_base.py "${BASE[@]}" --epochs "${EPOCHS_STD:-15}" --method standard \
+python3 -m adaptive_smoothing.cli.train_base "${BASE[@]}" --epochs "${EPOCHS_STD:-15}" \
+  --method standard \
   --output "$RUNS/std.pt"
 echo "STD trained: ${SECONDS} s"
-python3 scripts/train_base.py "${BASE[@]}" --epochs "${EPOCHS_ROB:-15}" --method fgsm \
+python3 -m adaptive_smoothing.cli.train_base "${BASE[@]}" --epochs "${EPOCHS_ROB:-15}" \
+  --method fgsm \
   --output "$RUNS/rob_fgsm.pt"
 echo "ROB trained: ${SECONDS} s"
 DEBUG=()
@@ -41,5 +43,6 @@ python3 run.py --eval "${CONFIG[@]}" --mixer-checkpoint "$MIXER" \
   --output-dir "$RUNS/sweep" --n-examples "${N_EVAL:-1000}" --device "$DEVICE" \
   --autoattack-iterations "${AA_ITERS:-100}" --alpha-sweep "${SWEEP:-0,0.2,0.5,0.7,0.8,0.9,0.95,1}"
 echo "evaluated: ${SECONDS} s"
-python3 scripts/plot_results.py "$RUNS/sweep" --output-dir "${PLOTS:-benchmarks/results/rn18_gpu}" \
+python3 -m adaptive_smoothing.cli.plot_results "$RUNS/sweep" \
+  --output-dir "${PLOTS:-benchmarks/results/rn18_gpu}" \
   --title "ResNet-18, CIFAR-10 (GPU schedule)"

@@ -1,0 +1,29 @@
+"""Plot an alpha sweep: tradeoff.png (clean vs robust accuracy) and alpha_hist.png."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the PNGs go (default: SWEEP_DIR).")
+@click.option("--title", default="", help="Title prefix of both figures.")
+def main(sweep_dir: Path, output_dir: Path | None, title: str) -> None:
+    """SWEEP_DIR is the output folder of `run.py --eval --alpha-sweep ...` (holds sweep.json)."""
+    output_dir = output_dir or sweep_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    plot_tradeoff(sweep, output_dir / "tradeoff.png", title=title)
+    plot_alpha_histogram(sweep_dir / "adaptive" / "batches", output_dir / "alpha_hist.png",
+                         title=f"{title}: alpha" if title else "")
+    click.echo(f"wrote {output_dir / 'tradeoff.png'} and {output_dir / 'alpha_hist.png'}")
+
+
+if __name__ == "__main__":
+    main()

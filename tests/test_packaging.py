@@ -1,0 +1,39 @@
+"""pyproject.toml's console commands and the files beside them (run.py, run_robustbench.py,
+scripts/*.py) are one and the same click command each."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import tomllib
+from pathlib import Path
+
+import click
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY_POINTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def _load_file(path: Path) -> object:
+    spec = importlib.util.spec_from_file_location(f"cli_file_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", sorted(ENTRY_POINTS))
+def test_each_console_command_is_a_click_command_of_the_cli_package(name: str) -> None:
+    module_name, _, function = ENTRY_POINTS[name].partition(":")
+    assert module_name.startswith("adaptive_smoothing.cli.")
+    assert isinstance(getattr(importlib.import_module(module_name), function), click.Command)
+
+
+def test_run_files_and_scripts_call_the_console_commands_functions() -> None:
+    targets = {value.partition(":")[0].rsplit(".", 1)[1]: value for value in ENTRY_POINTS.values()}
+    files = {"run": REPO / "run.py", "robustbench": REPO / "run_robustbench.py",
+             **{path.stem: path for path in (REPO / "scripts").glob("*.py")}}
+    assert set(files) == set(targets), "a CLI file without a console command, or the reverse"
+    for stem, path in files.items():
+        module_name, _, function = targets[stem].partition(":")
+        expected = getattr(importlib.import_module(module_name), function)
+        assert _load_file(path).main is expected, path
