@@ -21,11 +21,11 @@ a :class:`PerImageRandom`, whose draws for an image depend only on the seed and 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
@@ -38,8 +38,6 @@ PerSample = Union[float, torch.Tensor]
 AttackOutput = tuple[torch.Tensor, Optional[torch.Tensor]]
 
 _NORMS = ("Linf", "L2")
-_NORM_ALIASES = {"Linf": "Linf", "linf": "Linf", "l_inf": "Linf", "L2": "L2", "l2": "L2",
-                 "l_2": "L2"}
 # Keeps the normalisation of zero vectors finite (AutoAttack's constant).
 _NORMALIZE_EPS = 1e-12
 
@@ -153,9 +151,10 @@ def _subset_random(generator: Optional[RandomSource],
 
 # -- helpers --------------------------------------------------------------------------------------
 def _check_norm(norm: str) -> Norm:
-    if norm not in _NORM_ALIASES:
+    # Names are normalised once, when the config loads; here only the canonical ones exist.
+    if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected one of {_NORMS}")
-    return _NORM_ALIASES[norm]  # type: ignore[return-value]
+    return norm  # type: ignore[return-value]
 
 
 def _per_sample(value: PerSample, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -432,11 +431,6 @@ class RandomizedAttackSettings(BaseModel):
                                 description="PGD step = eps / iterations * alpha_factor")
     comp_loss_wmax: float = Field(0.4, ge=0, le=1,
                                   description="BCE weight w ~ U(0, comp_loss_wmax)")
-
-    @field_validator("norm", mode="before")
-    @classmethod
-    def _normalise_norm(cls, value: Any) -> Any:
-        return _NORM_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _momentum_range_within_one(self) -> "RandomizedAttackSettings":

@@ -8,7 +8,6 @@ batch AutoAttack resumes from its own state file.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -54,9 +53,9 @@ class EvaluationError(RuntimeError):
 
 def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str, Any]:
     """What must match for finished batches of an earlier run to be reused."""
-    fields = dataclasses.asdict(settings)
+    fields = settings.model_dump()
     # Where and how fast it runs does not change results (beyond float rounding).
-    for key in ("device", "data_dir", "output_dir", "threads", "channels_last", "compile"):
+    for key in ("data_dir", "channels_last", "compile"):
         fields.pop(key, None)
     return {"settings": fields, "model": model_info}
 
@@ -471,10 +470,11 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     """The configured composite with its weights, the first n_examples test images, and what
     identifies the model in the results."""
     settings = config.evaluation_settings
-    _, _, device = init_distributed(settings.device)
+    _, _, device = init_distributed(config.run.device)
     dtype = resolve_precision(settings.precision, device)
     require_checkpoint_files(config)
-    composite = build_composite(config, device)
+    composite = build_composite(config.forward_settings,
+                                config.dataset_settings.num_classes, device, source=config.source)
     load_composite_weights(composite, config)
     prepare_model(composite, channels_last=settings.channels_last, compile=settings.compile)
     data = config.dataset_settings
@@ -488,8 +488,8 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     fingerprints = {which: optional_file_sha256(path)
                     for which, path in checkpoint_paths(config).items()}
     fingerprints["data"] = tensors_sha256(x, y)
-    model_info = {"forward_settings": dataclasses.asdict(config.forward_settings),
-                  "model_load_path": dataclasses.asdict(config.model_load_path),
+    model_info = {"forward_settings": config.forward_settings.model_dump(),
+                  "model_load_path": config.model_load_path.model_dump(),
                   "dataset": data.name, "fingerprints": fingerprints}
     return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
 
@@ -499,10 +499,10 @@ def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
     ``n_examples`` test images, write the results, and return the table (None on the processes
     other than rank 0 under torchrun, so that the table is printed once). ``overwrite`` deletes
     an earlier evaluation's results in the output folder first."""
-    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
+    with distributed_session(config.run.device) as (rank, _, _):
         composite, x, y, device, dtype, model_info = _prepare(config)
         settings = config.evaluation_settings
-        summary = evaluate(composite, x, y, settings, Path(settings.output_dir), device=device,
+        summary = evaluate(composite, x, y, settings, Path(config.run.output_dir), device=device,
                            dtype=dtype, model_info=model_info, overwrite=overwrite)
     return format_table(summary) if rank == 0 else None
 
@@ -514,7 +514,7 @@ def run_alpha_sweep(config: Config, alphas: Sequence[float], *,
     if bad:
         raise EvaluationError(f"--alpha-sweep: {bad[0]!r} is outside [0, 1]; alpha is ROB's "
                               "weight in the mixture (0 = STD only, 1 = ROB only)")
-    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
+    with distributed_session(config.run.device) as (rank, _, _):
         table = _alpha_sweep(config, alphas, overwrite=overwrite)
     return table if rank == 0 else None
 
@@ -528,7 +528,7 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     """
     composite, x, y, device, dtype, model_info = _prepare(config)
     settings = config.evaluation_settings
-    output_dir = Path(settings.output_dir)
+    output_dir = Path(config.run.output_dir)
     models = [("adaptive", composite)] + [
         (f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha)) for alpha in alphas]
     rows = {}

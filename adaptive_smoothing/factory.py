@@ -1,4 +1,4 @@
-"""Build the composite model a :class:`~adaptive_smoothing.config.Config` describes."""
+"""Build the composite model that a config's ``forward_settings`` describes, and load its weights."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from adaptive_smoothing.config import Config, ConfigError
+from adaptive_smoothing.config import Config, ConfigError, ForwardSettings
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
 from adaptive_smoothing.published import std_alternative, weight_file_for
 from adaptive_smoothing.runtime import resolve_device
@@ -15,19 +15,19 @@ from adaptive_smoothing.runtime import resolve_device
 logger = logging.getLogger(__name__)
 
 
-def build_composite(config: Config, device: Union[str, torch.device] = "cpu") -> CompositeModel:
-    """Base models (random weights), the mixing network and the composite, on ``device``.
-
-    Weights are loaded separately by :func:`load_composite_weights`.
-    """
-    fwd = config.forward_settings
-    num_classes = config.dataset_settings.num_classes
+def build_composite(model: ForwardSettings, num_classes: int,
+                    device: Union[str, torch.device] = "cpu", *,
+                    source: Optional[str] = None) -> CompositeModel:
+    """Base models (random weights), the mixing network and the composite that ``model`` (the
+    config's ``forward_settings``) describes, on ``device``; ``source`` names the config file in
+    errors. Weights are loaded separately by :func:`load_composite_weights`."""
+    fwd = model
     std_kwargs = dict(fwd.std_model_kwargs)
     if fwd.std_resize is not None:
         std_kwargs["resize_to"] = fwd.std_resize
-    std_model = _create(config, "std", fwd.std_model_type, num_classes, std_kwargs)
-    rob_model = _create(config, "rob", fwd.rob_model_type, num_classes,
-                        dict(fwd.rob_model_kwargs))
+    std_model = _create("std", fwd.std_model_type, num_classes, std_kwargs, source)
+    rob_model = _create("rob", fwd.rob_model_type, num_classes, dict(fwd.rob_model_kwargs),
+                        source)
 
     channels = (std_model.feature_channels[0], rob_model.feature_channels[0])
     mixer: Optional[MixingNet] = None
@@ -36,18 +36,17 @@ def build_composite(config: Config, device: Union[str, torch.device] = "cpu") ->
             raise ConfigError(f"expected the first-feature channels of the base models "
                               f"{channels} (or None to read them from the models)",
                               key="forward_settings.in_planes", value=fwd.in_planes,
-                              file=config.source)
+                              file=source)
         mixer = MixingNet(channels, version=fwd.pn_version)
 
     if not fwd.policy_graph:
         logger.warning("forward_settings.policy_graph is false: the mixing network's inputs are "
                        "detached, which hides the mixer from gradient-based attacks. Robust "
                        "accuracy measured with this model is NOT VALID (overstated).")
-    gamma_consts = config.training_settings.gamma_consts
     composite = CompositeModel(
         std_model, rob_model, mixer,
         std_scale=fwd.std_model_scale, rob_scale=fwd.rob_model_scale, gamma=fwd.gamma,
-        train_gamma=gamma_consts.train, eval_gamma=gamma_consts.eval,
+        train_gamma=fwd.gamma_consts.train, eval_gamma=fwd.gamma_consts.eval,
         alpha_scale=fwd.alpha_scale, alpha_bias=fwd.alpha_bias,
         unsafe_detach_mixer_inputs=not fwd.policy_graph)
     logger.info("built composite: STD %s, ROB %s, mixer %s", fwd.std_model_type,
@@ -55,15 +54,15 @@ def build_composite(config: Config, device: Union[str, torch.device] = "cpu") ->
     return composite.to(resolve_device(device))
 
 
-def _create(config: Config, which: str, name: str, num_classes: int,
-            kwargs: dict) -> BaseClassifier:
+def _create(which: str, name: str, num_classes: int, kwargs: dict,
+            source: Optional[str]) -> BaseClassifier:
     try:
         return create_model(name, num_classes=num_classes, **kwargs)
     except (TypeError, ValueError) as err:
         # Bad architecture arguments come from the config's *_model_kwargs (or std_resize).
         raise ConfigError(f"cannot build {name!r} with these arguments: {err}",
                           key=f"forward_settings.{which}_model_kwargs", value=kwargs,
-                          file=config.source) from None
+                          file=source) from None
 
 
 def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:

@@ -103,10 +103,10 @@ def _calibrate_eps(composite: Any, x: torch.Tensor, y: torch.Tensor, config: Con
     model = copy.deepcopy(composite)
     for _ in range(steps):
         middle = (low + high) / 2
-        settings = dataclasses.replace(
-            config.evaluation_settings, attacks_to_run=("apgd-ce",), norm="Linf",
-            eps=math.exp(middle), autoattack_iterations=min(10, options.attack_iters),
-            pgd=False, adaptive_attack=False, batch_size=n)
+        settings = config.evaluation_settings.model_copy(update=dict(
+            attacks_to_run=("apgd-ce",), norm="Linf", eps=math.exp(middle),
+            autoattack_iterations=min(10, options.attack_iters), pgd=False,
+            adaptive_attack=False, batch_size=n))
         accuracy = speed.robust_accuracy(model, x[:n], y[:n], settings, speed.BASELINE,
                                          device=device)
         low, high = (middle, high) if accuracy > 0.5 else (low, middle)
@@ -134,10 +134,10 @@ def check_bf16_attack_agreement(options: CheckOptions) -> dict[str, Any]:
              for eps in options.eps]
     rows = []
     for eps in radii:
-        settings = dataclasses.replace(
-            config.evaluation_settings, attacks_to_run=("apgd-ce",), norm="Linf", eps=eps,
+        settings = config.evaluation_settings.model_copy(update=dict(
+            attacks_to_run=("apgd-ce",), norm="Linf", eps=eps,
             autoattack_iterations=options.attack_iters, pgd=False, adaptive_attack=False,
-            batch_size=min(options.n_examples, max(options.batch_sizes)))
+            batch_size=min(options.n_examples, max(options.batch_sizes))))
         accuracies = {}
         for setting in (speed.BASELINE, fast):
             start = time.perf_counter()

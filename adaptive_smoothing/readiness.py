@@ -59,7 +59,9 @@ def _demo_composite(device: torch.device) -> tuple[CompositeModel, str]:
     from adaptive_smoothing.factory import build_composite, load_composite_weights
     try:
         config = load_config(REPO_ROOT / "configs" / "demo.yaml")
-        composite = build_composite(config, device)
+        composite = build_composite(config.forward_settings,
+                                    config.dataset_settings.num_classes, device,
+                                    source=config.source)
         load_composite_weights(composite, config)
         return composite.eval(), "demo (configs/demo.yaml, weights in demo/)"
     except Exception as exc:  # noqa: BLE001 - reported, then a stand-in is used
@@ -351,8 +353,8 @@ def check_eval_device_vs_cpu(device: torch.device, smoke: bool, data_dir: Option
     for where in (device, torch.device("cpu")):
         composite, model_name = _demo_composite(where)
         settings = EvaluationSettings(
-            n_examples=len(y), batch_size=len(y), device=str(where), precision="fp32",
-            data_dir="unused", output_dir="unused", attacks_to_run=("apgd-ce",), norm="Linf",
+            n_examples=len(y), batch_size=len(y), precision="fp32", data_dir="unused",
+            attacks_to_run=("apgd-ce",), norm="Linf",
             eps=8 / 255, pgd=False, pgd_iters=10, pgd_step_size=2 / 255, pgd_loss="ce",
             adaptive_attack=False, adaptive_attack_weight=0.5, adaptive_attack_iterations=10,
             autoattack_iterations=5 if smoke else 20, save_adversarial=False, seed=0)

@@ -91,7 +91,8 @@ def build_benchmark_composite(config: Config, device: torch.device) -> Composite
     else with random weights (logged), so that architectures can be timed without weights."""
     from adaptive_smoothing.factory import build_composite, load_composite_weights
 
-    composite = build_composite(config, device)
+    composite = build_composite(config.forward_settings,
+                                config.dataset_settings.num_classes, device, source=config.source)
     paths = [config.model_path(which) for which in ("std", "rob", "comp")]
     if all(p is None or p.exists() or p.with_suffix(".pt").exists() for p in paths):
         load_composite_weights(composite, config)
@@ -192,10 +193,9 @@ class _Workload:
     def _evaluate(self) -> None:
         from adaptive_smoothing.config import STANDARD_AUTOATTACK
         from adaptive_smoothing.evaluation import evaluate_batch
-        settings = dataclasses.replace(self.config.evaluation_settings,
-                                       attacks_to_run=STANDARD_AUTOATTACK,
-                                       autoattack_iterations=100, pgd=False,
-                                       adaptive_attack=False)
+        settings = self.config.evaluation_settings.model_copy(update=dict(
+            attacks_to_run=STANDARD_AUTOATTACK, autoattack_iterations=100, pgd=False,
+            adaptive_attack=False))
         evaluate_batch(self.model, self.x, self.y, settings, device=self.device,
                        dtype=self.dtype)
 

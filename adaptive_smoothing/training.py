@@ -251,7 +251,7 @@ def validate(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor, config
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pgd_s = config.pgd_settings
-    norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+    norm = pgd_s.norm
     was_training, was_scale = composite.training, composite.scale_alpha
     composite.eval()
     generator = _generator(_derive_seed(seed, "validate", rank))
@@ -301,7 +301,7 @@ def _targeted_apgd(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
     if "apgd-t" not in pgd_s.attacks_to_run:
         return robust
     robust = robust.clone()
-    norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+    norm = pgd_s.norm
     n_target = min(pgd_s.n_target_classes, config.dataset_settings.num_classes - 1)
     for target_rank in range(2, n_target + 2):
         idx = robust.nonzero().squeeze(1)
@@ -405,9 +405,9 @@ class Trainer:
         self.allow_config_change = tuple(allow_config_change)
         self.config_changes: list[dict[str, Any]] = []
         ts = config.training_settings
-        self.rank, self.world, self.device = init_distributed(config.evaluation_settings.device)
+        self.rank, self.world, self.device = init_distributed(config.run.device)
         self.dtype = resolve_precision(ts.precision, self.device)
-        self.output_dir = Path(config.evaluation_settings.output_dir)
+        self.output_dir = Path(config.run.output_dir)
         if debug:
             self.output_dir = self.output_dir / DEBUG_DIR
             resume = False
@@ -418,7 +418,9 @@ class Trainer:
         # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
         require_checkpoint_files(config)
         torch.manual_seed(self.seed)
-        self.composite = build_composite(config, self.device)
+        self.composite = build_composite(config.forward_settings,
+                                         config.dataset_settings.num_classes, self.device,
+                                         source=config.source)
         if self.composite.mixer is None:
             raise ConfigError("expected true: training needs the mixing network",
                               key="forward_settings.use_policy", value=False, file=config.source)
@@ -722,7 +724,7 @@ class Trainer:
         if self.n_detection == 0:
             return {}
         pgd_s, ts = self.config.pgd_settings, self.config.training_settings
-        norm = "Linf" if pgd_s.type == "l_inf" else "L2"
+        norm = pgd_s.norm
         x, y = self.x_val[:self.n_detection], self.y_val[:self.n_detection]
         if self.x_det_fixed is None:
             self.x_det_fixed = fixed_attack_images(
@@ -1024,8 +1026,8 @@ def run_training(config: Config, *, resume: bool = True, debug: bool = False,
 
     The output folder is locked for the run's life: a second run into it is refused.
     """
-    with distributed_session(config.evaluation_settings.device) as (rank, _, _):
-        output_dir = Path(config.evaluation_settings.output_dir)
+    with distributed_session(config.run.device) as (rank, _, _):
+        output_dir = Path(config.run.output_dir)
         lock = RunLock(output_dir / DEBUG_DIR if debug else output_dir) if rank == 0 else None
         if lock is not None:
             lock.acquire()

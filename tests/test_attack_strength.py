@@ -12,7 +12,6 @@ emulation rounds as native bf16 does and the claim matters most where it is slow
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ITERATIONS = 10  # per APGD run (APGD-T: 9 target classes), as in a short evalua
 
 def _demo() -> tuple:
     config = load_config(REPO / "configs" / "demo.yaml")
-    composite = build_composite(config, CPU)
+    composite = build_composite(config.forward_settings, config.dataset_settings.num_classes, CPU)
     load_composite_weights(composite, config)
     return config, composite.eval()
 
@@ -39,9 +38,9 @@ def _demo() -> tuple:
 def test_bf16_channels_last_attacks_are_as_strong_as_fp32(shared_cifar10: Path) -> None:
     config, _ = _demo()
     x, y = load_tensors(build_dataset("cifar10", "test", "npz", shared_cifar10), N_IMAGES)
-    settings = dataclasses.replace(config.evaluation_settings,
-                                   attacks_to_run=("apgd-ce", "apgd-t"),
-                                   autoattack_iterations=ITERATIONS, batch_size=N_IMAGES)
+    settings = config.evaluation_settings.model_copy(update=dict(
+        attacks_to_run=("apgd-ce", "apgd-t"), autoattack_iterations=ITERATIONS,
+        batch_size=N_IMAGES))
     fp32 = robust_accuracy(_demo()[1], x, y, settings, BASELINE, device=CPU)
     fast = robust_accuracy(_demo()[1], x, y, settings, SpeedSetting("bf16", channels_last=True),
                            device=CPU)

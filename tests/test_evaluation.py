@@ -17,8 +17,8 @@ CPU = torch.device("cpu")
 
 
 def _settings(**kw) -> EvaluationSettings:
-    base = dict(n_examples=48, batch_size=16, device="cpu", precision="fp32", data_dir="unused",
-                output_dir="unused", attacks_to_run=(), norm="Linf", eps=8 / 255, pgd=False,
+    base = dict(n_examples=48, batch_size=16, precision="fp32", data_dir="unused",
+                attacks_to_run=(), norm="Linf", eps=8 / 255, pgd=False,
                 pgd_iters=10, pgd_step_size=2 / 255, pgd_loss="ce", adaptive_attack=False,
                 adaptive_attack_weight=0.5, adaptive_attack_iterations=10,
                 autoattack_iterations=10, save_adversarial=False, seed=0)
@@ -213,8 +213,6 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
     """Random starts drawn per batch made robust accuracy depend on --batch-size (7.0% at 250
     vs 7.5% at 25 on the same 200 images); per-image draws make every image's result, and so
     its attacked alpha, independent of its batch."""
-    import dataclasses
-
     from adaptive_smoothing.config import apply_overrides, load_config
     from conftest import REPO_ROOT
 
@@ -225,7 +223,7 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
     composite, x, y, device, dtype, info = evaluation._prepare(config)
     runs = {}
     for batch_size in (250, 25):
-        settings = dataclasses.replace(config.evaluation_settings, batch_size=batch_size)
+        settings = config.evaluation_settings.model_copy(update={"batch_size": batch_size})
         out = tmp_path / str(batch_size)
         runs[batch_size] = evaluate(composite, x, y, settings, out, device=device, dtype=dtype,
                                     model_info=info)

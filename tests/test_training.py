@@ -105,7 +105,7 @@ def reference_run(tiny_root: Path) -> dict[str, Any]:
     """An uninterrupted 4-iteration (2 epochs) run, shared by several tests."""
     config = _tiny_config(tiny_root, "reference")
     torch.manual_seed(config.seed)  # the trainer's initial mixer too
-    initial = build_composite(config)
+    initial = build_composite(config.forward_settings, config.dataset_settings.num_classes)
     load_composite_weights(initial, config)
     trainer = Trainer(config)
     path = trainer.fit()
@@ -199,7 +199,7 @@ def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(
     # still the one of the checkpoint, i.e. the state before the NaNs.
     _assert_states_close(state["model"], trainer.mixer.state_dict(), atol=0)
     _assert_states_close(state["bn"], trainer.composite.gamma_bn.state_dict(), atol=0)
-    fresh = build_composite(config)
+    fresh = build_composite(config.forward_settings, config.dataset_settings.num_classes)
     load_mixer_checkpoint(fresh, trainer.checkpoint_path)
 
 
@@ -223,11 +223,14 @@ def test_checkpoint_is_weights_only_and_a_mixer_checkpoint(reference_run: dict) 
                 "batch", "iteration", "global_step", "config"):
         assert key in state, key
     assert state["config"]["training_settings"]["batch_size"] == 4
-    fresh = build_composite(reference_run["config"])
+    fresh = build_composite(reference_run["config"].forward_settings,
+                            reference_run["config"].dataset_settings.num_classes)
     load_mixer_checkpoint(fresh, reference_run["path"])
     _assert_states_close(fresh.mixer.state_dict(), reference_run["trainer"].mixer.state_dict(), 0)
     epoch_file = reference_run["path"].parent / "epoch_002.pt"
-    load_mixer_checkpoint(build_composite(reference_run["config"]), epoch_file)
+    load_mixer_checkpoint(build_composite(reference_run["config"].forward_settings,
+                                          reference_run["config"].dataset_settings.num_classes),
+                          epoch_file)
 
 
 def test_tensorboard_scalars_are_written(reference_run: dict) -> None:
@@ -256,7 +259,8 @@ def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run:
     assert results["iteration"] == saved["iteration"] == 4
     assert results["validation"] == pytest.approx(saved["validation"])
     # The fixed-attack AUC is that of the deployed composite's gamma on the cached images.
-    composite = build_composite(reference_run["config"])
+    composite = build_composite(reference_run["config"].forward_settings,
+                                reference_run["config"].dataset_settings.num_classes)
     load_composite_weights(composite, reference_run["config"])
     load_mixer_checkpoint(composite, reference_run["path"])
     with torch.no_grad():
@@ -269,7 +273,8 @@ def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run:
 def test_saved_gamma_bn_is_reestimated_on_the_last_buffer(reference_run: dict) -> None:
     trainer = reference_run["trainer"]
     saved = _load(reference_run["path"])
-    composite = build_composite(reference_run["config"])
+    composite = build_composite(reference_run["config"].forward_settings,
+                                reference_run["config"].dataset_settings.num_classes)
     load_composite_weights(composite, reference_run["config"])
     load_mixer_checkpoint(composite, reference_run["path"])
     composite.gamma_bn.running_mean.fill_(123.0)
@@ -297,7 +302,7 @@ def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
     from adaptive_smoothing.pre_attack import generate_blocks, save_blocks
     config = _tiny_config(tiny_root, "pa", epochs=1, accum_grad=-1,
                           comp_loss_params={"scale": {"clean": 2.0, "ada": 1.0, "pa": 3.0}})
-    composite = build_composite(config)
+    composite = build_composite(config.forward_settings, config.dataset_settings.num_classes)
     load_composite_weights(composite, config)
     x, y = load_tensors(build_dataset("cifar10", "train", "npz", str(tiny_root / "data")))
     gammas = (-math.inf, 0.0, 5.0, 8.0, math.inf)  # gamma_0 7.1: labels 1, 1, 1, 0, 0
@@ -621,7 +626,7 @@ def test_resume_from_a_mixer_only_file_says_what_it_is(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "mixer_only", epochs=1)
     path = tiny_root / "mixer_only" / "checkpoints" / "last.pt"
     path.parent.mkdir(parents=True)
-    composite = build_composite(config)
+    composite = build_composite(config.forward_settings, config.dataset_settings.num_classes)
     torch.save({"model": composite.mixer.state_dict(), "bn": composite.gamma_bn.state_dict()},
                path)
     with pytest.raises(TrainingResumeError, match=r"last\.pt: not a training checkpoint.*"

@@ -46,15 +46,16 @@ def main(config_path: Path, output: Path, gammas: str, n_images: int | None, ite
     except ConfigError as err:
         raise SystemExit(f"error: {err}")
     ds = config.dataset_settings
-    device = resolve_device(config.evaluation_settings.device)
-    composite = build_composite(config, device)
+    device = resolve_device(config.run.device)
+    composite = build_composite(config.forward_settings, config.dataset_settings.num_classes,
+                                device, source=config.source)
     load_composite_weights(composite, config)
     train = build_dataset(ds.name, "train", ds.format, ds.path, augment=False)
     x, y = load_tensors(train, n_images)
     import torch
     blocks = generate_blocks(composite, x, y, torch.arange(len(y)), gammas=_gammas(gammas),
                              eps=config.pgd_settings.eps,
-                             norm="Linf" if config.pgd_settings.type == "l_inf" else "L2",
+                             norm=config.pgd_settings.norm,
                              iterations=iterations, step_size=step_size, batch_size=batch_size,
                              device=device, seed=config.seed)
     logging.info("wrote %s", save_blocks(blocks, output))

@@ -187,7 +187,7 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
     from adaptive_smoothing.rundir import RunDirError
     from adaptive_smoothing.runtime import DeviceError, RuntimeSettingsError, configure_threads
     from adaptive_smoothing.training import TrainingDivergedError, TrainingResumeError, run_training
-    configure_threads(config.evaluation_settings.threads)
+    configure_threads(config.run.threads)
     try:
         if mode == "eval":
             table = (run_alpha_sweep(config, alphas, overwrite=overwrite)

@@ -1,0 +1,304 @@
+"""The authors' YAML layout at the boundary: file -> :class:`Config`, overrides, and back.
+
+The authors' files (docs/METHOD.md, "Authors' configs") load unchanged. A few of their keys live
+elsewhere in the schema (``MOVED``), two have old spellings (``ALIASES``), and their 'default'
+values, which depend on other sections, are filled in here, once, after validation; the
+sections themselves never read each other.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .schema import (BIT_STD_RESIZE, DEFAULT_EPS, MAX_PLAUSIBLE_EPS, Config, ConfigError,
+                     Section)
+
+logger = logging.getLogger(__name__)
+
+# YAML key path (the authors' layout) -> schema key path.
+MOVED = {"training_settings.gamma_consts": "forward_settings.gamma_consts",
+         "pgd_settings.type": "pgd_settings.norm",
+         "evaluation_settings.device": "run.device",
+         "evaluation_settings.threads": "run.threads",
+         "evaluation_settings.output_dir": "run.output_dir"}
+ALIASES = {"forward_settings.std_scale": "forward_settings.std_model_scale",
+           "forward_settings.rob_scale": "forward_settings.rob_model_scale"}
+_TO_YAML = {schema: yaml_path for yaml_path, schema in MOVED.items()}
+# Schema keys that files write once, in another section: filled in from there at load.
+FILLED = {"randomized_attack_settings.eps": "pgd_settings.eps",
+          "randomized_attack_settings.norm": "pgd_settings.type",
+          "randomized_attack_settings.n_target": "pgd_settings.n_target_classes"}
+RANDOMIZE_ONLY = ("this project implements the randomized training attacks only (docs/METHOD.md, "
+                  "'Training'); narrow them with eps_factor_scale, comp_loss_wmax or iters_const")
+
+
+def _convert(path: str, table: Mapping[str, str]) -> str:
+    for old, new in table.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return path
+
+
+def _lookup(tree: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return ...
+        tree = tree[part]
+    return tree
+
+
+def _put(tree: dict, path: str, value: Any, source: Optional[str], given_as: str = "") -> None:
+    *parents, last = path.split(".")
+    for depth, part in enumerate(parents):
+        if not isinstance(tree.setdefault(part, {}), dict):
+            raise ConfigError("cannot set a key inside a non-mapping value", file=source,
+                              key=".".join(parents[:depth + 1]), value=tree[part])
+        tree = tree[part]
+    if given_as and last in tree:
+        raise ConfigError(f"given twice, as {last!r} and {given_as.rsplit('.', 1)[-1]!r}; keep "
+                          "one", key=given_as, value=value, file=source)
+    tree[last] = value
+
+
+def _schema_path(path: str, value: Any, source: Optional[str]) -> str:
+    if path in FILLED:
+        raise ConfigError(f"not a key of this section: write {FILLED[path]}", key=path,
+                          value=value, file=source)
+    return _convert(_convert(path, ALIASES), MOVED)
+
+
+def _to_schema(raw: dict, source: Optional[str]) -> dict:
+    """The authors' layout -> the schema's (a deep copy); logs the keys this project ignores."""
+    data = copy.deepcopy(raw)
+    for path in FILLED:
+        value = _lookup(data, path)
+        if value is not ...:
+            _schema_path(path, value, source)
+    attacks = data.get("randomized_attack_settings")
+    if isinstance(attacks, dict) and "randomize" in attacks:  # the authors' key, always true
+        value = attacks.pop("randomize")
+        if value not in (True, 1, "True", "true", "yes", "on"):
+            raise ConfigError(f"expected true: {RANDOMIZE_ONLY}", file=source, value=value,
+                              key="randomized_attack_settings.randomize")
+    for yaml_path, schema_path in {**ALIASES, **MOVED}.items():
+        *parents, last = yaml_path.split(".")
+        node = _lookup(data, ".".join(parents))
+        if isinstance(node, dict) and last in node:
+            _put(data, schema_path, node.pop(last), source, given_as=yaml_path)
+    for name, field in Config.model_fields.items():
+        section = data.get(name)
+        if isinstance(section, dict) and isinstance(field.annotation, type):
+            for key in getattr(field.annotation, "unused", ()):
+                if key in section:
+                    logger.info("%s.%s (a key of the authors' files) is accepted but not used",
+                                name, key)
+    return data
+
+
+def _section_class(path: list[str]) -> Optional[type]:
+    cls: Any = Config
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(
+            cls, BaseModel) else None
+        if field is None:
+            return None
+        cls = field.annotation
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _problem(error: dict, cls: Optional[type], yaml_section: str, inside: bool) -> str:
+    kind, ctx, msg = error["type"], error.get("ctx", {}), error["msg"]
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
+              "less_than_equal": "<="}
+    if kind == "missing":
+        return "expected more items" if inside else "missing required key"
+    if kind == "extra_forbidden" and cls is not None:
+        keys = [_convert(f"{yaml_section}.{name}".lstrip("."), _TO_YAML).rsplit(".", 1)[-1]
+                for name in cls.model_fields if f"{yaml_section}.{name}" not in ALIASES]
+        keys += [p.rsplit(".", 1)[1] for p in MOVED if p.rsplit(".", 1)[0] == yaml_section]
+        keys = [k for k in dict.fromkeys(keys) if f"{yaml_section}.{k}".lstrip(".") not in
+                _TO_YAML or yaml_section == ""]
+        close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
+        return f"unknown key; expected one of {keys}" + (
+            f"; did you mean {close[0]!r}?" if close else "")
+    if kind in ("too_long", "too_short"):
+        limit = ctx.get("max_length", ctx.get("min_length"))
+        return f"expected {'at most' if kind == 'too_long' else 'at least'} {limit} items"
+    if kind in bounds:
+        return f"expected a value {bounds[kind]} {next(iter(ctx.values()))}"
+    problem = msg.removeprefix("Value error, ").replace("Input should be", "expected")
+    return problem if "expected" in problem else f"expected a valid value ({problem})"
+
+
+def _error(err: ValidationError, data: dict, source: Optional[str]) -> ConfigError:
+    """pydantic's first error as one line in the authors' key names, the value as written."""
+    error = err.errors()[0]
+    path: list[str] = []
+    for part in error["loc"]:
+        cls = _section_class(path)
+        if cls is None or not isinstance(part, str) or (
+                part not in cls.model_fields and error["type"] != "extra_forbidden"):
+            break
+        path.append(part)
+    schema_path = ".".join(path)
+    yaml_path = _convert(schema_path, _TO_YAML)
+    parent = _section_class(path[:-1]) if error["type"] == "extra_forbidden" else None
+    problem = _problem(error, parent, yaml_path.rpartition(".")[0],
+                       inside=len(path) < len(error["loc"]))
+    return ConfigError(problem, key=yaml_path or "<top level>",
+                       value=_lookup(data, schema_path), file=source)
+
+
+def _fill(section: Section, **values: Any) -> Any:
+    """The section with its unset fields set to ``values``; they stay 'unset', so that
+    :func:`apply_overrides` derives them again."""
+    unset = {k: v for k, v in values.items() if k not in section.model_fields_set}
+    if not unset:
+        return section
+    return type(section).model_construct(section.model_fields_set, **{**dict(section), **unset})
+
+
+def _check_eps(eps: float, norm: str, key: str, source: Optional[str]) -> None:
+    limit = MAX_PLAUSIBLE_EPS[norm]
+    if eps <= limit:
+        return
+    hint = ""
+    if norm == "Linf" and eps / 255 <= limit:
+        hint = f"; did you mean {eps:g}/255 (= {eps / 255:.5f})? Write it as '{eps:g}/255'"
+    raise ConfigError(f"an {norm} radius above {limit:.4g} is implausible for images in [0, 1]"
+                      f"{hint}", key=key, value=eps, file=source)
+
+
+def _validate(data: dict, source: Optional[str]) -> Config:
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as err:
+        raise _error(err, data, source) from None
+    fwd, pgd, ev = config.forward_settings, config.pgd_settings, config.evaluation_settings
+    is_bit = fwd.std_model_type.startswith("bit_")
+    if fwd.std_resize is not None and not is_bit:
+        raise ConfigError(f"expected None: resizing is supported for BiT STD models only, not "
+                          f"{fwd.std_model_type!r}", key="forward_settings.std_resize",
+                          value=fwd.std_resize, file=source)
+    fwd = _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None)
+    pgd = _fill(pgd, eps=DEFAULT_EPS[pgd.norm])
+    _check_eps(pgd.eps, pgd.norm, "pgd_settings.eps", source)
+    attacks = _fill(config.randomized_attack_settings, eps=pgd.eps, norm=pgd.norm,
+                    n_target=pgd.n_target_classes)
+    classes = config.dataset_settings.num_classes
+    if pgd.n_target_classes > classes - 1:
+        raise ConfigError(f"expected at most {classes - 1} (classes of "
+                          f"{config.dataset_settings.name} minus one)", file=source,
+                          key="pgd_settings.n_target_classes", value=pgd.n_target_classes)
+    ev = _fill(ev, norm=pgd.norm)
+    ev = _fill(ev, eps=pgd.eps if ev.norm == pgd.norm else DEFAULT_EPS[ev.norm],
+               data_dir=config.dataset_settings.path, seed=config.seed,
+               pgd_iters=pgd.iters_test, pgd_step_size=pgd.alpha_test,
+               pgd_loss="comp" if pgd.pgd_eval_loss == "comp_simple" else pgd.pgd_eval_loss)
+    _check_eps(ev.eps, ev.norm, "evaluation_settings.eps", source)
+    run = _fill(config.run, output_dir=os.path.join(config.log_dir, config.log_path))
+    config = config.model_copy(update={"forward_settings": fwd, "pgd_settings": pgd, "run": run,
+                                       "randomized_attack_settings": attacks,
+                                       "evaluation_settings": ev})
+    config._source = source
+    return config
+
+
+def parse_config(raw: Any, source: Optional[str] = None) -> Config:
+    """Validate an already-parsed YAML mapping (``source`` names it in error messages)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping of sections", key="<top level>", value=raw,
+                          file=source)
+    return _validate(_to_schema(raw, source), source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_mapping)
+
+
+def load_config(path: Union[str, os.PathLike]) -> Config:
+    """Read and validate a YAML configuration file (the authors' layout, with this project's
+    additional keys)."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=source) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read the file: {err}", file=source) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"YAML syntax error{where}: {problem}", file=source) from None
+    if raw is None:
+        raise ConfigError("the file is empty; expected a mapping of sections", file=source)
+    return parse_config(raw, source=source)
+
+
+def apply_overrides(config: Config, **overrides: Any) -> Config:
+    """A new Config with some keys replaced, e.g. command-line flags.
+
+    Keys are the file's key paths with '.' or '__' between levels (``training_settings__lr=
+    1e-4``, ``**{"training_settings.lr": "1e-4"}``); a section name with a mapping sets several
+    of its keys. Values are checked as in a file; values derived at load ('default') are derived
+    again from the new keys. ``None`` values are skipped (unset command-line options).
+    """
+    data = config.model_dump(exclude_unset=True)  # what was given; derived values are unset
+    applied = []
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        path = key.replace("__", ".")
+        items = {path: value}
+        if isinstance(value, Mapping) and _section_class([path]) is not None:
+            items = {f"{path}.{sub}": sub_value for sub, sub_value in value.items()}
+        for item_path, item in items.items():
+            _put(data, _schema_path(item_path, item, config.source), item, config.source)
+        applied.append(path)
+    if not applied:
+        return config
+    return _validate(data, f"{config.source or '<config>'} (with overrides of "
+                           f"{', '.join(applied)})")
+
+
+def config_to_dict(config: Config) -> dict:
+    """The resolved configuration as plain YAML/JSON data, in the authors' layout."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+    data = plain(config.model_dump())
+    for schema_path, yaml_path in _TO_YAML.items():
+        *parents, last = schema_path.split(".")
+        _put(data, yaml_path, _lookup(data, ".".join(parents)).pop(last), config.source)
+    for path in FILLED:
+        del data["randomized_attack_settings"][path.rsplit(".", 1)[1]]
+    if not data["run"]:
+        del data["run"]
+    return data

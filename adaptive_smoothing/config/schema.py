@@ -1,0 +1,435 @@
+"""The validated configuration: frozen pydantic models, one per concern, none reading another.
+
+Each section is complete on its own once loaded: values that the authors' files derive from
+other sections ('default') are filled in by :mod:`.legacy`, which also maps the authors' key
+layout onto these models. docs/CONFIG.md is generated from the ``Field`` descriptions here.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Optional, get_args
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      PrivateAttr, StringConstraints, field_validator, model_validator)
+
+from adaptive_smoothing.attacks import RandomizedAttackSettings
+
+# The original code's short model names -> this project's registry names.
+MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
+                      "wrn": "dm_wrn_28_10", "wrn7016": "dm_wrn_70_16",
+                      "wrn7016_silu": "dm_wrn_70_16_silu"}
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
+TRAINING_ATTACKS = ("apgd-ce", "apgd-t")  # 'default' of pgd_settings.attacks_to_run
+DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
+# Radii above these are not a threat model anyone evaluates on [0, 1] images; a larger value is
+# almost always a unit mistake (eps: 8 for 8/255).
+MAX_PLAUSIBLE_EPS = {"Linf": 64 / 255, "L2": 8.0}
+MAX_SEED = 2**63 - 1  # torch.manual_seed and pyautoattack take seeds up to this
+BIT_STD_RESIZE = 128  # the published STD model sees CIFAR images resized to 128x128
+
+
+class ConfigError(ValueError):
+    """A configuration problem, one line: ``file: key.path = value: problem``."""
+
+    def __init__(self, problem: str, *, key: Optional[str] = None, value: Any = ...,
+                 file: Optional[str] = None) -> None:
+        self.problem, self.key, self.value, self.file = problem, key, value, file
+        where = key if value is ... or key is None else f"{key} = {_short_repr(value)}"
+        super().__init__(": ".join(p for p in (file or "<config>", where, problem) if p))
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(dict(value) if isinstance(value, dict) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class FrozenDict(dict):
+    """A read-only, hashable dict, so that a frozen config stays immutable and hashable."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("configuration mappings are read-only; use apply_overrides()")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _readonly
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items(), key=lambda item: str(item[0]))))
+
+
+# -- the few value spellings of the authors' files that pydantic does not read itself ---------
+def _fraction(value: Any) -> Any:
+    """'8/255' -> 0.0313..."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[\d.eE+-]+\s*/\s*[\d.eE+-]+\s*", value):
+        num, den = value.split("/")
+        try:
+            return float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            pass
+    return value
+
+
+def _tuple_text(value: Any) -> Any:
+    """'(2., 0.4)' -> (2.0, 0.4); 'a, b' -> ['a', 'b'] (lists of names)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text[:1] in "([":
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError("expected a tuple written as '(a, b)'") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _names(table: dict[str, str]) -> BeforeValidator:
+    """Case-, '-'- and '_'-insensitive name spellings -> one canonical name."""
+    keyed = {re.sub(r"[-_\s]", "", k.lower()): v for k, v in table.items()}
+    return BeforeValidator(lambda v: keyed.get(re.sub(r"[-_\s]", "", v.lower()), v.strip())
+                           if isinstance(v, str) else v)
+
+
+def _model_name(value: Any) -> Any:
+    from adaptive_smoothing.models import list_models  # torch only once a name is checked
+
+    name = MODEL_TYPE_ALIASES.get(value.strip().lower(), value.strip()) if isinstance(
+        value, str) else value
+    if name not in list_models():
+        raise ValueError(f"expected one of {list_models()} or a short name "
+                         f"{sorted(MODEL_TYPE_ALIASES)}")
+    return name
+
+
+def _gamma_pair(value: tuple[float, float]) -> tuple[float, float]:
+    if value[0] <= 0:
+        raise ValueError("expected (scale, bias) with scale > 0")
+    return value
+
+
+def _not_nan(value: float) -> float:
+    if math.isnan(value):
+        raise ValueError("expected a number, not NaN")
+    return value
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return value
+
+
+Str = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v),
+                StringConstraints(strip_whitespace=True, min_length=1)]
+Num = Annotated[float, BeforeValidator(_fraction)]
+Norm = Annotated[Literal["Linf", "L2"], _names({"linf": "Linf", "l_inf": "Linf", "inf": "Linf",
+                                                "l2": "L2", "l_2": "L2"})]
+Precision = _names({"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"})
+AttackList = Annotated[tuple[Annotated[Literal[AUTOATTACK_NAMES], _names(  # type: ignore[valid-type]
+    {n: n for n in AUTOATTACK_NAMES})], ...], BeforeValidator(_tuple_text)]
+GammaPair = Annotated[tuple[Num, Num], BeforeValidator(_tuple_text), AfterValidator(_gamma_pair)]
+Kwargs = Annotated[dict[str, Any], AfterValidator(FrozenDict)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+_NONE_WORDS = ("none", "null", "~")
+
+
+def derived(default: Any, rule: str, **kwargs: Any) -> Any:
+    """A field that the authors' files may set to 'default': filled at load by ``rule``."""
+    return Field(default, json_schema_extra={"derived": rule}, **kwargs)
+
+
+class Section(BaseModel):
+    """Frozen, no unknown keys, no inf/nan unless a field allows it, and the authors' spellings
+    'None' (where None is allowed) and 'default' (where a value is derived at load)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    unused: ClassVar[tuple[str, ...]] = ()  # keys of the authors' files this project ignores
+
+    @model_validator(mode="before")
+    @classmethod
+    def _authors_words(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        out = {}
+        for key, value in data.items():
+            field = cls.model_fields.get(key)
+            word = value.strip().lower() if isinstance(value, str) else None
+            if field is not None and word == "default" and "derived" in (
+                    field.json_schema_extra or {}):
+                continue  # unset: legacy.py derives it
+            if field is not None and word in _NONE_WORDS and type(None) in get_args(
+                    field.annotation):
+                value = None
+            out[key] = value
+        return out
+
+
+class ModelLoadPath(Section):
+    std: Str = Field(description="STD (accurate) model checkpoint, relative to `log_dir`")
+    rob: Str = Field(description="ROB (robust) model checkpoint, relative to `log_dir`")
+    comp: Optional[Str] = Field(None, description="mixing-network checkpoint (`{model, bn}`), "
+                                "relative to `log_dir`; None = a new, untrained mixer")
+
+
+class GammaConsts(Section):
+    train: GammaPair = Field((2.0, 0.4), description="(scale, bias) applied to the normalised "
+                             "gamma in training mode; scale > 0")
+    eval: GammaPair = Field((2.0, 1.3), description="the same in evaluation mode (published: "
+                            "1.05 CIFAR-10, 1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)")
+
+
+class ForwardSettings(Section):
+    """The composite model: base models, logit scales, mixer, alpha range and gamma constants."""
+
+    unused: ClassVar[tuple[str, ...]] = ("parallel", "ema_decay")
+    std_model_type: Annotated[str, BeforeValidator(_model_name)] = Field(
+        description="STD architecture: a short name (`rn18`, `rn50`, `rn152`) or a registry name")
+    rob_model_type: Annotated[str, BeforeValidator(_model_name)] = Field(
+        description="ROB architecture: a short name (`rn18`, `wrn`, `wrn7016`, `wrn7016_silu`) "
+                    "or a registry name")
+    std_model_scale: Num = Field(1.0, gt=0, description="STD logit scale s_std (alias "
+                                 "`std_scale`)")
+    rob_model_scale: Num = Field(1.0, gt=0, description="ROB logit scale s_rob (alias "
+                                 "`rob_scale`)")
+    std_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="extra arguments "
+                                     "of `create_model` for STD, e.g. `{width: 16}`")
+    rob_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="the same for ROB")
+    std_resize: Optional[int] = derived(None, "128 for BiT STD models, None otherwise", ge=1,
+                                        description="resize STD inputs to this size (BiT only)")
+    in_planes: Optional[Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(
+        ge=1)]], BeforeValidator(_tuple_text)]] = Field(
+        None, description="first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read "
+                          "from the models; checked against them when the model is built")
+    gamma: Annotated[float, AfterValidator(_not_nan)] = Field(
+        0.0, allow_inf_nan=True, description="fixed gamma when `use_policy` is false (alpha = "
+        "sigmoid(gamma)); `-inf` = STD only, `inf` = ROB only")
+    use_policy: bool = Field(True, description="use the mixing network (false: fixed `gamma`)")
+    policy_graph: bool = Field(True, description="false detaches the mixer's inputs, hiding it "
+                               "from attacks: robust accuracy so measured is **not valid**")
+    pn_version: Literal[3, 4] = Field(4, description="mixing network version (V4 adds a 1x1 "
+                                      "conv on the second features)")
+    alpha_scale: Num = Field(1.0, ge=0, le=1, description="alpha <- alpha * alpha_scale + "
+                             "alpha_bias (evaluation mode)")
+    alpha_bias: Num = Field(0.0, ge=0, le=1, description="lower end of the alpha range; "
+                            "`alpha_bias + alpha_scale <= 1`")
+    gamma_consts: GammaConsts = Field(default_factory=GammaConsts, description="gamma (scale, "
+                                      "bias) constants; YAML: `training_settings.gamma_consts`")
+    parallel: int = Field(1, ge=0, description="authors' key, not used (one process per GPU)")
+    ema_decay: Optional[float] = Field(None, description="authors' key, not used")
+
+    @field_validator("alpha_bias")
+    @classmethod
+    def _range_within_one(cls, bias: float, info: Any) -> float:
+        scale = info.data.get("alpha_scale", 0.0)
+        if bias + scale > 1 + 1e-12:
+            raise ValueError(f"expected alpha_bias + alpha_scale <= 1 (alpha_scale = {scale}, "
+                             f"sum = {bias + scale})")
+        return bias
+
+
+class DatasetSettings(Section):
+    name: Annotated[Literal["cifar10", "cifar100"], _names(
+        {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = Field(
+        description="dataset: `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
+    format: Literal["torchvision", "npz", "imagefolder"] = Field(
+        "torchvision", description="how the data lies under `path`")
+    path: Str = Field("data", description="dataset folder")
+    train_with_test: bool = Field(False, description="train the mixer on the test split")
+    train_shuffle: bool = Field(True, description="shuffle the training data")
+    pa_path: Optional[Str] = Field(None, description="pre-attacked training data, a file of "
+                                   "`scripts/pre_attack.py` (docs/TRAINING.md)")
+    gamma_0: Optional[float] = Field(None, description="with `pa_path` (then required): a "
+                                     "pre-attacked block's label is 1 where its gamma < gamma_0")
+    blocks: Optional[int] = Field(None, description="with `pa_path`: use the file's first "
+                                  "`blocks` blocks (None: all)")
+
+    @property
+    def num_classes(self) -> int:
+        return 100 if self.name == "cifar100" else 10
+
+
+class CompLossConsts(Section):
+    """Loss per sample: `bce * BCE(gamma, label) + ce * CE(out, y) + prod * BCE * CE`."""
+
+    bce: Num = Field(1.5, ge=0, description="weight of BCE(gamma, mixer label)")
+    ce: Num = Field(0.0, ge=0, description="weight of CE(composite output, y)")
+    prod: Num = Field(0.3, ge=0, description="weight of BCE * CE")
+
+
+class CompLossScale(Section):
+    clean: Num = Field(1.0, ge=0, description="loss scale of clean samples")
+    ada: Num = Field(1.0, ge=0, description="loss scale of adversarial samples")
+    pa: Num = Field(1.0, ge=0, description="loss scale of pre-attacked samples (with pa_path)")
+
+
+class CompLossParams(Section):
+    consts: CompLossConsts = Field(default_factory=CompLossConsts, description="loss weights")
+    scale: CompLossScale = Field(default_factory=CompLossScale, description="per-group scales")
+
+
+class EvalFreq(Section):
+    epoch: int = Field(1, ge=1, description="validate and save every this many epochs")
+    iter: Optional[int] = Field(200, ge=1, description="... and every this many iterations "
+                                "(attack buffers); `'none'`: at epoch ends only")
+
+
+class TrainingSettings(Section):
+    unused: ClassVar[tuple[str, ...]] = ("save_eval_imgs", "use_fast_loader")
+    epochs: int = Field(3, ge=1, description="training epochs")
+    batch_size: Optional[int] = Field(None, ge=1, description="**global** training batch size "
+                                      "(all processes); None = per-process size x processes")
+    batch_size_train_per_gpu: int = Field(50, ge=1, description="per-process training batch")
+    batch_size_test_per_gpu: int = Field(50, ge=1, description="per-process validation batch")
+    save_eval_imgs: bool = Field(False, description="authors' key, not used")
+    lr: Num = Field(5e-5, gt=0, description="AdamW learning rate")
+    weight_decay: Num = Field(1e-5, ge=0, description="AdamW weight decay")
+    comp_loss_params: CompLossParams = Field(default_factory=CompLossParams, description="loss")
+    accum_grad: int = Field(4, description="mini-batches per optimizer step; -1 = one step per "
+                            "attack buffer")
+    use_fast_loader: bool = Field(False, description="authors' key, not used")
+    eval_freq: EvalFreq = Field(default_factory=EvalFreq, description="validation frequency")
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Precision] = Field(
+        "auto", description="`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA")
+    channels_last: bool = Field(True, description="NHWC weights and activations")
+    compile: bool = Field(False, description="`torch.compile` the composite")
+    max_nonfinite_steps: int = Field(10, ge=1, description="consecutive non-finite losses "
+                                     "before training stops")
+    n_val_examples: int = Field(500, ge=1, description="test images of periodic validation")
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps")
+    n_detection_examples: int = Field(200, ge=0, description="held-out images (the first "
+                                      "validation images) of the detection AUCs; 0 = off")
+    detection_alpha: Num = Field(0.5, ge=0, le=1, description="alpha of the fixed mixture the "
+                                 "non-adaptive detection attack (APGD-CE) aims at")
+    reestimate_gamma_bn: bool = Field(True, description="before each validation and "
+                                      "checkpoint, set the gamma BN's running statistics to "
+                                      "those of the last training buffer (docs/TRAINING.md)")
+
+    @field_validator("accum_grad")
+    @classmethod
+    def _accum(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError("expected -1 (one step per buffer) or >= 1")
+        return value
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Clean images per training step over all processes."""
+        return self.per_process_batch_size(world_size) * world_size
+
+    def per_process_batch_size(self, world_size: int = 1) -> int:
+        """Clean images per training step in one process (``batch_size`` split evenly)."""
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if self.batch_size is None:
+            return self.batch_size_train_per_gpu
+        if self.batch_size % world_size:
+            raise ConfigError(f"expected a multiple of the number of processes ({world_size})",
+                              key="training_settings.batch_size", value=self.batch_size)
+        return self.batch_size // world_size
+
+
+class PgdSettings(Section):
+    norm: Norm = Field("Linf", description="threat model of training attacks and validation "
+                       "(YAML key `type`: `'l_inf'` or `'l_2'`)")
+    eps: Num = derived(8 / 255, "8/255 (Linf), 0.5 (L2)", gt=0, description="attack radius; "
+                       "above 64/255 (Linf) or 8 (L2) it is refused as a unit mistake")
+    iters_test: int = Field(20, ge=1, description="PGD iterations in validation")
+    alpha_test: Num = Field(0.0027, gt=0, description="PGD step size in validation")
+    use_aa: bool = Field(True, description="validate with APGD rather than PGD")
+    n_target_classes: int = Field(9, ge=1, description="targets of APGD-T (at most classes-1)")
+    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = Field("ce", description="loss of the "
+                                                               "validation PGD")
+    attacks_to_run: AttackList = derived(TRAINING_ATTACKS, "apgd-ce, apgd-t", description=(
+        f"validation attacks, a list or comma-separated names out of {list(AUTOATTACK_NAMES)}"))
+
+
+class EvaluationSettings(Section):
+    """The evaluation (`run.py --eval`); 'default' values are filled in when the file loads."""
+
+    n_examples: int = Field(10000, ge=1, description="test images (10000 = the full test set)")
+    batch_size: int = Field(200, ge=1, description="evaluation batch size")
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], Precision] = Field(
+        "fp32", description="autocast dtype of the forward; `'fp16'` on CUDA only")
+    channels_last: bool = Field(True, description="NHWC weights and activations")
+    compile: bool = Field(False, description="`torch.compile` the composite")
+    data_dir: Str = derived("data", "`dataset_settings.path`", description="test data folder")
+    attacks_to_run: AttackList = derived(STANDARD_AUTOATTACK, "the standard four", description=(
+        "AutoAttack attacks; [] = clean accuracy only"))
+    norm: Norm = derived("Linf", "that of `pgd_settings.type`", description="threat model")
+    eps: Num = derived(8 / 255, "`pgd_settings.eps` when the norms agree, else 8/255 or 0.5",
+                       gt=0, description="radius, as plausible as `pgd_settings.eps`")
+    pgd: bool = Field(False, description="also run PGD")
+    pgd_iters: int = derived(20, "`pgd_settings.iters_test`", ge=1, description="PGD iterations")
+    pgd_step_size: Num = derived(0.0027, "`pgd_settings.alpha_test`", gt=0,
+                                 description="PGD step size")
+    pgd_loss: Literal["ce", "dlr", "comp"] = derived(
+        "ce", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", description="PGD loss")
+    adaptive_attack: bool = Field(False, description="also run the adaptive (mixer-aware) "
+                                  "attack: APGD with a BCE(gamma, 1) term")
+    adaptive_attack_weight: Num = Field(0.5, ge=0, le=1, description="weight w of that BCE term")
+    adaptive_attack_iterations: int = Field(100, ge=1, description="APGD iterations of it")
+    autoattack_iterations: int = Field(100, ge=1, description="APGD iterations inside AutoAttack "
+                                       "(100 = standard; else the run is reported `custom`)")
+    save_adversarial: bool = Field(False, description="save the adversarial images")
+    seed: Seed = derived(0, "the top-level `seed`", description="seed of the attacks' "
+                         "per-image random starts")
+
+    @property
+    def autoattack_version(self) -> str:
+        """'standard' for AutoAttack's standard attacks and iterations, else 'custom'."""
+        standard = (set(self.attacks_to_run) == set(STANDARD_AUTOATTACK)
+                    and self.autoattack_iterations == 100)
+        return "standard" if standard else "custom"
+
+
+class RunSettings(Section):
+    """Where and on what a run (training or evaluation) happens."""
+
+    device: Annotated[str, AfterValidator(_device)] = Field(
+        "auto", description="`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, "
+                            "`'cuda:N'`; YAML: `evaluation_settings.device`")
+    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None = "
+                                   "OMP_NUM_THREADS or the usable cores divided by the local "
+                                   "torchrun processes; YAML: `evaluation_settings.threads`")
+    output_dir: Str = derived("results", "`log_dir/log_path`", description="results folder; "
+                              "YAML: `evaluation_settings.output_dir`")
+
+
+class Config(Section):
+    seed: Seed = Field(0, description="random seed (training, and evaluation by default)")
+    log_dir: Str = Field(".", description="root folder of checkpoints (`Base/`, `CompModel/`)")
+    log_path: Str = Field("results", description="output folder, relative to `log_dir`")
+    model_load_path: ModelLoadPath = Field(description="checkpoint paths")
+    forward_settings: ForwardSettings = Field(description="the composite model")
+    dataset_settings: DatasetSettings = Field(description="the dataset")
+    training_settings: TrainingSettings = Field(default_factory=TrainingSettings, description=(
+        "training the mixing network"))
+    pgd_settings: PgdSettings = Field(default_factory=PgdSettings, description="attacks of "
+                                      "training and validation")
+    randomized_attack_settings: RandomizedAttackSettings = Field(
+        default_factory=RandomizedAttackSettings, description="the randomised training attacks")
+    evaluation_settings: EvaluationSettings = Field(default_factory=EvaluationSettings,
+                                                    description="the evaluation command")
+    run: RunSettings = Field(default_factory=RunSettings, description="device, threads, output")
+    _source: Optional[str] = PrivateAttr(None)
+
+    @property
+    def source(self) -> Optional[str]:
+        """The file the config was read from (for messages)."""
+        return self._source
+
+    def __eq__(self, other: Any) -> bool:  # the source is not part of the configuration
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, name) for name in type(self).model_fields))
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.log_dir) / self.log_path
+
+    def model_path(self, which: Literal["std", "rob", "comp"]) -> Optional[Path]:
+        """A ``model_load_path`` entry resolved against ``log_dir`` (None for comp: None)."""
+        rel = getattr(self.model_load_path, which)
+        return None if rel is None else Path(self.log_dir) / rel
