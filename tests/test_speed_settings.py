@@ -148,7 +148,7 @@ def _raw_config() -> dict:
 def test_speed_keys_have_documented_defaults_and_are_checked() -> None:
     config = parse_config(_raw_config())
     ev, ts = config.evaluation_settings, config.training_settings
-    assert (ev.channels_last, ev.compile, ev.threads) == (True, False, None)
+    assert (ev.channels_last, ev.compile, config.run.threads) == (True, False, None)
     assert (ts.channels_last, ts.compile) == (True, False)
     raw = _raw_config()
     raw["evaluation_settings"] = {"threads": 0}
@@ -176,7 +176,7 @@ def test_run_py_speed_flags_reach_the_config_and_set_the_threads(
     config = seen["config"]
     section = config.evaluation_settings if mode == "eval" else config.training_settings
     assert (section.precision, section.channels_last, section.compile) == ("bf16", False, True)
-    assert config.evaluation_settings.threads == 2
+    assert config.run.threads == 2
     assert torch.get_num_threads() == 2
 
 

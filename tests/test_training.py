@@ -235,7 +235,7 @@ def test_checkpoint_is_weights_only_and_a_mixer_checkpoint(reference_run: dict) 
 
 def test_tensorboard_scalars_are_written(reference_run: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    folder = Path(reference_run["config"].evaluation_settings.output_dir) / "tensorboard"
+    folder = Path(reference_run["config"].run.output_dir) / "tensorboard"
     events = EventAccumulator(str(folder))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -253,7 +253,7 @@ def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run:
     import json
     from adaptive_smoothing.detection import roc_auc
     trainer = reference_run["trainer"]
-    out = Path(reference_run["config"].evaluation_settings.output_dir)
+    out = Path(reference_run["config"].run.output_dir)
     results = json.loads((out / "training_results.json").read_text())
     saved = _load(reference_run["path"])
     assert results["iteration"] == saved["iteration"] == 4

@@ -189,10 +189,8 @@ class ForwardSettings(Section):
     rob_model_type: Annotated[str, BeforeValidator(_model_name)] = Field(
         description="ROB architecture: a short name (`rn18`, `wrn`, `wrn7016`, `wrn7016_silu`) "
                     "or a registry name")
-    std_model_scale: Num = Field(1.0, gt=0, description="STD logit scale s_std (alias "
-                                 "`std_scale`)")
-    rob_model_scale: Num = Field(1.0, gt=0, description="ROB logit scale s_rob (alias "
-                                 "`rob_scale`)")
+    std_model_scale: Num = Field(1.0, gt=0, description="STD logit scale s_std")
+    rob_model_scale: Num = Field(1.0, gt=0, description="ROB logit scale s_rob")
     std_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="extra arguments "
                                      "of `create_model` for STD, e.g. `{width: 16}`")
     rob_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="the same for ROB")
@@ -215,7 +213,7 @@ class ForwardSettings(Section):
     alpha_bias: Num = Field(0.0, ge=0, le=1, description="lower end of the alpha range; "
                             "`alpha_bias + alpha_scale <= 1`")
     gamma_consts: GammaConsts = Field(default_factory=GammaConsts, description="gamma (scale, "
-                                      "bias) constants; YAML: `training_settings.gamma_consts`")
+                                      "bias) constants of the model (files: training_settings)")
     parallel: int = Field(1, ge=0, description="authors' key, not used (one process per GPU)")
     ema_decay: Optional[float] = Field(None, description="authors' key, not used")
 
@@ -331,7 +329,7 @@ class TrainingSettings(Section):
 
 class PgdSettings(Section):
     norm: Norm = Field("Linf", description="threat model of training attacks and validation "
-                       "(YAML key `type`: `'l_inf'` or `'l_2'`)")
+                       "(`l_inf`, `l_2` or any norm spelling)")
     eps: Num = derived(8 / 255, "8/255 (Linf), 0.5 (L2)", gt=0, description="attack radius; "
                        "above 64/255 (Linf) or 8 (L2) it is refused as a unit mistake")
     iters_test: int = Field(20, ge=1, description="PGD iterations in validation")
@@ -388,12 +386,12 @@ class RunSettings(Section):
 
     device: Annotated[str, AfterValidator(_device)] = Field(
         "auto", description="`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, "
-                            "`'cuda:N'`; YAML: `evaluation_settings.device`")
+                            "`'cuda:N'`; for training too (`Config.run`)")
     threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None = "
                                    "OMP_NUM_THREADS or the usable cores divided by the local "
-                                   "torchrun processes; YAML: `evaluation_settings.threads`")
+                                   "torchrun processes; for training too")
     output_dir: Str = derived("results", "`log_dir/log_path`", description="results folder; "
-                              "YAML: `evaluation_settings.output_dir`")
+                              "training writes here too")
 
 
 class Config(Section):

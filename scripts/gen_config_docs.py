@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Write docs/CONFIG.md: the prose of docs/CONFIG.template.md around key tables generated from the
+config schema (adaptive_smoothing/config/schema.py), in the file layout users write.
+
+    python3 scripts/gen_config_docs.py           # rewrite docs/CONFIG.md
+    python3 scripts/gen_config_docs.py --check  # exit 1 if docs/CONFIG.md is stale
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from adaptive_smoothing.config import Config  # noqa: E402
+from adaptive_smoothing.config.legacy import ALIASES, MOVED  # noqa: E402
+
+TEMPLATE = REPO / "docs" / "CONFIG.template.md"
+OUTPUT = REPO / "docs" / "CONFIG.md"
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+_TO_YAML = {schema: yaml_path for yaml_path, schema in MOVED.items()}
+
+
+def _to_yaml(path: str) -> str:
+    for schema, yaml_path in _TO_YAML.items():
+        if path == schema or path.startswith(schema + "."):
+            return yaml_path + path[len(schema):]
+    return path
+
+
+def _type(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type(args[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if origin is typing.Union:
+        return " or ".join(_type(a) for a in args if a is not type(None)) + " or None"
+    if origin is Literal:
+        return ", ".join(f"`{a!r}`" for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "list of names"
+        return "(" + ", ".join(_type(a) for a in args) + ")"
+    if origin is dict:
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _type_and_bounds(field: FieldInfo) -> str:
+    parts = []
+    for item in field.metadata:
+        for name, sign in _BOUNDS.items():
+            if getattr(item, name, None) is not None:
+                parts.append(f"{sign} {getattr(item, name)}")
+    text, optional = _type(field.annotation), ""
+    if text.endswith(" or None"):
+        text, optional = text[:-len(" or None")], " or None"
+    return text + (" " + ", ".join(parts) if parts else "") + optional
+
+
+def _default(field: FieldInfo) -> str:
+    derived = (field.json_schema_extra or {}).get("derived")  # type: ignore[union-attr]
+    if derived:
+        return f"`'default'`: {derived}"
+    if field.is_required():
+        return "required"
+    if field.default_factory is not None:
+        value = field.default_factory()  # type: ignore[call-arg]
+        return "all defaults" if isinstance(value, BaseModel) else f"`{dict(value)!r}`"
+    value = field.default
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"`{value!r}`" if isinstance(value, (str, tuple)) else repr(value)
+
+
+def _rows(model: type[BaseModel], prefix: str, out: dict[str, list[str]]) -> None:
+    for name, field in model.model_fields.items():
+        path = _to_yaml(f"{prefix}{name}")
+        section, _, key = path.rpartition(".")
+        aliases = [a.rsplit(".", 1)[1] for a, p in ALIASES.items() if p == f"{prefix}{name}"]
+        meaning = (field.description or "") + (f" (alias `{aliases[0]}`)" if aliases else "")
+        out.setdefault(section, []).append(
+            f"| `{key}` | {_type_and_bounds(field)} | {_default(field)} | "
+            f"{meaning} |")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out.setdefault(path, [])
+            _rows(field.annotation, f"{prefix}{name}.", out)
+
+
+def _section_class(yaml_path: str) -> type[BaseModel]:
+    from adaptive_smoothing.config.legacy import _convert, _section_class
+    return _section_class(_convert(yaml_path, MOVED).split(".")) if yaml_path else Config
+
+
+def render() -> str:
+    tables: dict[str, list[str]] = {}
+    _rows(Config, "", tables)
+    order = list(Config.model_fields)
+    parts = []
+    for section, rows in sorted(tables.items(), key=lambda item: (
+            order.index(item[0].split(".")[0]) if item[0] else -1)):
+        if not rows:  # 'run': all its keys are written in evaluation_settings
+            continue
+        cls = _section_class(section)
+        level = "###" if section.count(".") == 0 else "####"
+        title = f"`{section}`" if section else "top level"
+        doc = f"\n{cls.__doc__.strip()}\n" if cls.__doc__ and cls.__module__.endswith(
+            "schema") and not cls.__doc__.startswith("!!!") else ""
+        parts.append(f"{level} {title} (`{cls.__name__}`)\n{doc}\n| key | type | default | "
+                     f"meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+    header = ("<!-- Generated by scripts/gen_config_docs.py from docs/CONFIG.template.md and "
+              "adaptive_smoothing/config/schema.py; edit those, not this file. -->\n")
+    return header + TEMPLATE.read_text().replace("{keys}", "\n".join(parts))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/CONFIG.md is stale")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        stale = OUTPUT.read_text() != text
+        if stale:
+            print(f"{OUTPUT} is stale: run python3 scripts/gen_config_docs.py", file=sys.stderr)
+        return int(stale)
+    OUTPUT.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
