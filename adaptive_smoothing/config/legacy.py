@@ -102,7 +102,10 @@ def _to_schema(raw: dict, source: Optional[str]) -> dict:
     return data
 
 
-def _section_class(path: list[str]) -> Optional[type]:
+def section_class(path: Union[str, list[str]]) -> Optional[type]:
+    """The schema model at a key path (a file's layout, or the schema's as a list), if any."""
+    if isinstance(path, str):
+        path = _convert(path, MOVED).split(".")
     cls: Any = Config
     for part in path:
         field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(
@@ -142,14 +145,14 @@ def _error(err: ValidationError, data: dict, source: Optional[str]) -> ConfigErr
     error = err.errors()[0]
     path: list[str] = []
     for part in error["loc"]:
-        cls = _section_class(path)
+        cls = section_class(path)
         if cls is None or not isinstance(part, str) or (
                 part not in cls.model_fields and error["type"] != "extra_forbidden"):
             break
         path.append(part)
     schema_path = ".".join(path)
     yaml_path = _convert(schema_path, _TO_YAML)
-    parent = _section_class(path[:-1]) if error["type"] == "extra_forbidden" else None
+    parent = section_class(path[:-1]) if error["type"] == "extra_forbidden" else None
     problem = _problem(error, parent, yaml_path.rpartition(".")[0],
                        inside=len(path) < len(error["loc"]))
     return ConfigError(problem, key=yaml_path or "<top level>",
@@ -275,7 +278,7 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
             continue
         path = key.replace("__", ".")
         items = {path: value}
-        if isinstance(value, Mapping) and _section_class([path]) is not None:
+        if isinstance(value, Mapping) and section_class([path]) is not None:
             items = {f"{path}.{sub}": sub_value for sub, sub_value in value.items()}
         for item_path, item in items.items():
             _put(data, _schema_path(item_path, item, config.source), item, config.source)
