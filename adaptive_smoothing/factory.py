@@ -1,4 +1,4 @@
-"""Build the composite model that a config's ``forward_settings`` describes, and load its weights."""
+"""Build the composite model that a config's ``forward_settings`` describes; load its weights."""
 from __future__ import annotations
 
 import logging

@@ -546,7 +546,8 @@ def test_every_key_is_documented() -> None:
     from adaptive_smoothing.config import FILLED, MOVED
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
-    yaml_name = {schema.rsplit(".", 1)[1]: name.rsplit(".", 1)[1] for name, schema in MOVED.items()}
+    yaml_name = {schema.rsplit(".", 1)[1]: name.rsplit(".", 1)[1]
+                 for name, schema in MOVED.items()}
     filled = {path.rsplit(".", 1)[1] for path in FILLED}  # written in pgd_settings
 
     def check(cls: type) -> None:
@@ -587,3 +588,76 @@ def test_implausible_eps_is_refused_instead_of_reporting_zero_robustness(overrid
     ok = apply_overrides(config, **dict(overrides, **{
         key: 0.5 if overrides.get("pgd_settings.type") == "l_2" else "8/255"}))
     assert ok.evaluation_settings.eps <= 0.5
+
+
+# -- the authors' layout at the boundary ----------------------------------------------------------
+def test_unused_authors_keys_are_logged_once_each_and_given_no_meaning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="adaptive_smoothing.config"):
+        cfg = load_config(_write(tmp_path, AUTHORS_FILE))
+    lines = [r.getMessage() for r in caplog.records if "accepted but not used" in r.getMessage()]
+    assert sorted(line.split(" ")[0] for line in lines) == [
+        "forward_settings.ema_decay", "forward_settings.parallel",
+        "training_settings.save_eval_imgs", "training_settings.use_fast_loader"]
+    # Changing them changes nothing that is built or trained from the config.
+    other = apply_overrides(cfg, **{"forward_settings.parallel": 4,
+                                    "training_settings.use_fast_loader": True})
+    torch.manual_seed(0)
+    a = build_composite(cfg.forward_settings, 10).state_dict()
+    torch.manual_seed(0)
+    b = build_composite(other.forward_settings, 10).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_randomize_false_is_refused_in_files_and_overrides(tmp_path: Path) -> None:
+    raw = _set(_authors_raw(), "randomized_attack_settings.randomize", False)
+    with pytest.raises(ConfigError, match=r"randomized_attack_settings\.randomize = False: "
+                                          r"expected true"):
+        load_config(_write(tmp_path, raw))
+    cfg = load_config(_write(tmp_path, AUTHORS_FILE))
+    assert apply_overrides(cfg, **{"randomized_attack_settings.randomize": "true"}) == cfg
+    with pytest.raises(ConfigError, match="expected true"):
+        apply_overrides(cfg, **{"randomized_attack_settings.randomize": 0})
+
+
+def test_training_threat_model_is_written_once_in_pgd_settings(tmp_path: Path) -> None:
+    cfg = apply_overrides(load_config(_write(tmp_path, AUTHORS_FILE)),
+                          **{"pgd_settings.type": "L2", "pgd_settings.n_target_classes": 3})
+    ras = cfg.randomized_attack_settings
+    assert (ras.norm, ras.eps, ras.n_target) == ("L2", 0.5, 3)
+    with pytest.raises(ConfigError,
+                       match=r"randomized_attack_settings\.eps = 0\.1: .*pgd_settings"):
+        apply_overrides(cfg, **{"randomized_attack_settings.eps": 0.1})
+    assert "eps" not in config_to_dict(cfg)["randomized_attack_settings"]
+
+
+@pytest.mark.parametrize("spelling, norm", [("l_inf", "Linf"), ("linf", "Linf"), ("Linf", "Linf"),
+                                            ("L2", "L2"), ("l_2", "L2"), ("l2", "L2")])
+def test_norm_spellings_become_the_canonical_name_at_load(tmp_path: Path, spelling: str,
+                                                          norm: str) -> None:
+    cfg = load_config(_write(tmp_path, _set(_authors_raw(), "pgd_settings.type", spelling)))
+    assert cfg.pgd_settings.norm == cfg.evaluation_settings.norm == norm
+    assert cfg.randomized_attack_settings.norm == norm
+
+
+def test_evaluated_gamma_comes_from_the_model_section(tmp_path: Path) -> None:
+    """The file writes the evaluation gamma in training_settings; the composite gets it from
+    the model section alone."""
+    cfg = load_config(CONFIG_DIR / "rn18_cifar10_authors.yaml")
+    composite = build_composite(cfg.forward_settings, cfg.dataset_settings.num_classes)
+    assert composite.eval_gamma == (3.0, 20.0) and composite.train_gamma == (2.0, 0.4)
+    assert config_to_dict(cfg)["training_settings"]["gamma_consts"]["eval"] == [3.0, 20.0]
+
+
+def test_overrides_compose_and_rederive_only_what_was_not_given(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, AUTHORS_FILE))
+    step = apply_overrides(cfg, seed=7, **{"evaluation_settings.pgd_iters": 5})
+    new = apply_overrides(step, **{"pgd_settings.type": "l_2", "log_path": "other"})
+    assert new.seed == 7 and new.evaluation_settings.seed == 7  # the first override is kept
+    assert new.evaluation_settings.eps == 0.5 and new.pgd_settings.eps == 0.5  # derived again
+    assert new.evaluation_settings.pgd_iters == 5  # given, so not derived again
+    assert new.run.output_dir == "/data/models/other"
+    pinned = apply_overrides(cfg, **{"evaluation_settings.seed": 3})
+    assert apply_overrides(pinned, seed=9).evaluation_settings.seed == 3

@@ -1,5 +1,5 @@
 """Write docs/CONFIG.md: the prose of docs/CONFIG.template.md around key tables generated from the
-config schema (adaptive_smoothing/config/schema.py), in the file layout that config files use.
+config schema (adaptive_smoothing/config/schema.py), in the layout that config files use.
 
     python3 scripts/gen_config_docs.py           # rewrite docs/CONFIG.md
     python3 scripts/gen_config_docs.py --check   # exit 1 if docs/CONFIG.md is stale
@@ -15,21 +15,13 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from adaptive_smoothing.config import Config
-from adaptive_smoothing.config.legacy import ALIASES, FILLED, MOVED, section_class
+from adaptive_smoothing.config import ALIASES, MOVED, Config
+from adaptive_smoothing.config.legacy import layout, section_class
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "docs" / "CONFIG.template.md"
 OUTPUT = REPO / "docs" / "CONFIG.md"
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-_TO_YAML = {schema: yaml_path for yaml_path, schema in MOVED.items()}
-
-
-def _to_yaml(path: str) -> str:
-    for schema, yaml_path in _TO_YAML.items():
-        if path == schema or path.startswith(schema + "."):
-            return yaml_path + path[len(schema):]
-    return path
 
 
 def _type(annotation: Any) -> str:
@@ -46,17 +38,27 @@ def _type(annotation: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return "list of names"
         return "(" + ", ".join(_type(a) for a in args) + ")"
-    if origin is dict:
-        return "mapping"
-    return getattr(annotation, "__name__", str(annotation))
+    return "mapping" if origin is dict else getattr(annotation, "__name__", str(annotation))
+
+
+def _constraints(annotation: Any, metadata: list) -> list:
+    """The constraint objects of a field, also those inside Optional[Annotated[...]]."""
+    items = list(metadata)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        for meta in args[1:]:
+            items += [meta, *getattr(meta, "metadata", [])]
+        items += _constraints(args[0], [])
+    elif origin is typing.Union:
+        for arg in args:
+            items += _constraints(arg, [])
+    return items
 
 
 def _type_and_bounds(field: FieldInfo) -> str:
-    parts = []
-    for item in field.metadata:
-        for name, sign in _BOUNDS.items():
-            if getattr(item, name, None) is not None:
-                parts.append(f"{sign} {getattr(item, name)}")
+    parts = [f"{sign} {getattr(item, name)}"
+             for item in _constraints(field.annotation, field.metadata)
+             for name, sign in _BOUNDS.items() if getattr(item, name, None) is not None]
     text, optional = _type(field.annotation), ""
     if text.endswith(" or None"):
         text, optional = text[:-len(" or None")], " or None"
@@ -78,38 +80,30 @@ def _default(field: FieldInfo) -> str:
     return f"`{value!r}`" if isinstance(value, (str, tuple)) else repr(value)
 
 
-def _rows(model: type[BaseModel], prefix: str, out: dict[str, list[str]]) -> None:
-    for name, field in model.model_fields.items():
-        if f"{prefix}{name}" in FILLED:  # written in another section
-            continue
-        path = _to_yaml(f"{prefix}{name}")
-        section, _, key = path.rpartition(".")
-        aliases = [a.rsplit(".", 1)[1] for a, p in ALIASES.items() if p == f"{prefix}{name}"]
-        meaning = (field.description or "") + (f" (alias `{aliases[0]}`)" if aliases else "")
-        out.setdefault(section, []).append(
-            f"| `{key}` | {_type_and_bounds(field)} | {_default(field)} | "
-            f"{meaning} |")
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            out.setdefault(path, [])
-            _rows(field.annotation, f"{prefix}{name}.", out)
-
-
 def render() -> str:
-    tables: dict[str, list[str]] = {}
-    _rows(Config, "", tables)
-    order = list(Config.model_fields)
-    parts = []
-    for section, rows in sorted(tables.items(), key=lambda item: (
-            order.index(item[0].split(".")[0]) if item[0] else -1)):
-        if not rows:  # 'run': all its keys are written in evaluation_settings
+    """docs/CONFIG.md as it should be."""
+    old_names = {schema: path.rsplit(".", 1)[1] for path, schema in ALIASES.items()}
+    to_file = {schema: path for path, schema in MOVED.items()}
+    parts, order = [], list(Config.model_fields)
+    sections = sorted(layout().items(), key=lambda item: order.index(item[0].split(".")[0])
+                      if item[0] else -1)
+    for section, fields in sections:
+        if not fields:  # 'run': its keys are written in evaluation_settings
             continue
-        cls = section_class(section) if section else Config
-        level = "###" if section.count(".") == 0 else "####"
+        cls = section_class(section)
+        rows = []
+        for key, field in fields.items():
+            schema_path = next((s for s, p in to_file.items() if p == f"{section}.{key}"),
+                               f"{section}.{key}".lstrip("."))
+            alias = f" (alias `{old_names[schema_path]}`)" if schema_path in old_names else ""
+            rows.append(f"| `{key}` | {_type_and_bounds(field)} | {_default(field)} | "
+                        f"{field.description or ''}{alias} |")
         title = f"`{section}`" if section else "top level"
-        doc = (f"\n{cls.__doc__.strip()}\n" if cls.__doc__ and cls.__module__.endswith(
-            "config.schema") else "")
-        parts.append(f"{level} {title} (`{cls.__name__}`)\n{doc}\n| key | type | default | "
-                     f"meaning |\n| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
+        doc = (f"\n{cls.__doc__.strip()}\n" if cls.__module__.endswith("config.schema")
+               and cls.__doc__ else "")
+        parts.append(f"{'###' if section.count('.') == 0 else '####'} {title} "
+                     f"(`{cls.__name__}`)\n{doc}\n| key | type | default | meaning |\n"
+                     "| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")
     header = ("<!-- Generated by scripts/gen_config_docs.py from docs/CONFIG.template.md and "
               "adaptive_smoothing/config/schema.py; edit those, not this file. -->\n")
     return header + TEMPLATE.read_text().replace("{keys}", "\n".join(parts))

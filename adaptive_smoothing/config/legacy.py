@@ -1,9 +1,8 @@
 """The authors' YAML layout at the boundary: file -> :class:`Config`, overrides, and back.
 
 The authors' files (docs/METHOD.md, "Authors' configs") load unchanged. A few of their keys live
-elsewhere in the schema (``MOVED``), two have old spellings (``ALIASES``), and their 'default'
-values, which depend on other sections, are filled in here, once, after validation; the
-sections themselves never read each other.
+elsewhere in the schema (``MOVED``, ``FILLED``), two have old spellings (``ALIASES``), and values
+that depend on other sections ('default') are filled in here, once, after validation.
 """
 from __future__ import annotations
 
@@ -16,13 +15,13 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from .schema import (BIT_STD_RESIZE, DEFAULT_EPS, MAX_PLAUSIBLE_EPS, Config, ConfigError,
-                     Section)
+from .schema import BIT_STD_RESIZE, DEFAULT_EPS, MAX_PLAUSIBLE_EPS, Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
-# YAML key path (the authors' layout) -> schema key path.
+# File key path -> schema key path.
 MOVED = {"training_settings.gamma_consts": "forward_settings.gamma_consts",
          "pgd_settings.type": "pgd_settings.norm",
          "evaluation_settings.device": "run.device",
@@ -30,13 +29,12 @@ MOVED = {"training_settings.gamma_consts": "forward_settings.gamma_consts",
          "evaluation_settings.output_dir": "run.output_dir"}
 ALIASES = {"forward_settings.std_scale": "forward_settings.std_model_scale",
            "forward_settings.rob_scale": "forward_settings.rob_model_scale"}
-_TO_YAML = {schema: yaml_path for yaml_path, schema in MOVED.items()}
+_TO_FILE = {schema: path for path, schema in MOVED.items()}
 # Schema keys that files write once, in another section: filled in from there at load.
 FILLED = {"randomized_attack_settings.eps": "pgd_settings.eps",
           "randomized_attack_settings.norm": "pgd_settings.type",
           "randomized_attack_settings.n_target": "pgd_settings.n_target_classes"}
-RANDOMIZE_ONLY = ("this project implements the randomized training attacks only (docs/METHOD.md, "
-                  "'Training'); narrow them with eps_factor_scale, comp_loss_wmax or iters_const")
+RANDOMIZE = "randomized_attack_settings.randomize"  # the authors' key; only true is implemented
 
 
 def _convert(path: str, table: Mapping[str, str]) -> str:
@@ -47,7 +45,7 @@ def _convert(path: str, table: Mapping[str, str]) -> str:
 
 
 def _lookup(tree: Any, path: str) -> Any:
-    for part in path.split("."):
+    for part in path.split(".") if path else ():
         if not isinstance(tree, dict) or part not in tree:
             return ...
         tree = tree[part]
@@ -67,116 +65,117 @@ def _put(tree: dict, path: str, value: Any, source: Optional[str], given_as: str
     tree[last] = value
 
 
-def _schema_path(path: str, value: Any, source: Optional[str]) -> str:
+def _schema_path(path: str, value: Any, source: Optional[str]) -> Optional[str]:
+    """Where a key path of the file layout lives in the schema (None: checked, not stored)."""
     if path in FILLED:
         raise ConfigError(f"not a key of this section: write {FILLED[path]}", key=path,
                           value=value, file=source)
+    if path == RANDOMIZE:
+        if value not in (True, 1, "True", "true", "yes", "on"):
+            raise ConfigError("expected true: this project implements the randomized training "
+                              "attacks only (docs/METHOD.md, 'Training'); narrow them with "
+                              "eps_factor_scale, comp_loss_wmax or iters_const", key=path,
+                              value=value, file=source)
+        return None
     return _convert(_convert(path, ALIASES), MOVED)
 
 
 def _to_schema(raw: dict, source: Optional[str]) -> dict:
-    """The authors' layout -> the schema's (a deep copy); logs the keys this project ignores."""
+    """The file layout -> the schema's (a copy); logs the authors' keys this project ignores."""
     data = copy.deepcopy(raw)
-    for path in FILLED:
-        value = _lookup(data, path)
-        if value is not ...:
-            _schema_path(path, value, source)
-    attacks = data.get("randomized_attack_settings")
-    if isinstance(attacks, dict) and "randomize" in attacks:  # the authors' key, always true
-        value = attacks.pop("randomize")
-        if value not in (True, 1, "True", "true", "yes", "on"):
-            raise ConfigError(f"expected true: {RANDOMIZE_ONLY}", file=source, value=value,
-                              key="randomized_attack_settings.randomize")
-    for yaml_path, schema_path in {**ALIASES, **MOVED}.items():
-        *parents, last = yaml_path.split(".")
-        node = _lookup(data, ".".join(parents))
-        if isinstance(node, dict) and last in node:
-            _put(data, schema_path, node.pop(last), source, given_as=yaml_path)
-    for name, field in Config.model_fields.items():
-        section = data.get(name)
-        if isinstance(section, dict) and isinstance(field.annotation, type):
-            for key in getattr(field.annotation, "unused", ()):
-                if key in section:
-                    logger.info("%s.%s (a key of the authors' files) is accepted but not used",
-                                name, key)
+    for path in [*FILLED, RANDOMIZE, *ALIASES, *MOVED]:
+        parent, _, key = path.rpartition(".")
+        node = _lookup(data, parent)
+        if isinstance(node, dict) and key in node:
+            value = node.pop(key)
+            target = _schema_path(path, value, source)
+            if target is not None:
+                _put(data, target, value, source, given_as=path)
+    for name, section in data.items():
+        for key in getattr(section_class([name]), "unused", ()):
+            if isinstance(section, dict) and key in section:
+                logger.info("%s.%s (a key of the authors' files) is accepted but not used",
+                            name, key)
     return data
 
 
 def section_class(path: Union[str, list[str]]) -> Optional[type]:
-    """The schema model at a key path (a file's layout, or the schema's as a list), if any."""
+    """The schema model at a key path (of the file layout, or of the schema as a list)."""
     if isinstance(path, str):
-        path = _convert(path, MOVED).split(".")
+        path = _convert(path, MOVED).split(".") if path else []
     cls: Any = Config
     for part in path:
-        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(
-            cls, BaseModel) else None
-        if field is None:
-            return None
-        cls = field.annotation
-    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        field = cls.model_fields.get(part) if cls is not None else None
+        cls = field.annotation if field is not None else None
+        cls = cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+    return cls
 
 
-def _problem(error: dict, cls: Optional[type], yaml_section: str, inside: bool) -> str:
-    kind, ctx, msg = error["type"], error.get("ctx", {}), error["msg"]
+def layout(model: type[BaseModel] = Config, prefix: str = "",
+           out: Optional[dict] = None) -> dict[str, dict[str, FieldInfo]]:
+    """The file layout: {section key path: {key: schema field}}, in schema order."""
+    out = {"": {}} if out is None else out
+    for name, field in model.model_fields.items():
+        if f"{prefix}{name}" in FILLED:
+            continue
+        section, _, key = _convert(f"{prefix}{name}", _TO_FILE).rpartition(".")
+        out.setdefault(section, {})[key] = field
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out.setdefault(_convert(f"{prefix}{name}", _TO_FILE), {})
+            layout(field.annotation, f"{prefix}{name}.", out)
+    return out
+
+
+def _problem(error: Any, section: str, inside: bool) -> str:
+    kind, ctx = error["type"], error.get("ctx", {})
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
               "less_than_equal": "<="}
     if kind == "missing":
         return "expected more items" if inside else "missing required key"
-    if kind == "extra_forbidden" and cls is not None:
-        keys = [_convert(f"{yaml_section}.{name}".lstrip("."), _TO_YAML).rsplit(".", 1)[-1]
-                for name in cls.model_fields if f"{yaml_section}.{name}" not in ALIASES]
-        keys += [p.rsplit(".", 1)[1] for p in MOVED if p.rsplit(".", 1)[0] == yaml_section]
-        keys = [k for k in dict.fromkeys(keys) if f"{yaml_section}.{k}".lstrip(".") not in
-                _TO_YAML or yaml_section == ""]
+    if kind == "extra_forbidden":
+        keys = list(layout().get(section, {}))
         close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
         return f"unknown key; expected one of {keys}" + (
             f"; did you mean {close[0]!r}?" if close else "")
     if kind in ("too_long", "too_short"):
-        limit = ctx.get("max_length", ctx.get("min_length"))
-        return f"expected {'at most' if kind == 'too_long' else 'at least'} {limit} items"
+        return (f"expected {'at most' if kind == 'too_long' else 'at least'} "
+                f"{ctx.get('max_length', ctx.get('min_length'))} items")
     if kind in bounds:
         return f"expected a value {bounds[kind]} {next(iter(ctx.values()))}"
-    problem = msg.removeprefix("Value error, ").replace("Input should be", "expected")
+    problem = error["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
     return problem if "expected" in problem else f"expected a valid value ({problem})"
 
 
 def _error(err: ValidationError, data: dict, source: Optional[str]) -> ConfigError:
-    """pydantic's first error as one line in the authors' key names, the value as written."""
+    """pydantic's first error as one line: the file's key path, the value as written."""
     error = err.errors()[0]
     path: list[str] = []
-    for part in error["loc"]:
+    for part in error["loc"]:  # down to the key (not into a tuple's items)
         cls = section_class(path)
         if cls is None or not isinstance(part, str) or (
                 part not in cls.model_fields and error["type"] != "extra_forbidden"):
             break
         path.append(part)
-    schema_path = ".".join(path)
-    yaml_path = _convert(schema_path, _TO_YAML)
-    parent = section_class(path[:-1]) if error["type"] == "extra_forbidden" else None
-    problem = _problem(error, parent, yaml_path.rpartition(".")[0],
-                       inside=len(path) < len(error["loc"]))
-    return ConfigError(problem, key=yaml_path or "<top level>",
-                       value=_lookup(data, schema_path), file=source)
+    file_path = _convert(".".join(path), _TO_FILE)
+    problem = _problem(error, file_path.rpartition(".")[0], inside=len(path) < len(error["loc"]))
+    return ConfigError(problem, key=file_path or "<top level>",
+                       value=_lookup(data, ".".join(path)), file=source)
 
 
-def _fill(section: Section, **values: Any) -> Any:
-    """The section with its unset fields set to ``values``; they stay 'unset', so that
+def _fill(section: BaseModel, **values: Any) -> Any:
+    """The section with its unset fields set to ``values``; they stay unset, so that
     :func:`apply_overrides` derives them again."""
     unset = {k: v for k, v in values.items() if k not in section.model_fields_set}
-    if not unset:
-        return section
     return type(section).model_construct(section.model_fields_set, **{**dict(section), **unset})
 
 
 def _check_eps(eps: float, norm: str, key: str, source: Optional[str]) -> None:
     limit = MAX_PLAUSIBLE_EPS[norm]
-    if eps <= limit:
-        return
-    hint = ""
-    if norm == "Linf" and eps / 255 <= limit:
-        hint = f"; did you mean {eps:g}/255 (= {eps / 255:.5f})? Write it as '{eps:g}/255'"
-    raise ConfigError(f"an {norm} radius above {limit:.4g} is implausible for images in [0, 1]"
-                      f"{hint}", key=key, value=eps, file=source)
+    if eps > limit:
+        hint = (f"; did you mean {eps:g}/255 (= {eps / 255:.5f})? Write it as '{eps:g}/255'"
+                if norm == "Linf" and eps / 255 <= limit else "")
+        raise ConfigError(f"an {norm} radius above {limit:.4g} is implausible for images in "
+                          f"[0, 1]{hint}", key=key, value=eps, file=source)
 
 
 def _validate(data: dict, source: Optional[str]) -> Config:
@@ -190,26 +189,25 @@ def _validate(data: dict, source: Optional[str]) -> Config:
         raise ConfigError(f"expected None: resizing is supported for BiT STD models only, not "
                           f"{fwd.std_model_type!r}", key="forward_settings.std_resize",
                           value=fwd.std_resize, file=source)
-    fwd = _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None)
-    pgd = _fill(pgd, eps=DEFAULT_EPS[pgd.norm])
-    _check_eps(pgd.eps, pgd.norm, "pgd_settings.eps", source)
-    attacks = _fill(config.randomized_attack_settings, eps=pgd.eps, norm=pgd.norm,
-                    n_target=pgd.n_target_classes)
     classes = config.dataset_settings.num_classes
     if pgd.n_target_classes > classes - 1:
         raise ConfigError(f"expected at most {classes - 1} (classes of "
                           f"{config.dataset_settings.name} minus one)", file=source,
                           key="pgd_settings.n_target_classes", value=pgd.n_target_classes)
+    pgd = _fill(pgd, eps=DEFAULT_EPS[pgd.norm])
+    _check_eps(pgd.eps, pgd.norm, "pgd_settings.eps", source)
     ev = _fill(ev, norm=pgd.norm)
     ev = _fill(ev, eps=pgd.eps if ev.norm == pgd.norm else DEFAULT_EPS[ev.norm],
                data_dir=config.dataset_settings.path, seed=config.seed,
                pgd_iters=pgd.iters_test, pgd_step_size=pgd.alpha_test,
                pgd_loss="comp" if pgd.pgd_eval_loss == "comp_simple" else pgd.pgd_eval_loss)
     _check_eps(ev.eps, ev.norm, "evaluation_settings.eps", source)
-    run = _fill(config.run, output_dir=os.path.join(config.log_dir, config.log_path))
-    config = config.model_copy(update={"forward_settings": fwd, "pgd_settings": pgd, "run": run,
-                                       "randomized_attack_settings": attacks,
-                                       "evaluation_settings": ev})
+    config = config.model_copy(update={
+        "forward_settings": _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None),
+        "randomized_attack_settings": _fill(config.randomized_attack_settings, eps=pgd.eps,
+                                            norm=pgd.norm, n_target=pgd.n_target_classes),
+        "run": _fill(config.run, output_dir=os.path.join(config.log_dir, config.log_path)),
+        "pgd_settings": pgd, "evaluation_settings": ev})
     config._source = source
     return config
 
@@ -225,34 +223,25 @@ def parse_config(raw: Any, source: Optional[str] = None) -> Config:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys instead of silently keeping the last one."""
 
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                    key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                                 _construct_mapping)
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key_node) for key_node, _ in node.value]
+        for index, key in enumerate(keys):
+            if key in keys[:index]:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                        node.value[index][0].start_mark)
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: Union[str, os.PathLike]) -> Config:
-    """Read and validate a YAML configuration file (the authors' layout, with this project's
-    additional keys)."""
+    """Read and validate a YAML configuration file."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except FileNotFoundError:
         raise ConfigError("file not found", file=source) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot read the file: {err}", file=source) from None
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -268,8 +257,8 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
 
     Keys are the file's key paths with '.' or '__' between levels (``training_settings__lr=
     1e-4``, ``**{"training_settings.lr": "1e-4"}``); a section name with a mapping sets several
-    of its keys. Values are checked as in a file; values derived at load ('default') are derived
-    again from the new keys. ``None`` values are skipped (unset command-line options).
+    of its keys. Values are checked as in a file, and values derived at load are derived again
+    from the new keys. ``None`` values are skipped (unset command-line options).
     """
     data = config.model_dump(exclude_unset=True)  # what was given; derived values are unset
     applied = []
@@ -281,7 +270,9 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
         if isinstance(value, Mapping) and section_class([path]) is not None:
             items = {f"{path}.{sub}": sub_value for sub, sub_value in value.items()}
         for item_path, item in items.items():
-            _put(data, _schema_path(item_path, item, config.source), item, config.source)
+            target = _schema_path(item_path, item, config.source)
+            if target is not None:
+                _put(data, target, item, config.source)
         applied.append(path)
     if not applied:
         return config
@@ -290,18 +281,18 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
 
 
 def config_to_dict(config: Config) -> dict:
-    """The resolved configuration as plain YAML/JSON data, in the authors' layout."""
+    """The resolved configuration as plain YAML/JSON data, in the file layout."""
     def plain(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: plain(v) for k, v in value.items()}
         return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
     data = plain(config.model_dump())
-    for schema_path, yaml_path in _TO_YAML.items():
-        *parents, last = schema_path.split(".")
-        _put(data, yaml_path, _lookup(data, ".".join(parents)).pop(last), config.source)
     for path in FILLED:
         del data["randomized_attack_settings"][path.rsplit(".", 1)[1]]
+    for schema_path, file_path in _TO_FILE.items():
+        parent, _, key = schema_path.rpartition(".")
+        _put(data, file_path, data[parent].pop(key), config.source)
     if not data["run"]:
         del data["run"]
     return data

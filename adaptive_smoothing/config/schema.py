@@ -1,8 +1,8 @@
 """The validated configuration: frozen pydantic models, one per concern, none reading another.
 
-Each section is complete on its own once loaded: values that the authors' files derive from
-other sections ('default') are filled in by :mod:`.legacy`, which also maps the authors' key
-layout onto these models. docs/CONFIG.md is generated from the ``Field`` descriptions here.
+Values that the authors' files derive from other sections ('default') are filled in by
+:mod:`.legacy`, which also maps their key layout onto these models. docs/CONFIG.md is generated
+from the ``Field`` descriptions here (scripts/gen_config_docs.py).
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, get_args
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
-                      PrivateAttr, StringConstraints, field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      StringConstraints, ValidationInfo, field_validator, model_validator)
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
 
@@ -26,8 +26,7 @@ AUTOATTACK_NAMES = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 STANDARD_AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")
 TRAINING_ATTACKS = ("apgd-ce", "apgd-t")  # 'default' of pgd_settings.attacks_to_run
 DEFAULT_EPS = {"Linf": 8 / 255, "L2": 0.5}
-# Radii above these are not a threat model anyone evaluates on [0, 1] images; a larger value is
-# almost always a unit mistake (eps: 8 for 8/255).
+# Larger radii are not a threat model anyone evaluates on [0, 1] images but a unit mistake.
 MAX_PLAUSIBLE_EPS = {"Linf": 64 / 255, "L2": 8.0}
 MAX_SEED = 2**63 - 1  # torch.manual_seed and pyautoattack take seeds up to this
 BIT_STD_RESIZE = 128  # the published STD model sees CIFAR images resized to 128x128
@@ -39,13 +38,9 @@ class ConfigError(ValueError):
     def __init__(self, problem: str, *, key: Optional[str] = None, value: Any = ...,
                  file: Optional[str] = None) -> None:
         self.problem, self.key, self.value, self.file = problem, key, value, file
-        where = key if value is ... or key is None else f"{key} = {_short_repr(value)}"
+        text = repr(dict(value) if isinstance(value, dict) else value)
+        where = key if value is ... or key is None else f"{key} = {text[:200]}"
         super().__init__(": ".join(p for p in (file or "<config>", where, problem) if p))
-
-
-def _short_repr(value: Any, limit: int = 200) -> str:
-    text = repr(dict(value) if isinstance(value, dict) else value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class FrozenDict(dict):
@@ -60,33 +55,27 @@ class FrozenDict(dict):
         return hash(tuple(sorted(self.items(), key=lambda item: str(item[0]))))
 
 
-# -- the few value spellings of the authors' files that pydantic does not read itself ---------
-def _fraction(value: Any) -> Any:
-    """'8/255' -> 0.0313..."""
+# -- the value spellings of the authors' files that pydantic does not read itself ------------
+def _fraction(value: Any) -> Any:  # '8/255'
     if isinstance(value, str) and re.fullmatch(r"\s*[\d.eE+-]+\s*/\s*[\d.eE+-]+\s*", value):
         num, den = value.split("/")
-        try:
-            return float(num) / float(den)
-        except (ValueError, ZeroDivisionError):
-            pass
+        return float(num) / float(den) if float(den) else value
     return value
 
 
-def _tuple_text(value: Any) -> Any:
-    """'(2., 0.4)' -> (2.0, 0.4); 'a, b' -> ['a', 'b'] (lists of names)."""
+def _tuple_text(value: Any) -> Any:  # '(2., 0.4)'; 'a, b' for lists of names
     if not isinstance(value, str):
         return value
-    text = value.strip()
-    if text[:1] in "([":
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            raise ValueError("expected a tuple written as '(a, b)'") from None
-    return [part.strip() for part in text.split(",") if part.strip()]
+    if value.strip()[:1] not in "([":
+        return [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        return ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError("expected a tuple written as '(a, b)'") from None
 
 
 def _names(table: dict[str, str]) -> BeforeValidator:
-    """Case-, '-'- and '_'-insensitive name spellings -> one canonical name."""
+    """Case-, '-'- and '_'-insensitive spellings of a name -> the canonical name."""
     keyed = {re.sub(r"[-_\s]", "", k.lower()): v for k, v in table.items()}
     return BeforeValidator(lambda v: keyed.get(re.sub(r"[-_\s]", "", v.lower()), v.strip())
                            if isinstance(v, str) else v)
@@ -103,46 +92,39 @@ def _model_name(value: Any) -> Any:
     return name
 
 
-def _gamma_pair(value: tuple[float, float]) -> tuple[float, float]:
-    if value[0] <= 0:
-        raise ValueError("expected (scale, bias) with scale > 0")
-    return value
-
-
-def _not_nan(value: float) -> float:
-    if math.isnan(value):
-        raise ValueError("expected a number, not NaN")
-    return value
-
-
-def _device(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return value
+def _check(test: Callable[[Any], bool], problem: str) -> AfterValidator:
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
 
 
 Str = Annotated[str, BeforeValidator(lambda v: os.fspath(v) if isinstance(v, os.PathLike) else v),
                 StringConstraints(strip_whitespace=True, min_length=1)]
 Num = Annotated[float, BeforeValidator(_fraction)]
+Unit = Annotated[float, BeforeValidator(_fraction), Field(ge=0, le=1)]
+PosInt = Annotated[int, Field(ge=1)]
 Norm = Annotated[Literal["Linf", "L2"], _names({"linf": "Linf", "l_inf": "Linf", "inf": "Linf",
                                                 "l2": "L2", "l_2": "L2"})]
 Precision = _names({"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"})
-AttackList = Annotated[tuple[Annotated[Literal[AUTOATTACK_NAMES], _names(  # type: ignore[valid-type]
+Attacks = Annotated[tuple[Annotated[Literal[AUTOATTACK_NAMES], _names(  # type: ignore[valid-type]
     {n: n for n in AUTOATTACK_NAMES})], ...], BeforeValidator(_tuple_text)]
-GammaPair = Annotated[tuple[Num, Num], BeforeValidator(_tuple_text), AfterValidator(_gamma_pair)]
+GammaPair = Annotated[tuple[Num, Num], BeforeValidator(_tuple_text),
+                      _check(lambda v: v[0] > 0, "expected (scale, bias) with scale > 0")]
+ModelName = Annotated[str, BeforeValidator(_model_name)]
 Kwargs = Annotated[dict[str, Any], AfterValidator(FrozenDict)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-_NONE_WORDS = ("none", "null", "~")
 
 
-def derived(default: Any, rule: str, **kwargs: Any) -> Any:
-    """A field that the authors' files may set to 'default': filled at load by ``rule``."""
-    return Field(default, json_schema_extra={"derived": rule}, **kwargs)
+def derived(default: Any, rule: str, description: str, **kwargs: Any) -> Any:
+    """A field that files may set to 'default' (or leave out): filled in at load by ``rule``."""
+    return Field(default, description=description, json_schema_extra={"derived": rule}, **kwargs)
 
 
 class Section(BaseModel):
-    """Frozen, no unknown keys, no inf/nan unless a field allows it, and the authors' spellings
-    'None' (where None is allowed) and 'default' (where a value is derived at load)."""
+    """Frozen, no unknown keys, no inf/nan unless a field allows it; reads the authors' 'None'
+    (where None is allowed) and 'default' (where a value is derived at load)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     unused: ClassVar[tuple[str, ...]] = ()  # keys of the authors' files this project ignores
@@ -154,14 +136,12 @@ class Section(BaseModel):
             return data
         out = {}
         for key, value in data.items():
-            field = cls.model_fields.get(key)
-            word = value.strip().lower() if isinstance(value, str) else None
-            if field is not None and word == "default" and "derived" in (
-                    field.json_schema_extra or {}):
-                continue  # unset: legacy.py derives it
-            if field is not None and word in _NONE_WORDS and type(None) in get_args(
-                    field.annotation):
-                value = None
+            field, word = cls.model_fields.get(key), str(value).strip().lower()
+            if field is not None and isinstance(value, str):
+                if word == "default" and "derived" in (field.json_schema_extra or {}):
+                    continue  # unset: legacy.py derives it
+                if word in ("none", "null", "~") and type(None) in get_args(field.annotation):
+                    value = None
             out[key] = value
         return out
 
@@ -174,8 +154,8 @@ class ModelLoadPath(Section):
 
 
 class GammaConsts(Section):
-    train: GammaPair = Field((2.0, 0.4), description="(scale, bias) applied to the normalised "
-                             "gamma in training mode; scale > 0")
+    train: GammaPair = Field((2.0, 0.4), description="(scale, bias) of the normalised gamma in "
+                             "training mode; scale > 0")
     eval: GammaPair = Field((2.0, 1.3), description="the same in evaluation mode (published: "
                             "1.05 CIFAR-10, 1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)")
 
@@ -184,34 +164,31 @@ class ForwardSettings(Section):
     """The composite model: base models, logit scales, mixer, alpha range and gamma constants."""
 
     unused: ClassVar[tuple[str, ...]] = ("parallel", "ema_decay")
-    std_model_type: Annotated[str, BeforeValidator(_model_name)] = Field(
-        description="STD architecture: a short name (`rn18`, `rn50`, `rn152`) or a registry name")
-    rob_model_type: Annotated[str, BeforeValidator(_model_name)] = Field(
-        description="ROB architecture: a short name (`rn18`, `wrn`, `wrn7016`, `wrn7016_silu`) "
-                    "or a registry name")
+    std_model_type: ModelName = Field(description="STD architecture: a short name (`rn18`, "
+                                      "`rn50`, `rn152`) or a registry name")
+    rob_model_type: ModelName = Field(description="ROB architecture: a short name (`rn18`, "
+                                      "`wrn`, `wrn7016`, `wrn7016_silu`) or a registry name")
     std_model_scale: Num = Field(1.0, gt=0, description="STD logit scale s_std")
     rob_model_scale: Num = Field(1.0, gt=0, description="ROB logit scale s_rob")
     std_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="extra arguments "
                                      "of `create_model` for STD, e.g. `{width: 16}`")
     rob_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="the same for ROB")
-    std_resize: Optional[int] = derived(None, "128 for BiT STD models, None otherwise", ge=1,
-                                        description="resize STD inputs to this size (BiT only)")
-    in_planes: Optional[Annotated[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(
-        ge=1)]], BeforeValidator(_tuple_text)]] = Field(
+    std_resize: Optional[PosInt] = derived(None, "128 for BiT STD models, None otherwise",
+                                           "resize STD inputs to this size (BiT only)")
+    in_planes: Optional[Annotated[tuple[PosInt, PosInt], BeforeValidator(_tuple_text)]] = Field(
         None, description="first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read "
                           "from the models; checked against them when the model is built")
-    gamma: Annotated[float, AfterValidator(_not_nan)] = Field(
-        0.0, allow_inf_nan=True, description="fixed gamma when `use_policy` is false (alpha = "
-        "sigmoid(gamma)); `-inf` = STD only, `inf` = ROB only")
+    gamma: Annotated[float, _check(lambda v: not math.isnan(v), "expected a number, not NaN")] = (
+        Field(0.0, allow_inf_nan=True, description="fixed gamma when `use_policy` is false "
+              "(alpha = sigmoid(gamma)); `-inf` = STD only, `inf` = ROB only"))
     use_policy: bool = Field(True, description="use the mixing network (false: fixed `gamma`)")
     policy_graph: bool = Field(True, description="false detaches the mixer's inputs, hiding it "
                                "from attacks: robust accuracy so measured is **not valid**")
     pn_version: Literal[3, 4] = Field(4, description="mixing network version (V4 adds a 1x1 "
                                       "conv on the second features)")
-    alpha_scale: Num = Field(1.0, ge=0, le=1, description="alpha <- alpha * alpha_scale + "
-                             "alpha_bias (evaluation mode)")
-    alpha_bias: Num = Field(0.0, ge=0, le=1, description="lower end of the alpha range; "
-                            "`alpha_bias + alpha_scale <= 1`")
+    alpha_scale: Unit = Field(1.0, description="alpha <- alpha * alpha_scale + alpha_bias")
+    alpha_bias: Unit = Field(0.0, description="lower end of the alpha range; alpha_bias + "
+                             "alpha_scale <= 1")
     gamma_consts: GammaConsts = Field(default_factory=GammaConsts, description="gamma (scale, "
                                       "bias) constants of the model (files: training_settings)")
     parallel: int = Field(1, ge=0, description="authors' key, not used (one process per GPU)")
@@ -219,7 +196,7 @@ class ForwardSettings(Section):
 
     @field_validator("alpha_bias")
     @classmethod
-    def _range_within_one(cls, bias: float, info: Any) -> float:
+    def _alpha_range(cls, bias: float, info: ValidationInfo) -> float:
         scale = info.data.get("alpha_scale", 0.0)
         if bias + scale > 1 + 1e-12:
             raise ValueError(f"expected alpha_bias + alpha_scale <= 1 (alpha_scale = {scale}, "
@@ -230,7 +207,7 @@ class ForwardSettings(Section):
 class DatasetSettings(Section):
     name: Annotated[Literal["cifar10", "cifar100"], _names(
         {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = Field(
-        description="dataset: `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
+        description="dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
     format: Literal["torchvision", "npz", "imagefolder"] = Field(
         "torchvision", description="how the data lies under `path`")
     path: Str = Field("data", description="dataset folder")
@@ -268,48 +245,42 @@ class CompLossParams(Section):
 
 
 class EvalFreq(Section):
-    epoch: int = Field(1, ge=1, description="validate and save every this many epochs")
-    iter: Optional[int] = Field(200, ge=1, description="... and every this many iterations "
-                                "(attack buffers); `'none'`: at epoch ends only")
+    epoch: PosInt = Field(1, description="validate and save every this many epochs")
+    iter: Optional[PosInt] = Field(200, description="... and every this many iterations "
+                                   "(attack buffers); `'none'`: at epoch ends only")
 
 
 class TrainingSettings(Section):
     unused: ClassVar[tuple[str, ...]] = ("save_eval_imgs", "use_fast_loader")
-    epochs: int = Field(3, ge=1, description="training epochs")
-    batch_size: Optional[int] = Field(None, ge=1, description="**global** training batch size "
-                                      "(all processes); None = per-process size x processes")
-    batch_size_train_per_gpu: int = Field(50, ge=1, description="per-process training batch")
-    batch_size_test_per_gpu: int = Field(50, ge=1, description="per-process validation batch")
+    epochs: PosInt = Field(3, description="training epochs")
+    batch_size: Optional[PosInt] = Field(None, description="**global** training batch size (all "
+                                         "processes); None = per-process size x processes")
+    batch_size_train_per_gpu: PosInt = Field(50, description="per-process training batch size")
+    batch_size_test_per_gpu: PosInt = Field(50, description="per-process validation batch size")
     save_eval_imgs: bool = Field(False, description="authors' key, not used")
     lr: Num = Field(5e-5, gt=0, description="AdamW learning rate")
     weight_decay: Num = Field(1e-5, ge=0, description="AdamW weight decay")
     comp_loss_params: CompLossParams = Field(default_factory=CompLossParams, description="loss")
-    accum_grad: int = Field(4, description="mini-batches per optimizer step; -1 = one step per "
-                            "attack buffer")
+    accum_grad: Annotated[int, _check(lambda v: v == -1 or v >= 1, "expected -1 (one step per "
+                                      "buffer) or >= 1")] = Field(
+        4, description="mini-batches per optimizer step; -1 = one step per attack buffer")
     use_fast_loader: bool = Field(False, description="authors' key, not used")
     eval_freq: EvalFreq = Field(default_factory=EvalFreq, description="validation frequency")
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Precision] = Field(
         "auto", description="`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA")
     channels_last: bool = Field(True, description="NHWC weights and activations")
     compile: bool = Field(False, description="`torch.compile` the composite")
-    max_nonfinite_steps: int = Field(10, ge=1, description="consecutive non-finite losses "
-                                     "before training stops")
-    n_val_examples: int = Field(500, ge=1, description="test images of periodic validation")
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many steps")
+    max_nonfinite_steps: PosInt = Field(10, description="consecutive non-finite losses before "
+                                        "training stops")
+    n_val_examples: PosInt = Field(500, description="test images of periodic validation")
+    max_steps: Optional[PosInt] = Field(None, description="stop after this many steps")
     n_detection_examples: int = Field(200, ge=0, description="held-out images (the first "
                                       "validation images) of the detection AUCs; 0 = off")
-    detection_alpha: Num = Field(0.5, ge=0, le=1, description="alpha of the fixed mixture the "
-                                 "non-adaptive detection attack (APGD-CE) aims at")
-    reestimate_gamma_bn: bool = Field(True, description="before each validation and "
-                                      "checkpoint, set the gamma BN's running statistics to "
-                                      "those of the last training buffer (docs/TRAINING.md)")
-
-    @field_validator("accum_grad")
-    @classmethod
-    def _accum(cls, value: int) -> int:
-        if value != -1 and value < 1:
-            raise ValueError("expected -1 (one step per buffer) or >= 1")
-        return value
+    detection_alpha: Unit = Field(0.5, description="alpha of the fixed mixture that the "
+                                  "non-adaptive detection attack (APGD-CE) aims at")
+    reestimate_gamma_bn: bool = Field(True, description="before each validation and checkpoint, "
+                                      "set the gamma BN's running statistics to those of the "
+                                      "last training buffer (docs/TRAINING.md)")
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Clean images per training step over all processes."""
@@ -329,49 +300,47 @@ class TrainingSettings(Section):
 
 class PgdSettings(Section):
     norm: Norm = Field("Linf", description="threat model of training attacks and validation "
-                       "(`l_inf`, `l_2` or any norm spelling)")
-    eps: Num = derived(8 / 255, "8/255 (Linf), 0.5 (L2)", gt=0, description="attack radius; "
-                       "above 64/255 (Linf) or 8 (L2) it is refused as a unit mistake")
-    iters_test: int = Field(20, ge=1, description="PGD iterations in validation")
+                       "(`l_inf`, `l_2` or another spelling)")
+    eps: Num = derived(8 / 255, "8/255 (Linf), 0.5 (L2)", "attack radius; above 64/255 (Linf) or "
+                       "8 (L2) it is refused as a unit mistake", gt=0)
+    iters_test: PosInt = Field(20, description="PGD iterations in validation")
     alpha_test: Num = Field(0.0027, gt=0, description="PGD step size in validation")
     use_aa: bool = Field(True, description="validate with APGD rather than PGD")
-    n_target_classes: int = Field(9, ge=1, description="targets of APGD-T (at most classes-1)")
+    n_target_classes: PosInt = Field(9, description="targets of APGD-T (at most classes - 1)")
     pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = Field("ce", description="loss of the "
                                                                "validation PGD")
-    attacks_to_run: AttackList = derived(TRAINING_ATTACKS, "apgd-ce, apgd-t", description=(
-        f"validation attacks, a list or comma-separated names out of {list(AUTOATTACK_NAMES)}"))
+    attacks_to_run: Attacks = derived(TRAINING_ATTACKS, "apgd-ce, apgd-t", "validation attacks "
+                                      f"(a list or comma-separated) of {list(AUTOATTACK_NAMES)}")
 
 
 class EvaluationSettings(Section):
     """The evaluation (`run.py --eval`); 'default' values are filled in when the file loads."""
 
-    n_examples: int = Field(10000, ge=1, description="test images (10000 = the full test set)")
-    batch_size: int = Field(200, ge=1, description="evaluation batch size")
+    n_examples: PosInt = Field(10000, description="test images (10000 = the full test set)")
+    batch_size: PosInt = Field(200, description="evaluation batch size")
     precision: Annotated[Literal["fp32", "bf16", "fp16"], Precision] = Field(
         "fp32", description="autocast dtype of the forward; `'fp16'` on CUDA only")
     channels_last: bool = Field(True, description="NHWC weights and activations")
     compile: bool = Field(False, description="`torch.compile` the composite")
-    data_dir: Str = derived("data", "`dataset_settings.path`", description="test data folder")
-    attacks_to_run: AttackList = derived(STANDARD_AUTOATTACK, "the standard four", description=(
-        "AutoAttack attacks; [] = clean accuracy only"))
-    norm: Norm = derived("Linf", "that of `pgd_settings.type`", description="threat model")
+    data_dir: Str = derived("data", "`dataset_settings.path`", "test data folder")
+    attacks_to_run: Attacks = derived(STANDARD_AUTOATTACK, "the standard four", "AutoAttack "
+                                      "attacks; [] = clean accuracy only")
+    norm: Norm = derived("Linf", "that of `pgd_settings.type`", "threat model")
     eps: Num = derived(8 / 255, "`pgd_settings.eps` when the norms agree, else 8/255 or 0.5",
-                       gt=0, description="radius, as plausible as `pgd_settings.eps`")
+                       "radius, as plausible as `pgd_settings.eps`", gt=0)
     pgd: bool = Field(False, description="also run PGD")
-    pgd_iters: int = derived(20, "`pgd_settings.iters_test`", ge=1, description="PGD iterations")
-    pgd_step_size: Num = derived(0.0027, "`pgd_settings.alpha_test`", gt=0,
-                                 description="PGD step size")
+    pgd_iters: PosInt = derived(20, "`pgd_settings.iters_test`", "PGD iterations")
+    pgd_step_size: Num = derived(0.0027, "`pgd_settings.alpha_test`", "PGD step size", gt=0)
     pgd_loss: Literal["ce", "dlr", "comp"] = derived(
-        "ce", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", description="PGD loss")
+        "ce", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", "PGD loss")
     adaptive_attack: bool = Field(False, description="also run the adaptive (mixer-aware) "
                                   "attack: APGD with a BCE(gamma, 1) term")
-    adaptive_attack_weight: Num = Field(0.5, ge=0, le=1, description="weight w of that BCE term")
-    adaptive_attack_iterations: int = Field(100, ge=1, description="APGD iterations of it")
-    autoattack_iterations: int = Field(100, ge=1, description="APGD iterations inside AutoAttack "
-                                       "(100 = standard; else the run is reported `custom`)")
+    adaptive_attack_weight: Unit = Field(0.5, description="weight w of that BCE term")
+    adaptive_attack_iterations: PosInt = Field(100, description="APGD iterations of that attack")
+    autoattack_iterations: PosInt = Field(100, description="APGD iterations inside AutoAttack "
+                                          "(100 = standard; else the run is reported `custom`)")
     save_adversarial: bool = Field(False, description="save the adversarial images")
-    seed: Seed = derived(0, "the top-level `seed`", description="seed of the attacks' "
-                         "per-image random starts")
+    seed: Seed = derived(0, "the top-level `seed`", "seed of the attacks' per-image random starts")
 
     @property
     def autoattack_version(self) -> str:
@@ -384,14 +353,15 @@ class EvaluationSettings(Section):
 class RunSettings(Section):
     """Where and on what a run (training or evaluation) happens."""
 
-    device: Annotated[str, AfterValidator(_device)] = Field(
+    device: Annotated[str, _check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                                  "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")] = Field(
         "auto", description="`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, "
-                            "`'cuda:N'`; for training too (`Config.run`)")
-    threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads; None = "
-                                   "OMP_NUM_THREADS or the usable cores divided by the local "
-                                   "torchrun processes; for training too")
-    output_dir: Str = derived("results", "`log_dir/log_path`", description="results folder; "
-                              "training writes here too")
+                            "`'cuda:N'`; for training too")
+    threads: Optional[PosInt] = Field(None, description="torch intra-op threads, for training "
+                                      "too; None = OMP_NUM_THREADS or the usable cores divided "
+                                      "by the local torchrun processes")
+    output_dir: Str = derived("results", "`log_dir/log_path`", "results folder; training writes "
+                              "here too")
 
 
 class Config(Section):
@@ -401,20 +371,20 @@ class Config(Section):
     model_load_path: ModelLoadPath = Field(description="checkpoint paths")
     forward_settings: ForwardSettings = Field(description="the composite model")
     dataset_settings: DatasetSettings = Field(description="the dataset")
-    training_settings: TrainingSettings = Field(default_factory=TrainingSettings, description=(
-        "training the mixing network"))
-    pgd_settings: PgdSettings = Field(default_factory=PgdSettings, description="attacks of "
-                                      "training and validation")
+    training_settings: TrainingSettings = Field(default_factory=TrainingSettings,
+                                                description="training the mixing network")
+    pgd_settings: PgdSettings = Field(default_factory=PgdSettings,
+                                      description="attacks of training and validation")
     randomized_attack_settings: RandomizedAttackSettings = Field(
         default_factory=RandomizedAttackSettings, description="the randomised training attacks")
     evaluation_settings: EvaluationSettings = Field(default_factory=EvaluationSettings,
                                                     description="the evaluation command")
-    run: RunSettings = Field(default_factory=RunSettings, description="device, threads, output")
-    _source: Optional[str] = PrivateAttr(None)
+    run: RunSettings = Field(default_factory=RunSettings, description="device, threads, output "
+                             "folder (files: in evaluation_settings)")
+    _source: Optional[str] = PrivateAttr(None)  # the file it was read from, for messages
 
     @property
     def source(self) -> Optional[str]:
-        """The file the config was read from (for messages)."""
         return self._source
 
     def __eq__(self, other: Any) -> bool:  # the source is not part of the configuration
