@@ -44,10 +44,10 @@ def _run(data: str, out: Path, reestimate: bool) -> list[dict]:
     trainer = Trainer(config, resume=False)
     trainer.fit()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(Path(config.evaluation_settings.output_dir) / "tensorboard"))
+    events = EventAccumulator(str(Path(config.run.output_dir) / "tensorboard"))
     events.Reload()
     train = [(e.step, e.value) for e in events.Scalars("train/gamma_mean_label0")]
-    tc, ec = config.training_settings.gamma_consts.train, config.training_settings.gamma_consts.eval
+    tc, ec = config.forward_settings.gamma_consts.train, config.forward_settings.gamma_consts.eval
     rows, previous = [], 0
     val = {tag: {e.step: e.value for e in events.Scalars(f"val/{tag}")}
            for tag in ("gamma_clean", "gamma_adv", "auc_fixed", "auc_adaptive", "alpha_clean")}
