@@ -5,8 +5,13 @@ in a few dozen steps, and a large perturbation breaks it: attacks then have some
 """
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
 
@@ -19,6 +24,36 @@ def synthetic_data(n: int, num_classes: int = 10, seed: int = 0,
     y = torch.randint(0, num_classes, (n,), generator=g)
     x = 0.5 + 0.25 * (patterns[y] - 0.5) + noise * torch.randn(n, 3, 32, 32, generator=g)
     return x.clamp(0, 1), y
+
+
+def write_npz(path: Path, n: int, seed: int) -> None:
+    """The offline .npz format of data.py (JPEG bytes, offsets, labels) with random images."""
+    rng = np.random.default_rng(seed)
+    chunks, offsets = [], [0]
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(
+            buffer, format="JPEG", quality=95)
+        chunks.append(np.frombuffer(buffer.getvalue(), np.uint8))
+        offsets.append(offsets[-1] + len(chunks[-1]))
+    np.savez(path, jpeg=np.concatenate(chunks), offsets=np.array(offsets),
+             labels=rng.integers(0, 10, n))
+
+
+def make_tiny_training_root(root: Path) -> Path:
+    """A mixer training's inputs under ``root``: base checkpoints Base/std.pt and Base/rob.pt
+    (ResNet-18 width 2, two seeds) and data/ with 8 train / 4 test random images (.npz)."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    write_npz(root / "data" / "train.npz", 8, 0)
+    write_npz(root / "data" / "test.npz", 4, 1)
+    (root / "Base").mkdir()
+    for name, seed in (("std", 1), ("rob", 2)):
+        torch.manual_seed(seed)
+        model = create_model("resnet18", 10, width=2)
+        with torch.no_grad():  # confident base models, so that attacks and losses are not flat
+            model.linear.weight.mul_(20)
+        torch.save({"model": model.state_dict()}, root / "Base" / f"{name}.pt")
+    return root
 
 
 def train_tiny(model: BaseClassifier, steps: int = 40, seed: int = 0) -> BaseClassifier:

@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptive_smoothing.training import Trainer
-from test_training import _tiny_config, _write_npz
-from adaptive_smoothing.models import create_model
+from synthetic import make_tiny_training_root
+from test_training import _tiny_config
 
 STEPS = 3          # optimizer steps
 GROUP = 2          # mini-batches per step (the config's accum_grad)
@@ -30,19 +30,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _make_root(root: Path) -> None:
-    (root / "data").mkdir(parents=True)
-    _write_npz(root / "data" / "train.npz", 8, 0)
-    _write_npz(root / "data" / "test.npz", 4, 1)
-    (root / "Base").mkdir()
-    for name, seed in (("std", 1), ("rob", 2)):
-        torch.manual_seed(seed)
-        model = create_model("resnet18", 10, width=2)
-        with torch.no_grad():
-            model.linear.weight.mul_(20)
-        torch.save({"model": model.state_dict()}, root / "Base" / f"{name}.pt")
 
 
 def _global_buffer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +74,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
 
 def test_two_gloo_processes_train_the_same_mixer_as_one(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    _make_root(root)
+    make_tiny_training_root(root)
     single = _train_steps(root, 0, 1)
 
     mp.spawn(_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
@@ -108,7 +95,7 @@ def test_bf16_training_steps_run_under_cpu_autocast(tmp_path: Path) -> None:
     """The training autocast path without a GPU: the composite's convolutions run in bf16 on the
     CPU and the mixer still takes finite steps (fp32 master weights)."""
     root = tmp_path / "root"
-    _make_root(root)
+    make_tiny_training_root(root)
     config = _tiny_config(root, "bf16", batch_size=GLOBAL_BATCH, accum_grad=GROUP,
                           precision="bf16")
     trainer = Trainer(config)

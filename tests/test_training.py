@@ -7,17 +7,14 @@ contending with other processes were 5-10x slower.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 
 from adaptive_smoothing import training
@@ -30,38 +27,14 @@ from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel
 from adaptive_smoothing.models import registry
 from adaptive_smoothing.training import (Trainer, TrainingDivergedError, augment_batch,
                                          run_training)
+from synthetic import make_tiny_training_root
 
 
 # -- a tiny run on random images -------------------------------------------------------------------
-def _write_npz(path: Path, n: int, seed: int) -> None:
-    """The offline .npz format of data.py (JPEG bytes, offsets, labels) with random images."""
-    rng = np.random.default_rng(seed)
-    chunks, offsets = [], [0]
-    for _ in range(n):
-        buffer = io.BytesIO()
-        Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(
-            buffer, format="JPEG", quality=95)
-        chunks.append(np.frombuffer(buffer.getvalue(), np.uint8))
-        offsets.append(offsets[-1] + len(chunks[-1]))
-    np.savez(path, jpeg=np.concatenate(chunks), offsets=np.array(offsets),
-             labels=rng.integers(0, 10, n))
-
-
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Base checkpoints (ResNet-18 width 2, two seeds) and 8 train / 4 test random images."""
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "data").mkdir()
-    _write_npz(root / "data" / "train.npz", 8, 0)
-    _write_npz(root / "data" / "test.npz", 4, 1)
-    (root / "Base").mkdir()
-    for name, seed in (("std", 1), ("rob", 2)):
-        torch.manual_seed(seed)
-        model = create_model("resnet18", 10, width=2)
-        with torch.no_grad():  # confident base models, so that attacks and losses are not flat
-            model.linear.weight.mul_(20)
-        torch.save({"model": model.state_dict()}, root / "Base" / f"{name}.pt")
-    return root
+    return make_tiny_training_root(tmp_path_factory.mktemp("tiny"))
 
 
 def _tiny_config(root: Path, out: str, **training_settings: Any) -> Config:
