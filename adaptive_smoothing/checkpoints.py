@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -35,6 +34,7 @@ from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.models.composite import CompositeModel
 # Re-exported: it lives beside the composite, and robustbench's state dict carries it.
 from adaptive_smoothing.models.constants import CompositeConstants  # noqa: F401
+from adaptive_smoothing.persist import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -435,39 +435,10 @@ def mixer_checkpoint(composite: CompositeModel, **training_state: Any) -> dict[s
 
 
 def save_checkpoint(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that never leaves a partial file at ``path``.
-
-    Writes a temporary file in the same directory, fsyncs it, then renames it over ``path``
-    (atomic on POSIX), so a crash or full disk keeps the previous checkpoint intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            torch.save(obj, tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    """``torch.save`` that never leaves a partial file at ``path`` (``persist.write_atomic``): a
+    crash or full disk keeps the previous checkpoint intact."""
+    write_atomic(path, lambda file: torch.save(obj, file))
     logger.debug("saved checkpoint %s", path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform/filesystem allows it, hence best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _first(keys: Sequence[Any]) -> str:

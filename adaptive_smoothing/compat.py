@@ -34,6 +34,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from adaptive_smoothing.persist import BatchStore
+
 _AUTOATTACK_LOGGER = "auto-attack"
 
 
@@ -115,20 +117,18 @@ def _robustbench_autoattack_module() -> ModuleType:
 
         def _resumable(self, x_orig: torch.Tensor, y_orig: torch.Tensor, bs: int,
                        state_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-            from adaptive_smoothing.checkpoints import save_checkpoint
-
-            batches_dir = state_path.with_name(state_path.name + ".batches")
-            batches_dir.mkdir(parents=True, exist_ok=True)
+            batches = BatchStore(
+                state_path.with_name(state_path.name + ".batches"), ".pt",
+                write=torch.save,
+                read=lambda path: torch.load(path, map_location="cpu", weights_only=True))
             x_parts, y_parts = [], []
             for index, start in enumerate(range(0, len(y_orig), bs)):
-                batch_file = batches_dir / f"{index:05d}.pt"
-                if batch_file.exists():
-                    part = torch.load(batch_file, map_location="cpu", weights_only=True)
-                else:
+                part = batches.load(index)
+                if part is None:
                     x_adv, y_adv = super().run_standard_evaluation(
                         x_orig[start:start + bs], y_orig[start:start + bs], batch_size=bs)
                     part = {"x_adv": x_adv.cpu(), "y_adv": y_adv.cpu()}
-                    save_checkpoint(part, batch_file)
+                    batches.save(index, part)
                 x_parts.append(part["x_adv"])
                 y_parts.append(part["y_adv"])
             x_adv, y_adv = torch.cat(x_parts), torch.cat(y_parts)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -30,6 +29,7 @@ from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
+from adaptive_smoothing.persist import BatchStore, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, barrier, distributed_rank_world,
                                         distributed_session, init_distributed,
@@ -73,12 +73,11 @@ def _strict(obj: Any) -> Any:
 
 
 def _atomic_write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_strict(obj), f, indent=2, sort_keys=True, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, _json_text(obj))
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(_strict(obj), indent=2, sort_keys=True, allow_nan=False)
 
 
 # What a difference in a manifest entry means, for the refusal message.
@@ -429,13 +428,13 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
     n = len(y_all)
     starts = list(range(0, n, settings.batch_size))
     mine = [(i, s) for i, s in enumerate(starts) if i % world_size == rank]
+    batches = BatchStore(batches_dir, ".json", read=_read_batch,
+                         write=lambda value, file: file.write(_json_text(value).encode()))
     counters: list[dict[str, float]] = []
     bar = tqdm(mine, desc="evaluating", unit="batch", disable=rank != 0)
     for index, start in bar:
-        batch_file = batches_dir / f"{index:05d}.json"
-        if batch_file.exists():
-            counters.append(_read_batch(batch_file))
-        else:
+        batch_counters = batches.load(index)
+        if batch_counters is None:
             end = min(start + settings.batch_size, n)
             batch_counters, x_adv = evaluate_batch(
                 composite, x_all[start:end], y_all[start:end], settings, device=device,
@@ -444,8 +443,8 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
             if settings.save_adversarial and x_adv is not None:
                 torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
             batch_counters.update(start=start, end=end)
-            _atomic_write_json(batch_counters, batch_file)
-            counters.append(batch_counters)
+            batches.save(index, batch_counters)
+        counters.append(batch_counters)
         seen = sum(c["n"] for c in counters)
         postfix = {"clean": f"{sum(c['clean_correct'] for c in counters) / seen:.3f}"}
         if counters[-1].get("adv_n"):
@@ -453,7 +452,7 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
         bar.set_postfix(postfix)
 
     if world_size > 1:
-        batch_files = [batches_dir / f"{i:05d}.json" for i in range(len(starts))]
+        batch_files = [batches.path(i) for i in range(len(starts))]
         _wait_for_files(batch_files)
         counters = [_read_batch(path) for path in batch_files]
     summary = summarize(counters, settings, model_info)

@@ -19,6 +19,8 @@ from typing import Optional, Union
 
 import torch
 
+from adaptive_smoothing.persist import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "ADAPTIVE_SMOOTHING_CACHE_DIR"
@@ -44,10 +46,7 @@ def _read_cache(path: Path) -> dict:
 
 def _write_cache(path: Path, data: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, sort_keys=True))
     except OSError as err:
         logger.debug("cannot write the fingerprint cache %s: %s", path, err)
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, pgd
 from adaptive_smoothing.models.composite import CompositeModel, fixed_alpha_composite
+from adaptive_smoothing.persist import write_atomic
 from adaptive_smoothing.runtime import autocast_context
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,7 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
 def save_blocks(blocks: dict, path: os.PathLike | str) -> Path:
     """Write atomically (a crash never leaves a half-written file under ``path``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blocks, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, lambda file: torch.save(blocks, file))
 
 
 def load_blocks(path: os.PathLike | str) -> dict:

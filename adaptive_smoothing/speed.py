@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from adaptive_smoothing.config import Config, ConfigError
 from adaptive_smoothing.models import CompositeModel
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import (autocast_context, native_bf16, prepare_model,
                                         resolve_precision)
 
@@ -352,10 +353,7 @@ def append_record(path: "os.PathLike[str] | str", record: dict[str, Any]) -> Non
         if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
             raise ValueError(f"{target}: expected a JSON object with a 'runs' list")
     data["runs"].append(record)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(target)
+    write_text_atomic(target, json.dumps(data, indent=2) + "\n")
 
 
 def robust_accuracy(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,

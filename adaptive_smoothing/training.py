@@ -40,6 +40,7 @@ from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.pre_attack import PreAttackedError, block_labels, load_blocks
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.losses import CompLoss
@@ -702,10 +703,8 @@ class Trainer:
         results = {"iteration": self.iteration, "global_step": self.global_step,
                    "epoch": self.epoch, "validation": dict(self.last_validation),
                    "checkpoint": str(self.checkpoint_path)}
-        path = self.output_dir / RESULTS_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # a crash never leaves a half-written file
+        path = write_text_atomic(self.output_dir / RESULTS_FILE,
+                                 json.dumps(results, indent=2) + "\n")
         logger.info("final validation written to %s", path)
 
     def _reestimate_gamma_bn(self) -> None:

@@ -293,3 +293,20 @@ def test_confident_models_give_finite_log_probs_and_gradients():
     out.log_probs.min(1).values.sum().backward()  # the smallest entries: the underflowing ones
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
+
+
+def test_alpha_range_accepts_float32_round_off_and_refuses_a_real_excess() -> None:
+    from adaptive_smoothing.models.composite import check_alpha_range
+    from adaptive_smoothing.models.constants import CompositeConstants
+
+    # robustbench stores alpha_bias and alpha_scale as float32 scalars: 0.85 + 0.15 read back
+    # from float32 exceeds 1 by 3e-8 and must load, in the constants and in the model.
+    bias, scale = (torch.tensor(v, dtype=torch.float32).item() for v in (0.85, 0.15))
+    assert bias + scale > 1
+    check_alpha_range(bias, scale)
+    CompositeConstants(1.0, 1.0, (2.0, 1.3), scale, bias)
+    for low, width in ((0.85, 0.16), (-0.01, 0.5), (0.5, -0.01)):
+        with pytest.raises(ValueError, match="alpha range"):
+            check_alpha_range(low, width)
+        with pytest.raises(ValueError, match="alpha range"):
+            CompositeConstants(1.0, 1.0, (2.0, 1.3), width, low)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adaptive_smoothing.models.composite import CompositeModel
+from adaptive_smoothing.models.composite import CompositeModel, check_alpha_range
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,7 @@ class CompositeConstants:
         if not (self.std_scale > 0 and self.rob_scale > 0):
             raise ValueError(f"logit scales must be positive, got std_scale={self.std_scale}, "
                              f"rob_scale={self.rob_scale}")
-        if (self.alpha_bias < 0 or self.alpha_scale < 0
-                or self.alpha_bias + self.alpha_scale > 1 + 1e-6):
-            raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
-                             f"({self.alpha_bias}, {self.alpha_bias + self.alpha_scale}) "
-                             f"must lie in [0, 1]")
+        check_alpha_range(self.alpha_bias, self.alpha_scale)
 
     def apply_to(self, composite: CompositeModel) -> None:
         """Set these constants on ``composite``."""
