@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
+from adaptive_smoothing.models.composite import check_alpha_range
 
 # The original code's short model names -> this project's registry names.
 MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
@@ -197,10 +198,7 @@ class ForwardSettings(Section):
     @field_validator("alpha_bias")
     @classmethod
     def _alpha_range(cls, bias: float, info: ValidationInfo) -> float:
-        scale = info.data.get("alpha_scale", 0.0)
-        if bias + scale > 1 + 1e-12:
-            raise ValueError(f"expected alpha_bias + alpha_scale <= 1 (alpha_scale = {scale}, "
-                             f"sum = {bias + scale})")
+        check_alpha_range(bias, info.data.get("alpha_scale", 0.0))
         return bias
 
 
