@@ -8,8 +8,9 @@ Formats read:
 - ROB: EDM (DM-Improves-AT) files hold ``"model_state_dict"`` with keys prefixed ``module.0.``;
   DeepMind's TRADES files are a plain state_dict.
 - Mixer: ``{"model": mixing-network state_dict, "bn": gamma BatchNorm state, ...training state}``.
-- RobustBench: three files per model (BiT state_dict, WRN state_dict, ``{"model", "bn"}``), and
-  robustbench's ``CompositeModel`` state dict (converted by :func:`from_robustbench_state_dict`).
+- RobustBench: three files per model (BiT state_dict, WRN state_dict, ``{"model", "bn"}``).
+  (Converting robustbench's in-memory ``CompositeModel`` state dict is test code:
+  tests/robustbench_state.py, used by the equivalence tests.)
 
 Checkpoints come from the internet, so every torch file is read with ``weights_only=True`` and
 ``.npz`` files with ``allow_pickle=False``. Every problem with a file raises
@@ -32,7 +33,7 @@ from torch import nn
 
 from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.models.composite import CompositeModel
-# Re-exported: it lives beside the composite, and robustbench's state dict carries it.
+# Re-exported: it lives beside the composite.
 from adaptive_smoothing.models.constants import CompositeConstants  # noqa: F401
 from adaptive_smoothing.persist import write_atomic
 
@@ -335,93 +336,6 @@ def load_robustbench_checkpoints(composite: CompositeModel, paths: Sequence[Path
         (_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'", MIXER_FORMAT),
         (composite.gamma_bn, bn_state, f"{mixer_path} entry 'bn'", MIXER_FORMAT)])
     logger.info("loaded RobustBench files %s", [str(p) for p in paths])
-
-
-# -- robustbench's CompositeModel state dict ------------------------------------------------
-# robustbench prefix -> ours. Its six constants are scalar Parameters; ours are plain floats.
-_ROBUSTBENCH_PREFIXES = {"models.0.": "std_model.", "models.1.": "rob_model.",
-                         "policy_net.": "mixer.", "bn.": "gamma_bn."}
-_ROBUSTBENCH_CONSTANTS = ("gamma_scale", "gamma_bias", "alpha_scale", "alpha_bias",
-                          "std_scale", "rob_scale")
-
-
-def from_robustbench_state_dict(state: Mapping[str, torch.Tensor],
-                                source: str = "robustbench state dict"
-                                ) -> tuple[StateDict, CompositeConstants]:
-    """Convert robustbench's ``CompositeModel`` (or its wrapper's) state dict to ours.
-
-    Returns our composite state dict and the constants robustbench stores as Parameters.
-    """
-    if any(key.startswith("comp_model.") for key in state):
-        # CompositeModelWrapper(parallel=False) registers the same module twice, as comp_model
-        # and _comp_model, so its state dict holds every tensor under both prefixes.
-        state = {key[len("comp_model."):]: value for key, value in state.items()
-                 if key.startswith("comp_model.")}
-    state = strip_prefixes(state, ("module.",))
-    ours: StateDict = {}
-    values: dict[str, float] = {}
-    unknown = []
-    for key, value in state.items():
-        if key in _ROBUSTBENCH_CONSTANTS:
-            if value.numel() != 1:
-                raise CheckpointError(f"{source}: constant {key!r} has shape "
-                                      f"{tuple(value.shape)}; expected a scalar")
-            values[key] = _float32_to_decimal(value)
-            continue
-        for theirs, mine in _ROBUSTBENCH_PREFIXES.items():
-            if key.startswith(theirs):
-                ours[mine + key[len(theirs):]] = value
-                break
-        else:
-            unknown.append(key)
-    missing = [key for key in _ROBUSTBENCH_CONSTANTS if key not in values]
-    if unknown or missing:
-        raise CheckpointError(f"{source}: not a robustbench CompositeModel state dict: "
-                              f"unknown keys {_first(unknown)}, missing constants {missing}; "
-                              f"expected keys under {list(_ROBUSTBENCH_PREFIXES)} and the "
-                              f"constants {list(_ROBUSTBENCH_CONSTANTS)}")
-    try:
-        constants = CompositeConstants(
-            std_scale=values["std_scale"], rob_scale=values["rob_scale"],
-            eval_gamma=(values["gamma_scale"], values["gamma_bias"]),
-            alpha_scale=values["alpha_scale"], alpha_bias=values["alpha_bias"])
-    except ValueError as exc:
-        raise CheckpointError(f"{source}: invalid constants: {exc}") from exc
-    return ours, constants
-
-
-def to_robustbench_state_dict(composite: CompositeModel) -> StateDict:
-    """Our composite as a state dict of robustbench's ``CompositeModel`` (no wrapper prefix)."""
-    _require_mixer(composite)
-    back = {mine: theirs for theirs, mine in _ROBUSTBENCH_PREFIXES.items()}
-    state: StateDict = {}
-    for key, value in composite.state_dict().items():
-        prefix = next(p for p in back if key.startswith(p))
-        state[back[prefix] + key[len(prefix):]] = value
-    constants = CompositeConstants.from_composite(composite)
-    for name, value in (("gamma_scale", constants.eval_gamma[0]),
-                        ("gamma_bias", constants.eval_gamma[1]),
-                        ("alpha_scale", constants.alpha_scale),
-                        ("alpha_bias", constants.alpha_bias),
-                        ("std_scale", constants.std_scale), ("rob_scale", constants.rob_scale)):
-        state[name] = torch.tensor(value, dtype=torch.float32)
-    return state
-
-
-def load_robustbench_state_dict(composite: CompositeModel, state: Mapping[str, torch.Tensor],
-                                source: str = "robustbench state dict") -> None:
-    """Load robustbench's composite state dict into ``composite``, constants included."""
-    ours, constants = from_robustbench_state_dict(state, source)
-    check_state_dict(composite, ours, source=source,
-                     expected="robustbench CompositeModel weights converted to ours")
-    composite.load_state_dict(ours, strict=True)
-    constants.apply_to(composite)
-
-
-def _float32_to_decimal(value: torch.Tensor) -> float:
-    # robustbench keeps constants as float32 (0.96 -> 0.9599999785); the shortest decimal that
-    # rounds to the same float32 recovers the intended value.
-    return float(str(np.float32(value.detach().cpu().reshape(()).item())))
 
 
 # -- writing --------------------------------------------------------------------------------

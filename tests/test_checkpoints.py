@@ -18,6 +18,8 @@ from adaptive_smoothing.checkpoints import (CheckpointError, CheckpointNotFoundE
 from adaptive_smoothing.models import CompositeModel, MixingNet, create_model
 from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.published import load_published_model, published_paths
+from robustbench_state import (from_robustbench_state_dict, load_robustbench_state_dict,
+                               to_robustbench_state_dict)
 
 
 
@@ -189,7 +191,7 @@ def test_robustbench_state_dict_conversion_round_trip():
     src = small_composite(std_scale=1.2, rob_scale=0.3, eval_gamma=(2.0, 1.05),
                           alpha_scale=0.04, alpha_bias=0.96)
     randomize_buffers(src)
-    theirs = ckpt.to_robustbench_state_dict(src)
+    theirs = to_robustbench_state_dict(src)
     assert {k.split(".")[0] for k in theirs} == {
         "models", "policy_net", "bn", "gamma_scale", "gamma_bias", "alpha_scale", "alpha_bias",
         "std_scale", "rob_scale"}
@@ -199,7 +201,7 @@ def test_robustbench_state_dict_conversion_round_trip():
     assert torch.equal(theirs["bn.running_var"], src.gamma_bn.running_var)
     # robustbench stores float32 Parameters; the intended decimals come back exactly.
     assert theirs["alpha_bias"].dtype == torch.float32 and theirs["alpha_bias"].ndim == 0
-    ours, constants = ckpt.from_robustbench_state_dict(theirs)
+    ours, constants = from_robustbench_state_dict(theirs)
     assert constants == CompositeConstants(std_scale=1.2, rob_scale=0.3, eval_gamma=(2.0, 1.05),
                                            alpha_scale=0.04, alpha_bias=0.96)
     assert_same_state(src, ours)
@@ -207,18 +209,18 @@ def test_robustbench_state_dict_conversion_round_trip():
     # robustbench's CompositeModelWrapper(parallel=False) holds every tensor twice.
     wrapped = {**with_prefix(theirs, "comp_model."), **with_prefix(theirs, "_comp_model.")}
     dst = small_composite()  # other constants
-    ckpt.load_robustbench_state_dict(dst, wrapped)
+    load_robustbench_state_dict(dst, wrapped)
     assert CompositeConstants.from_composite(dst) == constants
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(dst(x).log_probs, src(x).log_probs, rtol=0, atol=0)
 
 
 def test_robustbench_state_dict_with_unknown_keys_is_refused():
-    theirs = ckpt.to_robustbench_state_dict(small_composite())
+    theirs = to_robustbench_state_dict(small_composite())
     theirs["models.2.weight"] = torch.zeros(1)
     del theirs["rob_scale"]
     with pytest.raises(CheckpointError, match=r"models\.2\.weight.*rob_scale"):
-        ckpt.from_robustbench_state_dict(theirs)
+        from_robustbench_state_dict(theirs)
 
 
 # -- bad files -------------------------------------------------------------------------------------

@@ -21,11 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_smoothing import checkpoints as ckpt
 from adaptive_smoothing.checkpoints import CompositeConstants
 from adaptive_smoothing.compat import import_robustbench
 from adaptive_smoothing.published import (load_published_model, load_robustbench_files,
                                           published_model)
+from robustbench_state import (from_robustbench_state_dict, load_robustbench_state_dict,
+                               to_robustbench_state_dict)
 
 pytestmark = pytest.mark.slow
 
@@ -161,15 +162,15 @@ def test_published_model_matches_robustbench(workdir, dataset, name):
     # (a) robustbench's state dict loads strictly into ours and gives the same tensors and the
     # table's constants; ours loads strictly into robustbench's.
     their_state = theirs.state_dict()
-    converted, constants = ckpt.from_robustbench_state_dict(their_state)
+    converted, constants = from_robustbench_state_dict(their_state)
     assert constants == spec.constants
     assert_states_equal(composite.state_dict(), converted)
-    ckpt.load_robustbench_state_dict(composite, their_state)
+    load_robustbench_state_dict(composite, their_state)
     with torch.no_grad():
         for tensor in their_state.values():
             tensor.zero_()
-    theirs.load_state_dict(ckpt.to_robustbench_state_dict(composite), strict=True)
-    expected, their_constants = ckpt.from_robustbench_state_dict(theirs.state_dict())
+    theirs.load_state_dict(to_robustbench_state_dict(composite), strict=True)
+    expected, their_constants = from_robustbench_state_dict(theirs.state_dict())
     assert_states_equal(expected, composite.state_dict())
     assert their_constants == spec.constants
 
