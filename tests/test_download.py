@@ -339,6 +339,38 @@ def test_drive_usercontent_form_flow(server: _State, checkpoint_bytes: bytes,
     assert [r.path for r in server.requests] == ["/uc", "/download", "/download"]
 
 
+def test_drive_download_broken_off_resumes_with_gdown(server: _State, tmp_path: Path,
+                                                     as_google_drive: str) -> None:
+    buffer = io.BytesIO()  # larger than two of gdown's 512 kB chunks: whole chunks are kept
+    torch.save({"w": torch.arange(400_000, dtype=torch.float32)}, buffer)
+    data = buffer.getvalue()
+    keep = 1_200_000
+    disposition = {"Content-Disposition": 'attachment; filename="cifar10_bit_rn152.tar"'}
+
+    def broken(h: _Handler, query: dict) -> None:
+        h.send_body(data[:keep], headers=disposition, declared_length=len(data))
+
+    server.routes["/uc"] = broken
+    source = Source("cifar10_std", "cifar10", "std", "std", "Base/cifar10_bit_rn152.tar",
+                    "gdrive", drive_id="1-5E")
+    target = tmp_path / "Base" / "cifar10_bit_rn152.tar"
+    [error] = dl.download_sources(tmp_path, [source], base_urls={"gdrive": as_google_drive},
+                                  progress=False).values()
+    assert isinstance(error, DownloadError) and "truncated" in str(error)
+    assert str(target) + ".part" in str(error)
+    [partial] = target.parent.glob("cifar10_bit_rn152.tar.part*tmp")
+    kept = partial.stat().st_size
+    assert 0 < kept <= keep and partial.read_bytes() == data[:kept]
+    assert not target.exists()
+
+    server.routes["/uc"] = serve_file(data, filename="cifar10_bit_rn152.tar")
+    assert dl.download_sources(tmp_path, [source], base_urls={"gdrive": as_google_drive},
+                               progress=False) == {"cifar10_std": None}
+    assert target.read_bytes() == data
+    assert server.requests[-1].range == f"bytes={kept}-"
+    assert not list(target.parent.glob("*.part*"))
+
+
 @pytest.mark.parametrize("as_drive", [True, False], ids=["drive-host", "other-host"])
 def test_drive_quota_page_is_reported_not_saved(server: _State, tmp_path: Path, as_drive: bool,
                                                 request: pytest.FixtureRequest) -> None:
