@@ -20,8 +20,9 @@ a :class:`PerImageRandom`, whose draws for an image depend only on the seed and 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable, Literal, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterator, Literal, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -476,6 +477,16 @@ def draw_attack_run(settings: RandomizedAttackSettings, batch: int,
     return AttackRunDraw(n_iter, eps, bce_weight, momentum)
 
 
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Tensor,
                               settings: RandomizedAttackSettings,
                               generator: Optional[torch.Generator] = None,
@@ -493,13 +504,9 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
     caller's mode is restored afterwards, also on error.
     """
     from adaptive_smoothing.models.composite import CompositeModel
-    was_training = composite.training
-    was_scale_alpha = getattr(composite, "scale_alpha", None)
-    if isinstance(composite, CompositeModel):
-        composite.train(False, scale_alpha=False)
-    else:
-        composite.eval()
-    try:
+    mode = (composite.mode(False, scale_alpha=False) if isinstance(composite, CompositeModel)
+            else _eval_mode(composite))
+    with mode:
         target = as_attack_target(composite)
         x = x.detach()
         with torch.no_grad():
@@ -528,11 +535,6 @@ def generate_training_attacks(composite: nn.Module, x: torch.Tensor, y: torch.Te
             logger.debug("training attack %d: %d iterations, fooled %d/%d", run, draw.n_iter,
                          int(result.fooled.sum()), x.shape[0])
             batches.append(result.x_adv)
-    finally:
-        if isinstance(composite, CompositeModel):
-            composite.train(was_training, scale_alpha=was_scale_alpha)
-        else:
-            composite.train(was_training)
     return batches
 
 

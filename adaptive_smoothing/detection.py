@@ -92,10 +92,8 @@ def detection_metrics(composite: CompositeModel, x: torch.Tensor, y: torch.Tenso
     Every image counts as attacked whether or not the attack fooled the classifier (the first
     misclassified iterate, else the highest-loss point).
     """
-    was_training, was_scale = composite.training, composite.scale_alpha
-    composite.eval()
     g_clean, a_clean, g_fixed, a_fixed, g_ada, a_ada = ([] for _ in range(6))
-    try:
+    with composite.mode(False):
         for start in range(0, len(x), batch_size):
             xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             g, a = _gamma_alpha(composite, xb, device, dtype)
@@ -111,8 +109,6 @@ def detection_metrics(composite: CompositeModel, x: torch.Tensor, y: torch.Tenso
             g, a = _gamma_alpha(composite, result.x_adv, device, dtype)
             g_ada.append(g)
             a_ada.append(a)
-    finally:
-        composite.train(was_training, scale_alpha=was_scale)
     clean, fixed, ada = torch.cat(g_clean), torch.cat(g_fixed), torch.cat(g_ada)
     return {"auc_fixed": roc_auc(clean, fixed), "auc_adaptive": roc_auc(clean, ada),
             "det_alpha_clean": torch.cat(a_clean).mean().item(),

@@ -32,11 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import apgd, generate_training_attacks, pgd
+from adaptive_smoothing.attacks import generate_training_attacks
 from adaptive_smoothing.checkpoints import read_checkpoint, save_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, config_to_dict
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
+from adaptive_smoothing.evaluation import validate
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "TrainingResumeError",
            "Trainer", "training_identity",
            "augment_batch", "optimizer_steps_per_iteration",
-           "run_training", "validate"]
+           "run_training"]
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
@@ -225,97 +226,6 @@ def _base_fingerprint(composite: CompositeModel) -> list[float]:
     tensors = [*composite.std_model.state_dict().values(),
                *composite.rob_model.state_dict().values()]
     return [float(t.detach().double().sum()) for t in tensors if t.is_floating_point()]
-
-
-# -- validation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def _forward(composite: CompositeModel, x: torch.Tensor, device: torch.device,
-             dtype: torch.dtype) -> Any:
-    with autocast_context(device, dtype):
-        return composite(x)
-
-
-def validate(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor, config: Config, *,
-             device: torch.device, dtype: torch.dtype, batch_size: int,
-             seed: int = 0) -> dict[str, float]:
-    """Clean and robust accuracy and mean gamma/alpha of the composite on (x, y).
-
-    The composite is evaluated as deployed (eval mode, scale_alpha on). Robust accuracy: with
-    ``pgd_settings.use_aa`` (default) APGD-CE on all points, then APGD-T (targets: the 2nd ..
-    (n_target + 1)-th classes) on the points still robust, pgd_settings.iters_test iterations
-    each, plain CE/DLR losses (no mixer term), i.e. AutoAttack's first two attacks; otherwise PGD
-    (iters_test, alpha_test, pgd_eval_loss). "Attacked" gamma/alpha are measured on the first
-    attack's output for every point (the first adversarial example found, else the highest-loss
-    point), so they describe attacked inputs whether or not the attack succeeded.
-
-    Under torch.distributed each process takes every world-th example; the sums are all-reduced.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    pgd_s = config.pgd_settings
-    norm = pgd_s.norm
-    was_training, was_scale = composite.training, composite.scale_alpha
-    composite.eval()
-    generator = _generator(_derive_seed(seed, "validate", rank))
-    x, y = x[rank::world], y[rank::world]
-    sums = torch.zeros(7, dtype=torch.float64)
-    try:
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-            clean = _forward(composite, xb, device, dtype)
-            correct = clean.log_probs.argmax(1) == yb
-            with autocast_context(device, dtype):
-                if pgd_s.use_aa:
-                    first = apgd(composite, xb, yb, pgd_s.eps, norm=norm, n_iter=pgd_s.iters_test,
-                                 loss="ce", return_adversarial=True, generator=generator)
-                else:
-                    loss = "dlr" if pgd_s.pgd_eval_loss == "dlr" else "ce"
-                    weight = 0.5 if pgd_s.pgd_eval_loss == "comp_simple" else 0.0
-                    first = pgd(composite, xb, yb, pgd_s.eps, norm=norm, n_iter=pgd_s.iters_test,
-                                step_size=pgd_s.alpha_test, loss=loss, bce_weight=weight,
-                                generator=generator)
-            robust = correct & ~first.fooled
-            if pgd_s.use_aa:
-                robust = _targeted_apgd(composite, xb, yb, robust, config, device, dtype,
-                                        generator)
-            attacked = _forward(composite, first.x_adv, device, dtype)
-            sums += torch.tensor([len(yb), correct.sum().item(), robust.sum().item(),
-                                  clean.gamma.float().sum().item(),
-                                  attacked.gamma.float().sum().item(),
-                                  clean.alpha.float().sum().item(),
-                                  attacked.alpha.float().sum().item()], dtype=torch.float64)
-    finally:
-        composite.train(was_training, scale_alpha=was_scale)
-    if world > 1:
-        reduced = sums.to(device)
-        dist.all_reduce(reduced)
-        sums = reduced.cpu()
-    n = max(sums[0].item(), 1.0)
-    keys = ("clean_acc", "robust_acc", "gamma_clean", "gamma_adv", "alpha_clean", "alpha_adv")
-    return {"n": sums[0].item(), **{k: (sums[i + 1] / n).item() for i, k in enumerate(keys)}}
-
-
-def _targeted_apgd(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
-                   robust: torch.Tensor, config: Config, device: torch.device,
-                   dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """APGD-T (targeted DLR) on the points still robust, as AutoAttack's second attack."""
-    pgd_s = config.pgd_settings
-    if "apgd-t" not in pgd_s.attacks_to_run:
-        return robust
-    robust = robust.clone()
-    norm = pgd_s.norm
-    n_target = min(pgd_s.n_target_classes, config.dataset_settings.num_classes - 1)
-    for target_rank in range(2, n_target + 2):
-        idx = robust.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            break
-        y_target = _forward(composite, x[idx], device, dtype).log_probs.sort(dim=1)[1][
-            :, -target_rank]
-        with autocast_context(device, dtype):
-            result = apgd(composite, x[idx], y[idx], pgd_s.eps, norm=norm,
-                          n_iter=pgd_s.iters_test, loss="dlr_targeted", y_target=y_target,
-                          return_adversarial=True, generator=generator)
-        robust[idx[result.fooled]] = False
-    return robust
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -641,10 +551,17 @@ class Trainer:
         if self.config.training_settings.reestimate_gamma_bn:
             self._reestimate_gamma_bn()
         self._sync_gamma_bn()
-        self.last_validation = validate(self.composite, self.x_val, self.y_val, self.config,
-                                        device=self.device, dtype=self.dtype,
-                                        batch_size=self.config.training_settings
-                                        .batch_size_test_per_gpu, seed=self.seed)
+        pgd_s = self.config.pgd_settings
+        self.last_validation = validate(
+            self.composite, self.x_val, self.y_val, eps=pgd_s.eps, norm=pgd_s.norm,
+            n_iter=pgd_s.iters_test,
+            n_target=self.n_target if "apgd-t" in pgd_s.attacks_to_run else 0,
+            device=self.device, dtype=self.dtype,
+            batch_size=self.config.training_settings.batch_size_test_per_gpu,
+            generator=_generator(_derive_seed(self.seed, "validate", self.rank)),
+            use_apgd=pgd_s.use_aa, pgd_step_size=pgd_s.alpha_test,
+            pgd_loss="dlr" if pgd_s.pgd_eval_loss == "dlr" else "ce",
+            pgd_bce_weight=0.5 if pgd_s.pgd_eval_loss == "comp_simple" else 0.0)
         if self.rank == 0:
             self.last_validation.update(self._detection())
             v = self.last_validation
@@ -756,17 +673,15 @@ class Trainer:
         needs its own all-reduce and ``.item()``.
         """
         buffers = [b.detach().clone() for b in self._mixer_buffers()]
-        self.composite.train(True, scale_alpha=False)
-        self.composite.mixer = self.ddp_mixer or self.mixer
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        try:
+        with self.composite.mode(True, scale_alpha=False):
             for j, idx in enumerate(groups):
                 last = j == len(groups) - 1
                 no_sync = (self.ddp_mixer.no_sync() if self.ddp_mixer is not None and not last
                            else contextlib.nullcontext())
                 with no_sync:
                     with autocast_context(self.device, self.dtype):
-                        out = self.composite(xs[idx])
+                        out = self.composite(xs[idx], mixer=self.ddp_mixer)
                     loss = self.loss_fn(out.log_probs, out.gamma, ys[idx], labels[idx],
                                         scale=None if scales is None else scales[idx],
                                         accum_count=len(groups))
@@ -783,9 +698,6 @@ class Trainer:
                     (clean & (gamma <= 0)).sum()]).to(stats)
                 # Masked by where (not multiplied): a NaN loss must not reach the statistics.
                 stats[:8] += torch.where(finite_loss, batch_stats, torch.zeros_like(batch_stats))
-        finally:
-            self.composite.mixer = self.mixer
-            self.composite.eval()
 
         grad_norm = torch.zeros((), device=self.device)
         if self.scaler.is_enabled():

@@ -14,7 +14,7 @@ from torch import nn
 
 from adaptive_smoothing import attacks
 from adaptive_smoothing.attacks import (RandomizedAttackSettings, adaptive_attack, apgd,
-                                        as_attack_target, draw_attack_run,
+                                        apgd_cascade, as_attack_target, draw_attack_run,
                                         generate_training_attacks, pgd)
 from adaptive_smoothing.models import (BaseClassifier, BaseOutput, CompositeModel,
                                        LogProbClassifier, MixingNet)
@@ -276,6 +276,44 @@ def test_adaptive_attack_on_composite() -> None:
     assert torch.equal(pred == y, result.robust)  # every non-robust point has its example
     assert not composite.training and composite.scale_alpha
     _assert_no_param_grads(composite)
+
+
+def test_cascade_attacks_only_points_still_robust(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _linear()
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[:4] = (y[:4] + 1) % 10  # four points misclassified on x
+    calls = []
+    real_apgd = attacks.apgd
+
+    def spy(target, xs, ys, eps, **kwargs):
+        result = real_apgd(target, xs, ys, eps, **kwargs)
+        calls.append({"n": len(xs), "loss": kwargs["loss"], "y_target": kwargs["y_target"],
+                      "x": xs, "fooled": result.fooled})
+        return result
+
+    monkeypatch.setattr(attacks, "apgd", spy)
+    result = apgd_cascade(model, x, y, 0.005, n_iter=3, n_target=2,
+                          generator=torch.Generator().manual_seed(0))
+    assert [c["loss"] for c in calls] == ["ce", "dlr_targeted", "dlr_targeted"]
+    assert calls[0]["n"] == 12  # the misclassified points are not attacked
+    still = 12 - int(calls[0]["fooled"].sum())
+    assert 0 < still < 12 and calls[1]["n"] == still  # APGD-T: the survivors of APGD-CE only
+    with torch.no_grad():
+        second = model(calls[1]["x"]).argsort(1, descending=True)[:, 1]
+    assert torch.equal(calls[1]["y_target"], second)
+    assert not result.robust[:4].any() and not result.clean_correct[:4].any()
+    fooled_total = sum(int(c["fooled"].sum()) for c in calls)
+    assert int(result.robust.sum()) == 12 - fooled_total  # each point is fooled at most once
+
+    calls.clear()
+    all_first = apgd_cascade(model, x, y, 0.005, n_iter=3, n_target=0, first_on_all=True,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and calls[0]["n"] == 16  # validation: every point is attacked
+    moved = (all_first.first_x_adv - x).flatten(1).abs().amax(1)
+    assert (moved > 0).all() and (moved <= 0.005 + 1e-6).all()
 
 
 # -- attack strength against the reference implementation ----------------------------------------

@@ -172,6 +172,39 @@ def test_scale_alpha_defaults_and_override(x):
     torch.testing.assert_close(wrapper(x), out.log_probs, rtol=0, atol=0)  # AutoAttack's view
 
 
+def test_mode_context_restores_the_callers_mode_also_on_error(x):
+    model = composite(alpha_scale=0.3, alpha_bias=0.6)
+    model.train(True, scale_alpha=True)  # an unusual mode: it must come back unchanged
+    with model.mode(False, scale_alpha=False):
+        assert not model.training and not model.scale_alpha and not model.mixer.training
+    assert model.training and model.scale_alpha and model.mixer.training
+    with pytest.raises(RuntimeError, match="inside"):
+        with model.mode(False):
+            assert model.scale_alpha and not model.gamma_bn.training  # eval default: scaled
+            raise RuntimeError("inside")
+    assert model.training and model.scale_alpha and model.gamma_bn.training
+
+
+def test_mixer_wrapper_passed_to_forward_is_called_instead_of_the_mixer(x):
+    model = composite().eval()
+    calls = []
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel(model.mixer)
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, firsts, seconds):
+            calls.append(1)
+            return self.inner(firsts, seconds)
+
+    plain = model(x)
+    wrapped = model(x, mixer=Wrapper(model.mixer))
+    assert calls == [1]
+    torch.testing.assert_close(wrapped.log_probs, plain.log_probs, rtol=0, atol=0)
+    assert not any(k.startswith("inner") for k in model.state_dict())  # nothing was swapped in
+
+
 def test_base_models_stay_frozen_in_training_mode(x):
     model = composite()
     model.train()

@@ -8,8 +8,9 @@ gamma, and this module turns gamma into alpha and mixes the probabilities.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +122,18 @@ class CompositeModel(nn.Module):
     def eval(self, scale_alpha: Optional[bool] = None) -> "CompositeModel":
         return self.train(False, scale_alpha=scale_alpha)
 
+    @contextlib.contextmanager
+    def mode(self, training: bool, scale_alpha: Optional[bool] = None
+             ) -> Iterator["CompositeModel"]:
+        """``train(training, scale_alpha)`` inside the ``with`` block; the caller's mode
+        (training and scale_alpha) comes back afterwards, also on error."""
+        was_training, was_scale_alpha = self.training, self.scale_alpha
+        self.train(training, scale_alpha=scale_alpha)
+        try:
+            yield self
+        finally:
+            self.train(was_training, scale_alpha=was_scale_alpha)
+
     @property
     def std_only(self) -> bool:
         return ((self.mixer is None and self.gamma == -math.inf)
@@ -131,7 +144,9 @@ class CompositeModel(nn.Module):
         return (self.mixer is None and self.gamma == math.inf) or self.alpha_bias == 1
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> CompositeOutput:
+    def forward(self, x: torch.Tensor, mixer: Optional[nn.Module] = None) -> CompositeOutput:
+        """``mixer``: a wrapper of ``self.mixer`` to call instead (the trainer's
+        DistributedDataParallel, whose forward arms the gradient all-reduce)."""
         batch = x.shape[0]
         if self.std_only:
             logits = self.std_model(x).float() * self.std_scale
@@ -142,7 +157,7 @@ class CompositeModel(nn.Module):
 
         std_out = self.std_model.forward_features(x)
         rob_out = self.rob_model.forward_features(x)
-        gamma = self._gamma(std_out.features, rob_out.features, x)
+        gamma = self._gamma(std_out.features, rob_out.features, x, mixer)
 
         # log((1 - a) p_std + a p_rob) in log space: the direct form underflows to log(0) = -inf
         # (and NaN gradients) wherever both models give a class a probability below ~1e-38,
@@ -179,7 +194,8 @@ class CompositeModel(nn.Module):
         return log_std, log_rob
 
     def _gamma(self, std_features: tuple[torch.Tensor, torch.Tensor],
-               rob_features: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+               rob_features: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+               mixer: Optional[nn.Module] = None) -> torch.Tensor:
         """gamma (B,): the mixer's output after clamp, BN and the gamma constants."""
         batch = x.shape[0]
         if self.mixer is None:
@@ -194,7 +210,8 @@ class CompositeModel(nn.Module):
             firsts = [f.detach() for f in firsts]
             seconds = [f.detach() for f in seconds]
         # The gamma BN runs in its own dtype (fp32 under autocast, fp64 after .double()).
-        gamma = self.mixer(firsts, seconds).to(self.gamma_bn.running_mean.dtype)  # (B, 1)
+        mixer = self.mixer if mixer is None else mixer
+        gamma = mixer(firsts, seconds).to(self.gamma_bn.running_mean.dtype)  # (B, 1)
         if self.training:
             # Clamping before the BN keeps outliers from dominating its running statistics.
             mean, std = (global_mean_std(gamma) if self.global_batch_stats
