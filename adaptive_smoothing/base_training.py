@@ -23,7 +23,7 @@ from tqdm import tqdm
 from adaptive_smoothing.attacks import pgd
 from adaptive_smoothing.checkpoints import (BASE_TRAINING_FORMAT, load_checked, read_entries,
                                             save_checkpoint)
-from adaptive_smoothing.data import build_loader
+from adaptive_smoothing.data import IterationData
 from adaptive_smoothing.models import create_model
 from adaptive_smoothing.runtime import (autocast_context, prepare_model, resolve_precision,
                                         select_device)
@@ -55,7 +55,6 @@ class BaseTrainingSettings:
     compile: bool = False             # torch.compile the model
     device: str = "auto"
     seed: int = 0
-    num_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -87,7 +86,7 @@ def _adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 # Settings that do not change the weights: a run may resume on another device or worker count.
-_RESUMABLE_CHANGES = frozenset({"device", "num_workers", "compile"})
+_RESUMABLE_CHANGES = frozenset({"device", "num_workers", "compile"})  # num_workers: old files
 
 
 def _check_same_settings(path: Path, saved: dict[str, Any],
@@ -125,9 +124,10 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
     prepare_model(model, channels_last=settings.channels_last, compile=settings.compile)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay, nesterov=True)
-    loader = build_loader(train_set, settings.batch_size, shuffle=True, seed=settings.seed,
-                          drop_last=True, num_workers=settings.num_workers)
-    steps_per_epoch = len(loader)
+    # Held as tensors on the device, each batch augmented there (crop + flip, data.py).
+    data = IterationData(train_set, settings.batch_size, 0, settings.seed, shuffle=True,
+                         device=device)
+    steps_per_epoch = data.iterations_per_epoch
     total_steps = settings.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _one_cycle(step, total_steps))
@@ -152,18 +152,14 @@ def train_base_model(settings: BaseTrainingSettings, train_set: Dataset, output:
 
     for epoch in range(start_epoch, settings.epochs):
         model.train()
-        # Each epoch's order depends on (seed, epoch) alone, so a run resumed from any epoch's
-        # checkpoint sees the same batches as one that was never stopped.
-        loader.generator.manual_seed(settings.seed + epoch)
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         epoch_cpu_start = time.process_time()
         correct = seen = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}",
-                   leave=False)
-        for x, y in bar:
-            x, y = x.to(device), y.to(device)
+        # Each epoch's order and augmentation depend on (seed, epoch, step) alone, so a run
+        # resumed from any epoch's checkpoint sees the same batches as one never stopped.
+        bar = tqdm(data.epoch(epoch, 0), total=steps_per_epoch, leave=False,
+                   desc=f"{settings.method} epoch {epoch + 1}/{settings.epochs}")
+        for x, y, _, _ in bar:
             x_train = _adversarial_batch(model, x, y, settings)
             with autocast_context(device, precision):
                 logits = model(x_train)

@@ -1,8 +1,14 @@
-"""Datasets and loaders: CIFAR-10/100 via torchvision, the offline JPEG .npz copy, ImageFolder.
+"""Datasets, loaders and training batches: CIFAR-10/100 via torchvision, the offline JPEG .npz
+copy, ImageFolder.
 
 Every dataset yields ``(image, label)`` with ``image`` a float CHW tensor in [0, 1] (the models
 normalise internally) and ``label`` an int. Training augmentation is the standard CIFAR one:
 RandomCrop(32, padding=4) + RandomHorizontalFlip; test images are left untouched.
+
+Training (the mixer's and the base models') holds its data as tensors and augments whole batches
+(:class:`IterationData`, :func:`augment_batch`, in the style of airbench): the order and the crops
+and flips of every iteration come from generators seeded by the run's position
+(:mod:`adaptive_smoothing.seeding`), so a resumed run draws what an uninterrupted one draws.
 """
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ import random
 import urllib.error
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from adaptive_smoothing.runtime import barrier, distributed_rank_world
+from adaptive_smoothing.seeding import stream
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,7 @@ PathLike = Union[str, Path]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 IMAGE_SIZE = 32
+CROP_PADDING = 4  # CIFAR augmentation: RandomCrop(32, padding=4) + horizontal flip
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test")
 FORMATS = ("torchvision", "npz", "imagefolder")
@@ -435,8 +443,121 @@ def load_tensors(dataset: Dataset, n: Optional[int] = None,
     return torch.cat(xs), torch.cat(ys)
 
 
+# ----------------------------------------------------------------------------- training batches
+
+
+def dataset_tensors(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All of ``dataset`` as ``(x, y)``: an unaugmented .npz dataset as its decoded uint8 images
+    (a quarter of the memory; :func:`as_float_images` gives exactly the floats it yields),
+    anything else through :func:`load_tensors`."""
+    if isinstance(dataset, NpzImageDataset) and dataset.transform is None:
+        return dataset.images, dataset.labels
+    if (isinstance(dataset, Subset) and isinstance(dataset.dataset, NpzImageDataset)
+            and dataset.dataset.transform is None):  # take_first of one (--n-train)
+        index = torch.as_tensor(list(dataset.indices), dtype=torch.int64)
+        return dataset.dataset.images[index], dataset.dataset.labels[index]
+    return load_tensors(dataset)
+
+
+def as_float_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] (as the datasets compute it); float images unchanged."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """RandomCrop(size, padding=4) with zero padding + RandomHorizontalFlip, per image.
+
+    Done on the batch with an explicit generator (not in the dataset with the global RNG), so that
+    the augmentation of every iteration is reproducible, also on resume. The draws are made on
+    the generator's device (the CPU) and moved, so every device augments alike.
+    """
+    batch, _, height, width = x.shape
+    pad = CROP_PADDING
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    flip = torch.rand(batch, generator=generator) < 0.5
+    rows = (top[:, None] + torch.arange(height)).to(x.device)          # (B, H)
+    cols = left[:, None] + torch.arange(width)                          # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    b = torch.arange(batch, device=x.device)[:, None, None, None]
+    c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def local_order(n: int, seed: int, purpose: str, index: int, rank: int, world: int,
+                shuffle: bool) -> torch.Tensor:
+    """This rank's share of a (seeded) permutation of range(n); equal length on every rank."""
+    order = (torch.randperm(n, generator=stream(seed, purpose, index)) if shuffle
+             else torch.arange(n))
+    usable = n // world * world
+    return order[:usable][rank::world]
+
+
+def endless_indices(length: int, position: int, count: int,
+                    order: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Entries ``position .. position + count - 1`` of the endless chain of permutations of
+    range(length) whose cycle k is ``order(k)``: a stream read by position, so a resumed run
+    continues it without any saved state."""
+    out = [torch.empty(0, dtype=torch.int64)]
+    while count > 0:
+        cycle, offset = divmod(position, length)
+        take = order(cycle)[offset:offset + count]
+        out.append(take)
+        position, count = position + len(take), count - len(take)
+    return torch.cat(out)
+
+
+class IterationData:
+    """Training batches from data held as tensors: per iteration a main batch of ``batch`` images
+    and an ``extra`` batch (the mixer's extra clean images; 0 for base-model training).
+
+    The data lives on ``device``; each iteration's images are gathered and augmented there
+    (:func:`augment_batch`, crops and flips seeded by the iteration and rank). The main order is
+    a seeded permutation per epoch (this rank's share; skipped up to the resume point); the extra
+    stream is an endless chain of seeded permutations indexed by the global iteration, so
+    neither needs any state beyond the position.
+    """
+
+    def __init__(self, data: Union[Dataset, tuple[torch.Tensor, torch.Tensor]], batch: int,
+                 extra: int, seed: int, shuffle: bool, rank: int = 0, world: int = 1,
+                 device: torch.device = torch.device("cpu")) -> None:
+        x, y = data if isinstance(data, tuple) else dataset_tensors(data)
+        self.x, self.y = x.to(device), y.to(device=device, dtype=torch.int64)
+        self.batch, self.extra = batch, extra
+        self.seed, self.shuffle, self.rank, self.world = seed, shuffle, rank, world
+        self.device = device
+        self.n = len(self.y)
+        self.local = self.n // world
+        self.iterations_per_epoch = self.local // batch
+        if self.iterations_per_epoch < 1:
+            raise ValueError(f"the training set has {self.n} images, fewer than one batch of "
+                             f"{batch} per process x {world} processes")
+
+    def _extra_indices(self, iteration: int) -> torch.Tensor:
+        return endless_indices(
+            self.local, iteration * self.extra, self.extra,
+            lambda cycle: local_order(self.n, self.seed, "extra", cycle, self.rank, self.world,
+                                      True))
+
+    def epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y, x_extra, y_extra) of iterations start .. iterations_per_epoch - 1 of ``epoch``,
+        augmented."""
+        order = local_order(self.n, self.seed, "main", epoch, self.rank, self.world,
+                            self.shuffle)
+        first = epoch * self.iterations_per_epoch
+        for i in range(start, self.iterations_per_epoch):
+            idx = torch.cat([order[i * self.batch:(i + 1) * self.batch],
+                             self._extra_indices(first + i)]).to(self.device)
+            x = augment_batch(as_float_images(self.x[idx]),
+                              stream(self.seed, "augment", first + i, self.rank))
+            y = self.y[idx]
+            yield x[:self.batch], y[:self.batch], x[self.batch:], y[self.batch:]
+
+
 __all__ = [
-    "CIFAR10_CLASSES", "CIFAR100_CLASSES", "DataError", "FORMATS", "NUM_CLASSES", "NpzImageDataset",
-    "build_dataset", "build_loader", "load_tensors", "normalize_dataset_name", "take_first",
-    "train_transform",
+    "CIFAR10_CLASSES", "CIFAR100_CLASSES", "DataError", "FORMATS", "IterationData",
+    "NUM_CLASSES", "NpzImageDataset", "as_float_images", "augment_batch", "build_dataset",
+    "build_loader", "dataset_tensors", "endless_indices", "load_tensors", "local_order",
+    "normalize_dataset_name", "take_first", "train_transform",
 ]

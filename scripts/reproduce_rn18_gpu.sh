@@ -7,11 +7,11 @@
 #
 # Knobs (environment variables), with their defaults:
 #   DATA=data/cifar10  offline copy (train.npz/test.npz) of ../shared/data/cifar10
-#   N_TRAIN=50000  EPOCHS_STD=15  EPOCHS_ROB=15  BASE_BATCH=512  WORKERS=8
+#   N_TRAIN=50000  EPOCHS_STD=15  EPOCHS_ROB=15  BASE_BATCH=512
 #   MIXER_BATCH=256  N_EVAL=1000  AA_ITERS=100  SWEEP=0,0.2,0.5,0.7,0.8,0.9,0.95,1
 #   DEVICE=auto  PLOTS=benchmarks/results/rn18_gpu  MIXER_DEBUG=0 (1: two mixer iterations only)
 # A CPU smoke test of the whole script (minutes): N_TRAIN=256 EPOCHS_STD=1 EPOCHS_ROB=1
-#   BASE_BATCH=64 WORKERS=0 MIXER_BATCH=8 MIXER_DEBUG=1 N_EVAL=16 AA_ITERS=2 SWEEP=0,1
+#   BASE_BATCH=64 MIXER_BATCH=8 MIXER_DEBUG=1 N_EVAL=16 AA_ITERS=2 SWEEP=0,1
 #   PLOTS=/tmp/smoke_plots DATA=../shared/data/cifar10 bash scripts/reproduce_rn18_gpu.sh
 # On a lent device machine (see the device tool's README): copy ../shared/data/cifar10 to
 # data/cifar10 (ignored by git; 54 MB) and carry it, plus wheels for what its image lacks
@@ -22,7 +22,7 @@ DATA=${DATA:-data/cifar10}
 RUNS=runs/rn18_gpu  # the config's log_dir
 DEVICE=${DEVICE:-auto}
 BASE=(--arch resnet18 --data-format npz --data-dir "$DATA" --n-train "${N_TRAIN:-50000}"
-      --batch-size "${BASE_BATCH:-512}" --num-workers "${WORKERS:-8}" --device "$DEVICE")
+      --batch-size "${BASE_BATCH:-512}" --device "$DEVICE")
 CONFIG=(--config configs/rn18_cifar10_gpu.yaml --data-dir "$DATA")
 mkdir -p "$RUNS"
 SECONDS=0

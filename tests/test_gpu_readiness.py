@@ -297,10 +297,9 @@ def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
 
 def test_training_attacks_run_the_same_iteration_counts_on_every_rank(
         saved_trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dataclasses as dc
     from adaptive_smoothing import attacks
     trainer = saved_trainer
-    trainer.attack_settings = dc.replace(trainer.attack_settings, iters_df=40.0)
+    trainer.attack_settings = trainer.attack_settings.model_copy(update={"iters_df": 40.0})
     counts: list[int] = []
 
     def recording_apgd(model: Any, x: torch.Tensor, y: torch.Tensor, eps: Any,

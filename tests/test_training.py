@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from adaptive_smoothing import training
 from adaptive_smoothing.attacks import generate_training_attacks
 from adaptive_smoothing.checkpoints import load_mixer_checkpoint
 from adaptive_smoothing.config import Config, load_config
@@ -25,8 +24,8 @@ from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
 from adaptive_smoothing.models import registry
-from adaptive_smoothing.training import (Trainer, TrainingDivergedError, augment_batch,
-                                         run_training)
+from adaptive_smoothing.data import IterationData, augment_batch
+from adaptive_smoothing.training import Trainer, TrainingDivergedError, run_training
 from synthetic import make_tiny_training_root
 
 
@@ -365,8 +364,7 @@ def test_each_epoch_sees_every_image_once() -> None:
         def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
             return torch.full((3, 32, 32), float(i)), i
 
-    data = training._IterationData(Indexed(), batch=2, extra=4, seed=0, shuffle=True, rank=0,
-                                   world=1, num_workers=0)
+    data = IterationData(Indexed(), batch=2, extra=4, seed=0, shuffle=True, rank=0, world=1)
     seen = [int(y) for _, ys, _, _ in data.epoch(0, 0) for y in ys]
     assert sorted(seen) == list(range(10))
     resumed = [int(y) for _, ys, _, _ in data.epoch(0, 3) for y in ys]

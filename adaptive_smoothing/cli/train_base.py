@@ -38,7 +38,6 @@ from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
                channels_last_help="NHWC memory format (faster convolutions).")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", default=0, type=int)
-@click.option("--num-workers", default=0, type=int, help="DataLoader worker processes.")
 @click.option("--output", required=True, type=click.Path(path_type=Path),
               help="Checkpoint file; an existing one is resumed unless --no-resume.")
 @click.option("--resume/--no-resume", default=True)
@@ -46,7 +45,7 @@ def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: 
          n_train: int | None, method: str, epochs: int, batch_size: int, lr: float,
          weight_decay: float, eps: float, pgd_steps: int, pgd_step_size: float, precision: str,
          channels_last: bool, compile_model: bool, threads: int | None, device: str, seed: int,
-         num_workers: int, output: Path, resume: bool) -> None:
+         output: Path, resume: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_threads(threads)
     try:
@@ -57,9 +56,10 @@ def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: 
         arch=arch, arch_kwargs=kwargs, num_classes=100 if dataset == "cifar100" else 10,
         method=method, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         eps=eps, pgd_steps=pgd_steps, pgd_step_size=pgd_step_size, precision=precision,
-        channels_last=channels_last, compile=compile_model, device=device, seed=seed,
-        num_workers=num_workers)
-    train_set = take_first(build_dataset(dataset, "train", data_format, data_dir), n_train)
+        channels_last=channels_last, compile=compile_model, device=device, seed=seed)
+    # Unaugmented: the training crops and flips whole batches itself (data.augment_batch).
+    train_set = take_first(build_dataset(dataset, "train", data_format, data_dir, augment=False),
+                           n_train)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
         train_base_model(settings, train_set, output, resume=resume)
