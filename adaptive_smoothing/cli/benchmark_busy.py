@@ -22,6 +22,10 @@ POLICIES = {
     "package default (cores, PASSIVE)": {},
     "cores, OMP_WAIT_POLICY=ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
+    # libgomp spins this many times before sleeping (about 100 spins per microsecond); PASSIVE
+    # alone means 0, OpenMP's own default 300000 (about 3 ms), ACTIVE about 5 minutes.
+    "cores, PASSIVE, GOMP_SPINCOUNT=30000": {"GOMP_SPINCOUNT": "30000"},
+    "cores, PASSIVE, GOMP_SPINCOUNT=300000 (OpenMP's default spin)": {"GOMP_SPINCOUNT": "300000"},
 }
 
 
@@ -42,7 +46,8 @@ def main(command: tuple[str, ...], json_path: Path, label: str, repeats: int, ne
     names = list(POLICIES)
     chosen = [names[int(i)] for i in policies.split(",") if i.strip()]
     base_env = {k: v for k, v in os.environ.items()
-                if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+                if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
+                             "GOMP_SPINCOUNT")}
     rows = []
     # One untimed run first: the first run of a command reads its files from disk and fills the
     # checkpoint-fingerprint cache, which would count against whichever setting came first.
