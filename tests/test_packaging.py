@@ -37,3 +37,17 @@ def test_run_files_and_scripts_call_the_console_commands_functions() -> None:
         module_name, _, function = targets[stem].partition(":")
         expected = getattr(importlib.import_module(module_name), function)
         assert _load_file(path).main is expected, path
+
+
+@pytest.mark.parametrize("command", ["run", "benchmark", "gpu_check"])
+def test_every_set_flag_refuses_an_item_without_a_value_in_the_same_words(
+        command: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    module = importlib.import_module(f"adaptive_smoothing.cli.{command}")
+    args = {"run": ["--eval", "--config", "configs/demo.yaml"],
+            "benchmark": ["--config", "configs/demo.yaml"],
+            "gpu_check": ["speed", "--out", str(tmp_path)]}[command]
+    result = CliRunner().invoke(module.main, args + ["--set", "training_settings.lr"])
+    assert result.exit_code == 1, result.output
+    assert "--set 'training_settings.lr': expected KEY=VALUE" in result.output

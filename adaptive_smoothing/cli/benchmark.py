@@ -14,24 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 import click
-import yaml
 
-from adaptive_smoothing.cli.options import speed_options
+from adaptive_smoothing.cli.options import parse_set_items, speed_options
 from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
 from adaptive_smoothing.runtime import (RuntimeSettingsError, configure_threads,
                                         resolve_device)
 
 logger = logging.getLogger("benchmark")
-
-
-def _overrides(values: tuple[str, ...]) -> dict[str, object]:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -70,7 +59,7 @@ def main(config_path: Path, mode: str, batch_size: int, precision: str, channels
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_threads(threads)
     try:
-        config = apply_overrides(load_config(config_path), **_overrides(overrides))
+        config = apply_overrides(load_config(config_path), **parse_set_items(overrides))
     except ConfigError as err:
         raise click.ClickException(str(err)) from None
     from adaptive_smoothing import speed

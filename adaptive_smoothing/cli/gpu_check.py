@@ -10,7 +10,7 @@ from typing import Optional
 import click
 import yaml
 
-from adaptive_smoothing.cli.options import speed_options
+from adaptive_smoothing.cli.options import parse_set_items, speed_options
 from adaptive_smoothing.gpu_check import CHECKS, CheckOptions, run_check, summarize
 from adaptive_smoothing.runtime import configure_threads
 
@@ -59,13 +59,8 @@ def main(check: str, out_dir: Path, name: Optional[str], config: str, overrides:
         click.echo(yaml.safe_dump(result, sort_keys=False))
         return
     configure_threads(threads)
-    pairs = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        pairs.append((key.strip(), yaml.safe_load(value)))
-    options = CheckOptions(config=config, overrides=tuple(pairs), device=device,
+    options = CheckOptions(config=config, overrides=tuple(parse_set_items(overrides).items()),
+                           device=device,
                            precision=precision, channels_last=channels_last,
                            compile=compile_model, batch_sizes=_numbers(batch_sizes, int),
                            iters=iters, warmup=warmup, n_examples=n_examples,

@@ -1,9 +1,10 @@
 """Click options shared by several commands."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import click
+import yaml
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -48,3 +49,21 @@ def speed_options(*, precision: Optional[str], channels_last: Optional[bool],
         return function
 
     return decorate
+
+
+def parse_set_items(items: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> {dotted key: YAML value}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise click.ClickException(f"--set {item!r}: expected KEY=VALUE with a dotted config "
+                                       "key, e.g. --set training_settings.lr=1e-4")
+        try:
+            overrides[key] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err)
+            raise click.ClickException(f"--set {item!r}: the value is not valid YAML "
+                                       f"({problem}); quote it") from None
+    return overrides

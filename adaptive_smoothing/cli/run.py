@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import NoReturn, Optional
 
 import click
-import yaml
 
-from adaptive_smoothing.cli.options import PRECISION_HELP, speed_options
+from adaptive_smoothing.cli.options import PRECISION_HELP, parse_set_items, speed_options
 from adaptive_smoothing.config import AUTOATTACK_NAMES, ConfigError, apply_overrides, load_config
 
 logger = logging.getLogger("run")
@@ -26,24 +25,6 @@ def _fail(err: Exception) -> NoReturn:
     """One line for the user; the traceback only at --log-level DEBUG (for bug reports)."""
     logger.debug("traceback of the error below", exc_info=err)
     raise click.ClickException(str(err)) from None
-
-
-def _set_overrides(items: tuple[str, ...]) -> dict[str, Any]:
-    """``--set KEY=VALUE`` items -> {dotted key: YAML value}."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise click.ClickException(f"--set {item!r}: expected KEY=VALUE with a dotted config "
-                                       "key, e.g. --set training_settings.lr=1e-4")
-        try:
-            overrides[key] = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err)
-            raise click.ClickException(f"--set {item!r}: the value is not valid YAML "
-                                       f"({problem}); quote it") from None
-    return overrides
 
 
 def _attack_list(value: Optional[str]) -> Optional[list[str]]:
@@ -143,7 +124,7 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
     section = "evaluation_settings" if mode == "eval" else "training_settings"
     try:
         config = load_config(config_path)
-        config = apply_overrides(config, **_set_overrides(set_items))
+        config = apply_overrides(config, **parse_set_items(set_items))
         config = apply_overrides(config, **{
             "seed": seed,
             "dataset_settings.path": data_dir,
