@@ -585,18 +585,26 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     composite, x, y, device, dtype, model_info = _prepare(config)
     settings = config.evaluation_settings
     output_dir = Path(config.run.output_dir)
-    models = [("adaptive", composite)] + [
-        (f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha)) for alpha in alphas]
+    # The fixed mixtures first: an interrupted sweep then already holds the controls, which a
+    # sweep of a later mixer reuses.
+    models = [(f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha))
+              for alpha in alphas] + [("adaptive", composite)]
     rows = {}
     # A fixed-alpha mixture does not use the mixer, so its finished results stay valid when the
     # mixer checkpoint changes: a sweep of a newly trained mixer reuses them.
     fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
                       fingerprints=dict(model_info["fingerprints"], comp=None))
+    # The adaptive attack's extra term pushes the mixer's gamma; a fixed mixture has no mixer,
+    # so there it would only be AutoAttack's cascade again from other random starts. Fixed
+    # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.
+    fixed_settings = settings.model_copy(update={"adaptive_attack": False})
     for name, model in models:
         logger.info("evaluating %s", name)
-        info = dict(model_info if name == "adaptive" else fixed_info, variant=name)
-        rows[name] = evaluate(model, x, y, settings, output_dir / name, device=device,
-                              dtype=dtype, model_info=info, overwrite=overwrite)
+        adaptive = name == "adaptive"
+        info = dict(model_info if adaptive else fixed_info, variant=name)
+        rows[name] = evaluate(model, x, y, settings if adaptive else fixed_settings,
+                              output_dir / name, device=device, dtype=dtype, model_info=info,
+                              overwrite=overwrite)
     rank, _ = distributed_rank_world()
     if rank == 0:
         _atomic_write_json(rows, output_dir / "sweep.json")

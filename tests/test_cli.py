@@ -94,6 +94,27 @@ def test_alpha_sweep_and_plots(tmp_path, shared_cifar10):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_alpha_sweep_runs_the_adaptive_attack_on_the_composite_only_and_last(tmp_path,
+                                                                            shared_cifar10):
+    config = _write_config(tmp_path, shared_cifar10)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(run.main, [
+        "--eval", "--config", str(config), "--data-dir", str(shared_cifar10),
+        "--n-examples", "8", "--attacks", "apgd-ce", "--autoattack-iterations", "3", "--adaptive",
+        "--set", "evaluation_settings.adaptive_attack_iterations=3",
+        "--alpha-sweep", "0,1", "--output-dir", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sorted(sweep) == ["adaptive", "alpha_0.000", "alpha_1.000"]
+    started = {name: (out / name / "manifest.json").stat().st_mtime_ns for name in sweep}
+    assert started["adaptive"] > max(started["alpha_0.000"], started["alpha_1.000"])
+    assert sweep["adaptive"]["adaptive_robust_accuracy"] is not None
+    assert sweep["adaptive"]["robust_accuracy"] <= sweep["adaptive"]["adaptive_robust_accuracy"]
+    for fixed in ("alpha_0.000", "alpha_1.000"):
+        assert sweep[fixed]["adaptive_robust_accuracy"] is None
+        assert sweep[fixed]["robust_accuracy"] == sweep[fixed]["autoattack_robust_accuracy"]
+
+
 def test_alpha_sweep_of_a_new_mixer_reuses_the_fixed_alpha_results(tmp_path, shared_cifar10):
     config = _write_config(tmp_path, shared_cifar10)
     out = tmp_path / "sweep"

@@ -85,7 +85,8 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
 @click.option("--alpha-sweep", default=None,
               help="Evaluation: also evaluate fixed-alpha mixtures of the same base models, e.g. "
                    "'0,0.25,0.5,0.75,1' (0 = STD only, 1 = ROB only), into OUTPUT_DIR/<model>/. "
-                   "Finished fixed-alpha results are reused when only the mixer changes.")
+                   "Finished fixed-alpha results are reused when only the mixer changes; the adaptive "
+                   "attack runs on the composite only.")
 @click.option("--seed", type=int, default=None, help="Random seed [seed].")
 @click.option("--overwrite", is_flag=True,
               help="Evaluation: delete the results of an earlier evaluation in the output "
