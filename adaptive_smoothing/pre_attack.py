@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, pgd
 from adaptive_smoothing.models.composite import CompositeModel, fixed_alpha_composite
-from adaptive_smoothing.persist import write_atomic
+from adaptive_smoothing.persist import BatchStore, write_atomic
 from adaptive_smoothing.runtime import autocast_context
 
 logger = logging.getLogger(__name__)
@@ -59,13 +59,33 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
                     eps: float, norm: Norm = "Linf", iterations: int = 10,
                     step_size: Optional[float] = None, batch_size: int = 256,
                     device: torch.device = torch.device("cpu"),
-                    dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
-    """Attack ``x`` (float in [0, 1], uint8-valued) once per gamma; returns the file's dict."""
+                    dtype: torch.dtype = torch.float32, seed: int = 0,
+                    progress_dir: Optional[os.PathLike | str] = None) -> dict:
+    """Attack ``x`` (float in [0, 1], uint8-valued) once per gamma; returns the file's dict.
+
+    With ``progress_dir``, each finished block is saved there (one file per block), and a later
+    call with the same images and settings reuses them: a stopped generation resumes at the
+    block it was in. Finished blocks made with other settings are refused, not mixed in.
+    """
     if not gammas:
         raise ValueError("generate_blocks needs at least one gamma")
     step = eps / 4 if step_size is None else step_size
+    store = None
+    if progress_dir is not None:
+        store = BatchStore(progress_dir, ".pt", write=torch.save,
+                           read=lambda path: torch.load(path, weights_only=True))
     blocks = []
     for k, gamma in enumerate(gammas):
+        # What makes block k: a saved block is reused only if all of it agrees.
+        made_by = {"gamma": float(gamma), "eps": float(eps), "norm": norm,
+                   "iterations": int(iterations), "step_size": float(step), "seed": int(seed),
+                   "index": index.to(torch.int64).cpu(), "y": y.to(torch.int64).cpu()}
+        saved = store.load(k) if store is not None else None
+        if saved is not None:
+            _check_saved_block(saved, made_by, store.path(k))
+            blocks.append(saved["x"])
+            logger.info("block %d: gamma %s, reused %s", k, gamma, store.path(k))
+            continue
         fixed = fixed_alpha_composite(composite, _alpha(float(gamma))).to(device)
         generator = torch.Generator().manual_seed(seed * 1000 + k)
         out = []
@@ -78,12 +98,24 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
                              loss="ce", generator=generator)
             out.append((result.x_adv.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8))
         blocks.append(torch.cat(out))
+        if store is not None:
+            store.save(k, dict(made_by, x=blocks[-1]))
         logger.info("block %d: gamma %s, %d images", k, gamma, len(x))
     return {"format": FORMAT, "version": VERSION, "x": torch.stack(blocks),
             "y": y.to(torch.int64).cpu(), "index": index.to(torch.int64).cpu(),
             "gamma": torch.tensor([float(g) for g in gammas], dtype=torch.float64),
             "eps": float(eps), "norm": norm, "iterations": int(iterations),
             "step_size": float(step)}
+
+
+def _check_saved_block(saved: dict, made_by: dict, path: Path) -> None:
+    for key, value in made_by.items():
+        same = (torch.equal(saved.get(key), value) if isinstance(value, torch.Tensor)
+                and isinstance(saved.get(key), torch.Tensor) else saved.get(key) == value)
+        if not same:
+            raise PreAttackedError(f"{path}: a finished block made with another {key} than this "
+                                   "run's; delete the folder to start over, or rerun with the "
+                                   "settings it was made with")
 
 
 def save_blocks(blocks: dict, path: os.PathLike | str) -> Path:

@@ -60,3 +60,40 @@ def test_bad_files_are_refused_naming_the_file(tmp_path: Path) -> None:
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(PreAttackedError, match="other.pt: not a pre-attacked data file"):
         load_blocks(tmp_path / "other.pt")
+
+
+def test_a_stopped_generation_resumes_from_its_finished_blocks_and_refuses_other_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adaptive_smoothing.pre_attack as pre_attack
+
+    model = _composite()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).float() / 255
+    y = torch.randint(0, 10, (4,))
+    args = dict(gammas=(-math.inf, 0.0, math.inf), eps=8 / 255, iterations=2, batch_size=4)
+    whole = generate_blocks(model, x, y, torch.arange(4), **args)
+
+    # Stop (as Ctrl-C would) while the third block is being attacked.
+    real_pgd, calls = pre_attack.pgd, []
+
+    def pgd_stopping_at_block_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_pgd(*a, **k)
+
+    monkeypatch.setattr(pre_attack, "pgd", pgd_stopping_at_block_3)
+    progress = tmp_path / "pa.pt.blocks"
+    with pytest.raises(KeyboardInterrupt):
+        generate_blocks(model, x, y, torch.arange(4), progress_dir=progress, **args)
+    assert sorted(p.name for p in progress.iterdir()) == ["00000.pt", "00001.pt"]
+
+    monkeypatch.setattr(pre_attack, "pgd", lambda *a, **k: calls.append(1) or real_pgd(*a, **k))
+    calls.clear()
+    resumed = generate_blocks(model, x, y, torch.arange(4), progress_dir=progress, **args)
+    assert len(calls) == 1  # only the unfinished block was attacked again
+    assert torch.equal(resumed["x"], whole["x"])  # the same file as an uninterrupted run
+
+    with pytest.raises(PreAttackedError, match="00000.pt: a finished block made with another "
+                                                "iterations"):
+        generate_blocks(model, x, y, torch.arange(4), progress_dir=progress,
+                        **dict(args, iterations=3))

@@ -6,6 +6,7 @@ dataset_settings.pa_path (docs/TRAINING.md, "Pre-attacked data").
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import click
@@ -45,6 +46,10 @@ def main(config_path: Path, output: Path, gammas: str, n_images: int | None, ite
         config = load_config(config_path)
     except ConfigError as err:
         raise SystemExit(f"error: {err}")
+    if output.exists():
+        raise SystemExit(f"error: {output} exists; delete it to make it again")
+    # Finished blocks wait here until the whole file is written (a rerun resumes from them).
+    progress_dir = output.with_name(output.name + ".blocks")
     ds = config.dataset_settings
     device = resolve_device(config.run.device)
     composite = build_composite(config.forward_settings, config.dataset_settings.num_classes,
@@ -57,8 +62,9 @@ def main(config_path: Path, output: Path, gammas: str, n_images: int | None, ite
                              eps=config.pgd_settings.eps,
                              norm=config.pgd_settings.norm,
                              iterations=iterations, step_size=step_size, batch_size=batch_size,
-                             device=device, seed=config.seed)
+                             device=device, seed=config.seed, progress_dir=progress_dir)
     logging.info("wrote %s", save_blocks(blocks, output))
+    shutil.rmtree(progress_dir)
 
 
 if __name__ == "__main__":
