@@ -563,24 +563,27 @@ def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
     return format_table(summary) if rank == 0 else None
 
 
-def run_alpha_sweep(config: Config, alphas: Sequence[float], *,
-                    overwrite: bool = False) -> Optional[str]:
+def run_alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False,
+                    with_composite: bool = True) -> Optional[str]:
     """See :func:`_alpha_sweep`; the process group (torchrun) lasts for the sweep."""
     bad = [a for a in alphas if not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0)]
     if bad:
         raise EvaluationError(f"--alpha-sweep: {bad[0]!r} is outside [0, 1]; alpha is ROB's "
                               "weight in the mixture (0 = STD only, 1 = ROB only)")
     with distributed_session(config.run.device) as (rank, _, _):
-        table = _alpha_sweep(config, alphas, overwrite=overwrite)
+        table = _alpha_sweep(config, alphas, overwrite=overwrite,
+                             with_composite=with_composite)
     return table if rank == 0 else None
 
 
-def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False) -> str:
+def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False,
+                 with_composite: bool = True) -> str:
     """``run.py --eval --alpha-sweep``: the adaptive composite and fixed-alpha mixtures of the
     same base models (alpha 0 = STD, 1 = ROB), on the same images and attacks.
 
     Each model's results go to ``output_dir/<name>/`` (each resumable); the collected summaries
-    to ``output_dir/sweep.json``. Returns a table, one row per model.
+    to ``output_dir/sweep.json``. Returns a table, one row per model. ``with_composite``
+    false evaluates the fixed mixtures only (e.g. while the mixer is still being trained).
     """
     composite, x, y, device, dtype, model_info = _prepare(config)
     settings = config.evaluation_settings
@@ -588,7 +591,7 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     # The fixed mixtures first: an interrupted sweep then already holds the controls, which a
     # sweep of a later mixer reuses.
     models = [(f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha))
-              for alpha in alphas] + [("adaptive", composite)]
+              for alpha in alphas] + ([("adaptive", composite)] if with_composite else [])
     rows = {}
     # A fixed-alpha mixture does not use the mixer, so its finished results stay valid when the
     # mixer checkpoint changes: a sweep of a newly trained mixer reuses them.

@@ -115,6 +115,20 @@ def test_alpha_sweep_runs_the_adaptive_attack_on_the_composite_only_and_last(tmp
         assert sweep[fixed]["robust_accuracy"] == sweep[fixed]["autoattack_robust_accuracy"]
 
 
+def test_fixed_alphas_only_leaves_the_composite_out(tmp_path, shared_cifar10):
+    config = _write_config(tmp_path, shared_cifar10)
+    out = tmp_path / "sweep"
+    args = ["--eval", "--config", str(config), "--data-dir", str(shared_cifar10),
+            "--n-examples", "8", "--attacks", "apgd-ce", "--autoattack-iterations", "3",
+            "--output-dir", str(out), "--device", "cpu", "--fixed-alphas-only"]
+    result = CliRunner().invoke(run.main, args + ["--alpha-sweep", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads((out / "sweep.json").read_text())) == ["alpha_0.500"]
+    assert not (out / "adaptive").exists()
+    result = CliRunner().invoke(run.main, args)
+    assert result.exit_code != 0 and "--fixed-alphas-only needs --alpha-sweep" in result.output
+
+
 def test_alpha_sweep_of_a_new_mixer_reuses_the_fixed_alpha_results(tmp_path, shared_cifar10):
     config = _write_config(tmp_path, shared_cifar10)
     out = tmp_path / "sweep"

@@ -87,6 +87,9 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
                    "'0,0.25,0.5,0.75,1' (0 = STD only, 1 = ROB only), into OUTPUT_DIR/<model>/. "
                    "Finished fixed-alpha results are reused when only the mixer changes; the adaptive "
                    "attack runs on the composite only.")
+@click.option("--fixed-alphas-only", is_flag=True,
+              help="With --alpha-sweep: evaluate the fixed-alpha mixtures only, not the "
+                   "composite (e.g. while its mixer is still being trained).")
 @click.option("--seed", type=int, default=None, help="Random seed [seed].")
 @click.option("--overwrite", is_flag=True,
               help="Evaluation: delete the results of an earlier evaluation in the output "
@@ -107,7 +110,8 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
          output_dir: Optional[str],
          attacks: Optional[str], pgd: Optional[bool], adaptive: Optional[bool],
          save_adversarial: Optional[bool], autoattack_iterations: Optional[int],
-         alpha_sweep: Optional[str], seed: Optional[int], overwrite: bool, resume: bool,
+         alpha_sweep: Optional[str], fixed_alphas_only: bool, seed: Optional[int],
+         overwrite: bool, resume: bool,
          allow_config_change: Optional[str], debug: bool, log_level: str) -> None:
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
     if int(os.environ.get("RANK", "0")) != 0 and logging.getLevelName(log_level) < logging.WARNING:
@@ -161,6 +165,8 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
             raise click.ClickException(
                 f"--alpha-sweep {alpha_sweep!r}: expected comma-separated numbers in [0, 1] "
                 "(ROB's weight: 0 = STD only, 1 = ROB only), e.g. 0,0.25,0.5,0.75,1")
+    if fixed_alphas_only and not alphas:
+        raise click.ClickException("--fixed-alphas-only needs --alpha-sweep (and --eval)")
     allowed = [k.strip() for k in (allow_config_change or "").split(",") if k.strip()]
     # Imported here, not at the top, so that --help does not wait for torch and AutoAttack.
     from adaptive_smoothing.checkpoints import CheckpointError
@@ -172,7 +178,8 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
     configure_threads(config.run.threads)
     try:
         if mode == "eval":
-            table = (run_alpha_sweep(config, alphas, overwrite=overwrite)
+            table = (run_alpha_sweep(config, alphas, overwrite=overwrite,
+                                     with_composite=not fixed_alphas_only)
                      if alpha_sweep is not None else run_evaluation(config, overwrite=overwrite))
             if table is not None:  # None on the other processes under torchrun
                 click.echo(table)
