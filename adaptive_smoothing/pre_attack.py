@@ -21,20 +21,21 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypedDict
 
 import torch
 from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, pgd
+from adaptive_smoothing.config import ConfigError
 from adaptive_smoothing.models.composite import CompositeModel, fixed_alpha_composite
 from adaptive_smoothing.persist import BatchStore, write_atomic
 from adaptive_smoothing.runtime import autocast_context
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_GAMMAS", "FORMAT", "PreAttackedError", "block_labels", "generate_blocks",
-           "load_blocks", "save_blocks"]
+__all__ = ["DEFAULT_GAMMAS", "FORMAT", "PreAttacked", "PreAttackedError", "block_labels",
+           "generate_blocks", "load_blocks", "load_pre_attacked", "save_blocks"]
 
 FORMAT = "adaptive_smoothing.pre_attacked"
 VERSION = 1
@@ -143,3 +144,44 @@ def load_blocks(path: os.PathLike | str) -> dict:
         raise PreAttackedError(f"{path}: x has shape {tuple(x.shape)} ({x.dtype}); expected uint8 "
                                f"(blocks={len(gamma)}, n={len(y)}, C, H, W)")
     return blocks
+
+
+class PreAttacked(TypedDict):
+    """Pre-attacked training data as training uses it: the file's first ``blocks`` blocks
+    flattened to (block, image) pairs."""
+
+    x: torch.Tensor      # uint8 (blocks * n, C, H, W)
+    y: torch.Tensor      # int64 (blocks * n,)
+    label: torch.Tensor  # float32 (blocks * n,): the mixer label of the pair's block
+    blocks: int
+
+
+def load_pre_attacked(path: os.PathLike | str, gamma_0: Optional[float],
+                      blocks: Optional[int] = None, *,
+                      source: Optional[str] = None) -> PreAttacked:
+    """The pre-attacked data of ``path`` (``dataset_settings.pa_path``) for training.
+
+    ``blocks`` (None: all) takes the file's first ``blocks`` blocks; ``gamma_0`` is required: a
+    pair's mixer label is 1 where its block's gamma < gamma_0, else 0. Problems are a
+    ConfigError naming the ``dataset_settings`` key and ``source`` (the config file).
+    """
+    try:
+        data = load_blocks(path)
+    except PreAttackedError as err:
+        raise ConfigError(f"cannot use the pre-attacked data: {err}",
+                          key="dataset_settings.pa_path", value=str(path), file=source) from None
+    if gamma_0 is None:
+        raise ConfigError("expected a number: pre-attacked data (pa_path) needs gamma_0 to label "
+                          "its blocks", key="dataset_settings.gamma_0", value=None, file=source)
+    x, y, gamma = data["x"], data["y"], data["gamma"]
+    n_blocks = len(gamma) if blocks is None else blocks
+    if not 1 <= n_blocks <= len(gamma):
+        raise ConfigError(f"expected 1 .. {len(gamma)} (the blocks in {path})",
+                          key="dataset_settings.blocks", value=blocks, file=source)
+    labels = block_labels(gamma[:n_blocks], gamma_0)
+    n = x.shape[1]
+    logger.info("pre-attacked data %s: %d blocks of %d images, gammas %s, mixer labels %s",
+                path, n_blocks, n, gamma[:n_blocks].tolist(), labels.tolist())
+    return PreAttacked(x=x[:n_blocks].reshape(n_blocks * n, *x.shape[2:]),
+                       y=y.repeat(n_blocks), label=labels.repeat_interleave(n),
+                       blocks=n_blocks)

@@ -246,17 +246,17 @@ def _tiny_training_config(root: Path, precision: str, max_steps: int, device: to
 
 
 def check_precision_resume(device: torch.device, smoke: bool, data_dir: Optional[Path]) -> dict:
-    from adaptive_smoothing.training import Trainer
+    from adaptive_smoothing.training import build_trainer
     cuda = device.type == "cuda"
     first, second = ("bf16", "fp16") if cuda else ("fp32", "fp32")
     x, y, _ = _images(8, None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        trainer = Trainer(_tiny_training_config(root, first, 2, device),
+        trainer = build_trainer(_tiny_training_config(root, first, 2, device),
                           train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]))
         trainer.fit()
         # Extending the run (max_steps 2 -> 4) changes the schedule: a resume must be told.
-        resumed = Trainer(_tiny_training_config(root, second, 4, device),
+        resumed = build_trainer(_tiny_training_config(root, second, 4, device),
                           train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]),
                           allow_config_change=("training_settings.max_steps",))
         start = resumed.global_step

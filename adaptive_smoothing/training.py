@@ -13,6 +13,10 @@ augmentation, attack draws, buffer shuffle) comes from a generator seeded by
 ``(seed, purpose, epoch or iteration, rank)`` (seeding.py; the batches are data.py's). A run therefore needs no random state besides its
 position (epoch, iteration) to continue exactly where it stopped; checkpoints also store the global
 torch RNG states for completeness. Checkpoints are written at iteration boundaries only.
+
+Configuration flows one way: :func:`build_trainer` (and :func:`run_training`, which calls it) is
+the one place that reads a :class:`~adaptive_smoothing.config.Config`; :class:`Trainer` takes the
+built composite, the data and the settings sections as explicit arguments.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import contextlib
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import pytorch_warmup
 import torch
@@ -30,9 +35,9 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import generate_training_attacks
+from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
 from adaptive_smoothing.checkpoints import mixer_checkpoint, read_checkpoint, save_checkpoint
-from adaptive_smoothing.config import Config, ConfigError, config_to_dict
+from adaptive_smoothing.config import Config, ConfigError, TrainingSettings, config_to_dict
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
@@ -40,21 +45,21 @@ from adaptive_smoothing.evaluation import validate
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
 from adaptive_smoothing.fingerprint import optional_file_sha256
-from adaptive_smoothing.persist import write_text_atomic
-from adaptive_smoothing.pre_attack import PreAttackedError, block_labels, load_blocks
-from adaptive_smoothing.rundir import RunLock
-from adaptive_smoothing.losses import CompLoss
+from adaptive_smoothing.losses import AttackLossName, CompLoss
 from adaptive_smoothing.models import CompositeModel
+from adaptive_smoothing.persist import write_text_atomic
+from adaptive_smoothing.pre_attack import PreAttacked, load_pre_attacked
+from adaptive_smoothing.rundir import RunLock
+from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_rank_world,
+                                        distributed_session, init_distributed, prepare_model,
+                                        resolve_precision)
 from adaptive_smoothing.seeding import stream
-from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_session,
-                                        init_distributed, prepare_model, resolve_precision)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "TrainingResumeError",
-           "Trainer", "training_identity",
-           "optimizer_steps_per_iteration",
-           "run_training"]
+           "Trainer", "ValidationAttack", "build_trainer", "optimizer_steps_per_iteration",
+           "run_training", "training_identity"]
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
@@ -76,81 +81,6 @@ class TrainingDivergedError(RuntimeError):
 
 class TrainingResumeError(RuntimeError):
     """The checkpoint to resume from cannot continue this run (wrong file or changed config)."""
-
-
-# Config keys that do not shape the trained weights: where things are written and read from
-# (contents are compared by fingerprint instead), what is validated and reported, and keys the
-# training does not read. Everything else must match to resume.
-_NOT_SHAPING_WEIGHTS = (
-    "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
-    "dataset_settings.pa_path",
-    "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
-    "training_settings.n_val_examples", "training_settings.batch_size_test_per_gpu",
-    "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
-    "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
-    # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
-    # the same training.
-    "training_settings.precision",
-    "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
-    "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
-    "randomized_attack_settings.randomize")
-_FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
-                     "model_load_path.rob": "the ROB checkpoint's content",
-                     "model_load_path.comp": "the initial mixer checkpoint's content",
-                     "dataset_settings.train_data": "the training data's content",
-                     "dataset_settings.pa_data": "the pre-attacked data's content"}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def _shapes_weights(key: str) -> bool:
-    return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
-
-
-def training_identity(config: Config) -> dict[str, Any]:
-    """Everything that shapes the trained weights: the config keys (dotted) except those of
-    ``_NOT_SHAPING_WEIGHTS``, plus content fingerprints of the base/initial-mixer checkpoints
-    and of the training data (under the keys of ``_FINGERPRINT_KEYS``)."""
-    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if _shapes_weights(k)}
-    for which, path in checkpoint_paths(config).items():
-        identity[f"model_load_path.{which}"] = optional_file_sha256(path)
-    ds = config.dataset_settings
-    data = None
-    if ds.format == "npz":
-        split = "test" if ds.train_with_test else "train"
-        path = Path(ds.path)
-        data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
-    # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
-    # in for their content.
-    identity["dataset_settings.train_data"] = data or f"path {ds.path}"
-    if ds.pa_path is not None:
-        pa = Path(ds.pa_path)
-        identity["dataset_settings.pa_data"] = (optional_file_sha256(pa) if pa.is_file()
-                                                else f"path {ds.pa_path}")
-    return json_safe(identity)
-
-
-def json_safe(tree: Any) -> Any:
-    """Tuples -> lists, so that identities compare equal after a checkpoint round trip."""
-    if isinstance(tree, dict):
-        return {k: json_safe(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [json_safe(v) for v in tree]
-    return tree
-
-
-def _describe_change(key: str, old: Any, new: Any) -> str:
-    if key in _FINGERPRINT_KEYS:
-        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
-        return f"{key} ({_FINGERPRINT_KEYS[key]}): {short[0]} -> {short[1]}"
-    return f"{key}: {old!r} -> {new!r}"
 
 
 # -- small pure helpers ---------------------------------------------------------------------------
@@ -181,42 +111,85 @@ def _base_fingerprint(composite: CompositeModel) -> list[float]:
     return [float(t.detach().double().sum()) for t in tensors if t.is_floating_point()]
 
 
-# -- the trainer ----------------------------------------------------------------------------------
-class Trainer:
-    """The mixer's training loop. ``Trainer(config).fit()`` trains and returns last.pt's path.
+@dataclass(frozen=True)
+class ValidationAttack:
+    """The attacks of the periodic validation (:func:`~adaptive_smoothing.evaluation.validate`)
+    and of the held-out detection AUCs (docs/TRAINING.md, "Validation").
 
-    ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); they
-    must yield ``(float CHW image in [0, 1], int label)`` without augmentation (it is applied
-    here). ``val_set`` may also be an ``(x, y)`` pair of tensors.
+    ``n_target``: APGD-T's target classes after APGD-CE (0: APGD-CE alone); ``use_apgd`` false:
+    PGD with ``pgd_step_size``, ``pgd_loss`` and ``pgd_bce_weight`` instead.
+    ``detection_bce_weight``: the weight of the BCE(gamma, 1) term of the adaptive detection
+    attack.
     """
 
-    def __init__(self, config: Config, *, resume: bool = True, debug: bool = False,
-                 train_set: Optional[Dataset] = None, val_set: Any = None,
-                 allow_config_change: Any = ()) -> None:
-        self.config, self.debug = config, debug
+    eps: float
+    norm: Norm
+    iterations: int
+    n_target: int = 0
+    use_apgd: bool = True
+    pgd_step_size: Optional[float] = None
+    pgd_loss: AttackLossName = "ce"
+    pgd_bce_weight: float = 0.0
+    detection_bce_weight: float = 0.5
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """The mixer's training loop. ``Trainer(...).fit()`` trains and returns last.pt's path;
+    :func:`build_trainer` makes one from a config.
+
+    Args:
+        composite: the model to train, on ``device``, with a mixing network; its base models'
+            weights loaded (they stay frozen) and the mixer initialised (from the seed, or a
+            checkpoint).
+        train_set / val_set: ``(float CHW image in [0, 1], int label)`` without augmentation
+            (applied here); ``val_set`` may also be an ``(x, y)`` pair of tensors. The first
+            ``settings.n_val_examples`` validation images are used.
+        settings, attack, validation: the training settings, the randomised training attacks,
+            the validation's attacks.
+        seed: the seed of every random draw (seeding.py).
+        output_dir: where checkpoints, logs and results go (``debug``: its ``debug`` folder).
+        device: this process's device (under torch.distributed, the process group is joined
+            already: ``runtime.init_distributed``).
+        identity: what shapes the trained weights, ``{dotted key: value}``; a checkpoint whose
+            identity differs is not resumed except in the keys of ``allow_config_change``.
+        config_record: the run's configuration as plain data, stored in every checkpoint.
+        shuffle: shuffle the training data each epoch.
+        pre_attacked: pre-attacked data joined to every buffer
+            (:func:`~adaptive_smoothing.pre_attack.load_pre_attacked`).
+        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
+        debug: two iterations and a few validation images into ``output_dir/debug``, no resume.
+    """
+
+    def __init__(self, composite: CompositeModel, train_set: Dataset,
+                 val_set: Union[Dataset, tuple[torch.Tensor, torch.Tensor]], *,
+                 settings: TrainingSettings, attack: RandomizedAttackSettings,
+                 validation: ValidationAttack, seed: int, output_dir: Union[str, Path],
+                 device: torch.device, identity: Mapping[str, Any],
+                 config_record: Mapping[str, Any], shuffle: bool = True,
+                 pre_attacked: Optional[PreAttacked] = None, resume: bool = True,
+                 debug: bool = False, allow_config_change: Iterable[str] = ()) -> None:
+        if composite.mixer is None:
+            raise ValueError("training needs a composite with a mixing network")
+        self.settings, self.attack_settings, self.validation = settings, attack, validation
+        self.seed, self.debug = seed, debug
+        self.identity = dict(identity)
+        self.config_record = dict(config_record)
         self.allow_config_change = tuple(allow_config_change)
         self.config_changes: list[dict[str, Any]] = []
-        ts = config.training_settings
-        self.rank, self.world, self.device = init_distributed(config.run.device)
+        ts = settings
+        self.rank, self.world = distributed_rank_world()
+        self.device = device
         self.dtype = resolve_precision(ts.precision, self.device)
-        self.output_dir = Path(config.run.output_dir)
+        self.output_dir = Path(output_dir)
         if debug:
             self.output_dir = self.output_dir / DEBUG_DIR
             resume = False
         self.checkpoint_path = self.output_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-        self.seed = config.seed
-        self.pre_attacked = _load_pre_attacked(config)
+        self.pre_attacked = pre_attacked
 
-        # Models: the mixer's initial weights follow the seed (unless a checkpoint replaces them).
-        require_checkpoint_files(config)
-        torch.manual_seed(self.seed)
-        self.composite = build_composite(config.forward_settings,
-                                         config.dataset_settings.num_classes, self.device,
-                                         source=config.source)
-        if self.composite.mixer is None:
-            raise ConfigError("expected true: training needs the mixing network",
-                              key="forward_settings.use_policy", value=False, file=config.source)
-        load_composite_weights(self.composite, config)
+        # Models.
+        self.composite = composite
         prepare_model(self.composite, channels_last=ts.channels_last, compile=ts.compile)
         self.mixer = self.composite.mixer
         self.ddp_mixer: Optional[nn.Module] = None
@@ -227,11 +200,9 @@ class Trainer:
             self.ddp_mixer = DistributedDataParallel(
                 self.mixer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.base_fingerprint = _base_fingerprint(self.composite)
-        self.identity = training_identity(config)
 
         # Data.
-        self.attack_settings = config.randomized_attack_settings
-        self.n_target = self.attack_settings.n_target
+        self.n_target = attack.n_target
         self.batch = ts.per_process_batch_size(self.world)
         # With pre-attacked data (the authors' recipe): a clean batch of batch * 5 // blocks and,
         # per buffer, a pre-attacked slice as large as the online attacks at the full batch.
@@ -239,18 +210,12 @@ class Trainer:
         if self.pre_attacked is not None:
             self.pa_slice = (self.n_target + 1) * self.batch
             self.batch = max(1, self.batch * 5 // self.pre_attacked["blocks"])
-        ds = config.dataset_settings
-        if train_set is None:
-            train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
-                                      ds.format, ds.path, augment=False)
         if self.device.type == "cuda":
             # Every mini-batch and attack batch has the same shape, so cuDNN's autotuning pays.
             torch.backends.cudnn.benchmark = True
         self.data = IterationData(train_set, self.batch, self.n_target * self.batch, self.seed,
-                                  ds.train_shuffle, self.rank, self.world, self.device)
+                                  shuffle, self.rank, self.world, self.device)
         n_val = min(ts.n_val_examples, DEBUG_VAL_EXAMPLES) if debug else ts.n_val_examples
-        if val_set is None:
-            val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
         self.x_val, self.y_val = (val_set if isinstance(val_set, tuple)
                                   else load_tensors(val_set, n_val))
         self.x_val, self.y_val = self.x_val[:n_val], self.y_val[:n_val]
@@ -317,7 +282,7 @@ class Trainer:
             nonfinite_streak=self.nonfinite_streak,
             iterations_per_epoch=self.data.iterations_per_epoch,
             total_steps=self.total_steps, world_size=self.world,
-            validation=dict(self.last_validation), config=config_to_dict(self.config),
+            validation=dict(self.last_validation), config=self.config_record,
             identity=self.identity, config_changes=list(self.config_changes),
             format_version=CHECKPOINT_VERSION)
 
@@ -333,8 +298,7 @@ class Trainer:
                 "--no-resume to start over (it will be overwritten)")
         old = state.get("identity")
         if old is None:  # written before identities were recorded: compare the config only
-            old = {k: v for k, v in _flatten(json_safe(state.get("config", {}))).items()
-                   if _shapes_weights(k)}
+            old = _recorded_config_identity(state.get("config", {}))
             logger.warning("%s records no fingerprints of its base models and data (an older "
                            "version); only its config is compared", path)
         changed = {k: [old.get(k), self.identity.get(k)]
@@ -398,7 +362,7 @@ class Trainer:
         """Make the restored optimizer and schedules follow the config in force: the loaded
         states carry the old lr, weight decay and schedule length, which would otherwise
         silently win over an (allowed) change."""
-        ts = self.config.training_settings
+        ts = self.settings
         ratio = ts.lr / checkpoint_lr
         for group in self.optimizer.param_groups:
             group["lr"] *= ratio
@@ -425,20 +389,16 @@ class Trainer:
         if _base_fingerprint(self.composite) != self.base_fingerprint:
             raise RuntimeError("a base model's weights changed during training; only the mixer "
                                "may learn (this is a bug)")
-        if self.config.training_settings.reestimate_gamma_bn:
+        if self.settings.reestimate_gamma_bn:
             self._reestimate_gamma_bn()
         self._sync_gamma_bn()
-        pgd_s = self.config.pgd_settings
+        v = self.validation
         self.last_validation = validate(
-            self.composite, self.x_val, self.y_val, eps=pgd_s.eps, norm=pgd_s.norm,
-            n_iter=pgd_s.iters_test,
-            n_target=self.n_target if "apgd-t" in pgd_s.attacks_to_run else 0,
-            device=self.device, dtype=self.dtype,
-            batch_size=self.config.training_settings.batch_size_test_per_gpu,
-            generator=stream(self.seed, "validate", self.rank),
-            use_apgd=pgd_s.use_aa, pgd_step_size=pgd_s.alpha_test,
-            pgd_loss="dlr" if pgd_s.pgd_eval_loss == "dlr" else "ce",
-            pgd_bce_weight=0.5 if pgd_s.pgd_eval_loss == "comp_simple" else 0.0)
+            self.composite, self.x_val, self.y_val, eps=v.eps, norm=v.norm, n_iter=v.iterations,
+            n_target=v.n_target, device=self.device, dtype=self.dtype,
+            batch_size=self.settings.batch_size_test_per_gpu,
+            generator=stream(self.seed, "validate", self.rank), use_apgd=v.use_apgd,
+            pgd_step_size=v.pgd_step_size, pgd_loss=v.pgd_loss, pgd_bce_weight=v.pgd_bce_weight)
         if self.rank == 0:
             self.last_validation.update(self._detection())
             v = self.last_validation
@@ -509,20 +469,18 @@ class Trainer:
         """Held-out detection AUCs (rank 0 only; eval-mode forwards need no collectives)."""
         if self.n_detection == 0:
             return {}
-        pgd_s, ts = self.config.pgd_settings, self.config.training_settings
-        norm = pgd_s.norm
+        v, ts = self.validation, self.settings
         x, y = self.x_val[:self.n_detection], self.y_val[:self.n_detection]
         if self.x_det_fixed is None:
             self.x_det_fixed = fixed_attack_images(
-                self.composite, x, y, alpha=ts.detection_alpha, eps=pgd_s.eps, norm=norm,
-                n_iter=pgd_s.iters_test, batch_size=ts.batch_size_test_per_gpu,
+                self.composite, x, y, alpha=ts.detection_alpha, eps=v.eps, norm=v.norm,
+                n_iter=v.iterations, batch_size=ts.batch_size_test_per_gpu,
                 device=self.device, dtype=self.dtype,
                 generator=stream(self.seed, "detection_fixed"))
         return detection_metrics(
-            self.composite, x, y, self.x_det_fixed, eps=pgd_s.eps, norm=norm,
-            n_iter=pgd_s.iters_test,
-            bce_weight=self.config.evaluation_settings.adaptive_attack_weight,
-            batch_size=ts.batch_size_test_per_gpu, device=self.device, dtype=self.dtype,
+            self.composite, x, y, self.x_det_fixed, eps=v.eps, norm=v.norm, n_iter=v.iterations,
+            bce_weight=v.detection_bce_weight, batch_size=ts.batch_size_test_per_gpu,
+            device=self.device, dtype=self.dtype,
             generator=stream(self.seed, "detection_adaptive"))
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -587,13 +545,13 @@ class Trainer:
             logger.warning("non-finite loss or gradient at iteration %d, optimizer step %d: step "
                            "skipped (%d in a row; the limit is %d)", self.iteration,
                            self.global_step, self.nonfinite_streak,
-                           self.config.training_settings.max_nonfinite_steps)
+                           self.settings.max_nonfinite_steps)
             self.optimizer.zero_grad(set_to_none=True)
             # The forward passes already moved the BN running statistics towards the bad batch.
             for buf, saved in zip(self._mixer_buffers(), buffers):
                 buf.copy_(saved)
             self.global_step += 1
-            if self.nonfinite_streak >= self.config.training_settings.max_nonfinite_steps:
+            if self.nonfinite_streak >= self.settings.max_nonfinite_steps:
                 raise TrainingDivergedError(
                     f"{self.nonfinite_streak} consecutive optimizer steps had a non-finite loss "
                     f"or gradient (last at iteration {self.iteration}, step "
@@ -713,7 +671,7 @@ class Trainer:
         handler = logging.FileHandler(self.output_dir / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("adaptive_smoothing").addHandler(handler)
-        ts = self.config.training_settings
+        ts = self.settings
         logger.info("training the mixer: %d iterations (%d per epoch) of %d clean + %d extra + %d "
                     "attacked images per process, %d processes, %d optimizer steps, %s on %s",
                     self.total_iterations, self.data.iterations_per_epoch, self.batch,
@@ -727,8 +685,8 @@ class Trainer:
         return handler
 
     def _fit(self) -> None:
-        eval_every = self.config.training_settings.eval_freq.iter
-        eval_epochs = self.config.training_settings.eval_freq.epoch
+        eval_every = self.settings.eval_freq.iter
+        eval_epochs = self.settings.eval_freq.epoch
         bar = tqdm(total=self.planned_iterations, initial=self.iteration, disable=self.rank != 0,
                    desc="mixer training", dynamic_ncols=True)
         checkpointed = False
@@ -758,41 +716,140 @@ class Trainer:
                     self.iteration, self.global_step, self.checkpoint_path)
 
 
-def _load_pre_attacked(config: Config) -> Optional[dict[str, Any]]:
-    """The pre-attacked data of ``dataset_settings.pa_path`` (scripts/pre_attack.py), flattened
-    to (block, image) pairs with their mixer labels, or None without pa_path.
+# -- from a config: the one place that reads it --------------------------------------------------
+# The resume identity lives here, beside the unpacking, because it is a statement about the
+# config's keys (which of them shape the trained weights); the Trainer only compares identities,
+# and checkpoints.py (file formats) knows nothing of the config.
+#
+# Config keys that do not shape the trained weights: where things are written and read from
+# (contents are compared by fingerprint instead), what is validated and reported, and keys the
+# training does not read. Everything else must match to resume.
+_NOT_SHAPING_WEIGHTS = (
+    "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
+    "dataset_settings.pa_path",
+    "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
+    "training_settings.n_val_examples", "training_settings.batch_size_test_per_gpu",
+    "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
+    "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
+    # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
+    # the same training.
+    "training_settings.precision",
+    "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
+    "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
+    "randomized_attack_settings.randomize")
+_FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
+                     "model_load_path.rob": "the ROB checkpoint's content",
+                     "model_load_path.comp": "the initial mixer checkpoint's content",
+                     "dataset_settings.train_data": "the training data's content",
+                     "dataset_settings.pa_data": "the pre-attacked data's content"}
 
-    ``blocks`` (if set) takes the file's first ``blocks`` blocks; ``gamma_0`` is required: a
-    pair's mixer label is 1 where its block's gamma < gamma_0, else 0.
-    """
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def _shapes_weights(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
+
+
+def training_identity(config: Config) -> dict[str, Any]:
+    """Everything that shapes the trained weights: the config keys (dotted) except those of
+    ``_NOT_SHAPING_WEIGHTS``, plus content fingerprints of the base/initial-mixer checkpoints
+    and of the training data (under the keys of ``_FINGERPRINT_KEYS``)."""
+    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if _shapes_weights(k)}
+    for which, path in checkpoint_paths(config).items():
+        identity[f"model_load_path.{which}"] = optional_file_sha256(path)
     ds = config.dataset_settings
-    if ds.pa_path is None:
-        return None
-    try:
-        data = load_blocks(ds.pa_path)
-    except PreAttackedError as err:
-        raise ConfigError(f"cannot use the pre-attacked data: {err}", key="dataset_settings.pa_path",
-                          value=ds.pa_path, file=config.source) from None
-    if ds.gamma_0 is None:
-        raise ConfigError("expected a number: pre-attacked data (pa_path) needs gamma_0 to label "
-                          "its blocks", key="dataset_settings.gamma_0", value=None,
-                          file=config.source)
-    x, y, gamma = data["x"], data["y"], data["gamma"]
-    n_blocks = len(gamma) if ds.blocks is None else ds.blocks
-    if not 1 <= n_blocks <= len(gamma):
-        raise ConfigError(f"expected 1 .. {len(gamma)} (the blocks in {ds.pa_path})",
-                          key="dataset_settings.blocks", value=ds.blocks, file=config.source)
-    labels = block_labels(gamma[:n_blocks], ds.gamma_0)
-    n = x.shape[1]
-    logger.info("pre-attacked data %s: %d blocks of %d images, gammas %s, mixer labels %s",
-                ds.pa_path, n_blocks, n, gamma[:n_blocks].tolist(), labels.tolist())
-    return {"x": x[:n_blocks].reshape(n_blocks * n, *x.shape[2:]),
-            "y": y.repeat(n_blocks), "label": labels.repeat_interleave(n),
-            "blocks": n_blocks}
+    data = None
+    if ds.format == "npz":
+        split = "test" if ds.train_with_test else "train"
+        path = Path(ds.path)
+        data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
+    # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
+    # in for their content.
+    identity["dataset_settings.train_data"] = data or f"path {ds.path}"
+    if ds.pa_path is not None:
+        pa = Path(ds.pa_path)
+        identity["dataset_settings.pa_data"] = (optional_file_sha256(pa) if pa.is_file()
+                                                else f"path {ds.pa_path}")
+    return _json_safe(identity)
+
+
+def _recorded_config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config part of the identity, from a checkpoint's recorded config (file layout)."""
+    return {k: v for k, v in _flatten(_json_safe(dict(config))).items() if _shapes_weights(k)}
+
+
+def _json_safe(tree: Any) -> Any:
+    """Tuples -> lists, so that identities compare equal after a checkpoint round trip."""
+    if isinstance(tree, dict):
+        return {k: _json_safe(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_json_safe(v) for v in tree]
+    return tree
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if key in _FINGERPRINT_KEYS:
+        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
+        return f"{key} ({_FINGERPRINT_KEYS[key]}): {short[0]} -> {short[1]}"
+    return f"{key}: {old!r} -> {new!r}"
+
+
+def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,
+                  train_set: Optional[Dataset] = None,
+                  val_set: Union[Dataset, tuple[torch.Tensor, torch.Tensor], None] = None,
+                  allow_config_change: Iterable[str] = ()) -> Trainer:
+    """The :class:`Trainer` that ``config`` describes: joins the process group under torchrun,
+    loads the pre-attacked data (``pa_path``), builds the composite on this process's device
+    (base weights loaded, the mixer initialised from the seed or ``model_load_path.comp``) and
+    the datasets, and passes them with the config's sections.
+
+    ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); see
+    :class:`Trainer`. ``resume``, ``debug``, ``allow_config_change``: as in :func:`run_training`.
+    """
+    fwd, ds, pgd = config.forward_settings, config.dataset_settings, config.pgd_settings
+    _, _, device = init_distributed(config.run.device)
+    pre_attacked = None
+    if ds.pa_path is not None:
+        pre_attacked = load_pre_attacked(ds.pa_path, ds.gamma_0, ds.blocks, source=config.source)
+
+    if not fwd.use_policy:
+        raise ConfigError("expected true: training needs the mixing network",
+                          key="forward_settings.use_policy", value=False, file=config.source)
+    require_checkpoint_files(config)
+    torch.manual_seed(config.seed)  # the mixer's initial weights follow the seed
+    composite = build_composite(fwd, ds.num_classes, device, source=config.source)
+    load_composite_weights(composite, config)
+
+    if train_set is None:
+        train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
+                                  ds.format, ds.path, augment=False)
+    if val_set is None:
+        val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
+    attack = config.randomized_attack_settings
+    validation = ValidationAttack(
+        eps=pgd.eps, norm=pgd.norm, iterations=pgd.iters_test,
+        n_target=attack.n_target if "apgd-t" in pgd.attacks_to_run else 0,
+        use_apgd=pgd.use_aa, pgd_step_size=pgd.alpha_test,
+        pgd_loss="dlr" if pgd.pgd_eval_loss == "dlr" else "ce",
+        pgd_bce_weight=0.5 if pgd.pgd_eval_loss == "comp_simple" else 0.0,
+        detection_bce_weight=config.evaluation_settings.adaptive_attack_weight)
+    return Trainer(composite, train_set, val_set, settings=config.training_settings,
+                   attack=attack, validation=validation, seed=config.seed,
+                   output_dir=config.run.output_dir, device=device,
+                   identity=training_identity(config), config_record=config_to_dict(config),
+                   shuffle=ds.train_shuffle, pre_attacked=pre_attacked, resume=resume,
+                   debug=debug, allow_config_change=allow_config_change)
 
 
 def run_training(config: Config, *, resume: bool = True, debug: bool = False,
-                 allow_config_change: Any = ()) -> Path:
+                 allow_config_change: Iterable[str] = ()) -> Path:
     """Train the mixing network as ``config`` describes (docs/METHOD.md, "Training").
 
     Args:
@@ -813,8 +870,8 @@ def run_training(config: Config, *, resume: bool = True, debug: bool = False,
         if lock is not None:
             lock.acquire()
         try:
-            return Trainer(config, resume=resume, debug=debug,
-                           allow_config_change=allow_config_change).fit()
+            return build_trainer(config, resume=resume, debug=debug,
+                                 allow_config_change=allow_config_change).fit()
         finally:
             if lock is not None:
                 lock.release()

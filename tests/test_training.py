@@ -25,7 +25,8 @@ from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
 from adaptive_smoothing.models import registry
 from adaptive_smoothing.data import IterationData, augment_batch
-from adaptive_smoothing.training import Trainer, TrainingDivergedError, run_training
+from adaptive_smoothing.training import (Trainer, TrainingDivergedError, build_trainer,
+                                         run_training)
 from synthetic import make_tiny_training_root
 
 
@@ -79,7 +80,7 @@ def reference_run(tiny_root: Path) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # the trainer's initial mixer too
     initial = build_composite(config.forward_settings, config.dataset_settings.num_classes)
     load_composite_weights(initial, config)
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     path = trainer.fit()
     return {"config": config, "trainer": trainer, "path": path,
             "initial": {k: v.clone() for k, v in initial.state_dict().items()}}
@@ -144,7 +145,7 @@ def test_a_nan_loss_skips_the_step_with_a_warning(
     config = _tiny_config(tiny_root, "one_nan", epochs=1, max_nonfinite_steps=2)
     monkeypatch.setattr(CompLoss, "forward", _nan_loss_on({1}))  # 2nd mini-batch of step 0
     caplog.set_level(logging.WARNING, logger="adaptive_smoothing.training")
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     trainer.fit()
     warnings = [r for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
@@ -161,7 +162,7 @@ def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(
     config = _tiny_config(tiny_root, "nans", max_nonfinite_steps=3,
                           eval_freq={"epoch": 1, "iter": 2})
     monkeypatch.setattr(CompLoss, "forward", _nan_loss_on(None, start=8))
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     with pytest.raises(TrainingDivergedError, match="3 consecutive optimizer steps.*last good "
                        "checkpoint"):
         trainer.fit()
@@ -264,7 +265,7 @@ def test_missing_pre_attacked_file_is_an_error_naming_key_and_file(tiny_root: Pa
     config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa.pt"),
                                         "dataset_settings.gamma_0": 7.1})
     with pytest.raises(ConfigError, match=r"dataset_settings\.pa_path.*pa\.pt.*not found"):
-        Trainer(config)
+        build_trainer(config)
 
 
 def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
@@ -292,12 +293,12 @@ def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
         return original(self, log_probs, gamma, y, label, scale, **kwargs)
 
     monkeypatch.setattr(CompLoss, "forward", record)
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     assert trainer.batch == 4 * 5 // 5 and trainer.pa_slice == 2 * 4
     # The slice of an iteration is a function of the position (resume reads the same one).
     trainer.iteration = 1
     xa, ya, la = trainer._pre_attacked_slice()
-    other = Trainer(config)
+    other = build_trainer(config)
     other.iteration = 1
     xb, yb, lb = other._pre_attacked_slice()
     assert torch.equal(xa, xb) and torch.equal(la, lb) and xa.shape == (8, 3, 32, 32)
@@ -330,7 +331,7 @@ def test_optimizer_steps_per_buffer(tiny_root: Path, accum_grad: int,
                                     steps_per_iteration: int) -> None:
     config = _tiny_config(tiny_root, f"accum{accum_grad}", epochs=1, accum_grad=accum_grad,
                           eval_freq={"epoch": 1, "iter": 100})
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     calls = {"n": 0}
     trainer.optimizer.register_step_post_hook(lambda *_: calls.update(n=calls["n"] + 1))
     trainer.fit()
@@ -339,7 +340,7 @@ def test_optimizer_steps_per_buffer(tiny_root: Path, accum_grad: int,
 
 def test_max_steps_caps_the_run(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "capped", max_steps=3, eval_freq={"epoch": 1, "iter": 100})
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     trainer.fit()
     state = _load(trainer.checkpoint_path)
     assert state["global_step"] == 3 and state["iteration"] == 2
@@ -482,7 +483,7 @@ def test_trained_mixer_separates_clean_from_attacked_inputs(
         torch.save({"model": _Synthetic(which).state_dict()}, tmp_path / f"{which}.pt")
     config = _behaviour_config(tmp_path)
     test_set = _SyntheticData(64, seed=2)
-    trainer = Trainer(config, train_set=_SyntheticData(512, seed=1),
+    trainer = build_trainer(config, train_set=_SyntheticData(512, seed=1),
                       val_set=(test_set.x, test_set.y))
     trainer.fit()
 
@@ -562,7 +563,7 @@ def test_resume_refuses_a_changed_config_key_naming_it(
     config = apply_overrides(_tiny_config(tiny_root, f"changed_{key}", epochs=1),
                              **{key: value})
     with pytest.raises(TrainingResumeError, match=rf"{key}: .* -> .*--allow-config-change {key}"):
-        Trainer(config)
+        build_trainer(config)
 
 
 def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root: Path) -> None:
@@ -573,7 +574,7 @@ def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root
     config = apply_overrides(_tiny_config(tiny_root, "new_std", epochs=1),
                              **{"model_load_path.std": "Base/std_other.pt"})
     with pytest.raises(TrainingResumeError, match="STD checkpoint's content"):
-        Trainer(config)
+        build_trainer(config)
 
 
 def test_allowed_lr_change_is_applied_and_recorded(one_step_run: Path, tiny_root: Path) -> None:
@@ -582,7 +583,7 @@ def test_allowed_lr_change_is_applied_and_recorded(one_step_run: Path, tiny_root
     old_lr = old["optimizer"]["param_groups"][0]["lr"]
     config = apply_overrides(_tiny_config(tiny_root, "allowed_lr", epochs=1),
                              **{"training_settings.lr": "3e-4"})  # 10x lower than 3e-3
-    trainer = Trainer(config, allow_config_change=["training_settings.lr"])
+    trainer = build_trainer(config, allow_config_change=["training_settings.lr"])
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(old_lr / 10)
     assert trainer.scheduler.base_lrs == [pytest.approx(3e-4)]
     path = trainer.fit()
@@ -602,7 +603,7 @@ def test_resume_from_a_mixer_only_file_says_what_it_is(tiny_root: Path) -> None:
                path)
     with pytest.raises(TrainingResumeError, match=r"last\.pt: not a training checkpoint.*"
                                                   r"mixer-only.*--no-resume"):
-        Trainer(config)
+        build_trainer(config)
 
 
 def test_second_training_into_a_locked_folder_is_refused(tiny_root: Path) -> None:
@@ -614,6 +615,6 @@ def test_second_training_into_a_locked_folder_is_refused(tiny_root: Path) -> Non
 
 def test_progress_bar_follows_max_steps(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "bar", epochs=50, max_steps=3)
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     # 100 iterations of 2 optimizer steps are configured, but max_steps stops after 2.
     assert trainer.total_iterations == 100 and trainer.planned_iterations == 2
