@@ -613,9 +613,14 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
         _atomic_write_json(rows, output_dir / "sweep.json")
     lines = ["| model | clean | robust (worst case) | mean alpha clean / attacked |",
              "| --- | --- | --- | --- |"]
+    def percent(value: Optional[float]) -> str:  # None: no attack was run
+        return "-" if value is None else f"{100 * value:.2f}%"
+
+    def mean(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for name, summary in rows.items():
-        lines.append(f"| {name} | {100 * summary['clean_accuracy']:.2f}% | "
-                     f"{100 * (summary['robust_accuracy'] or 0):.2f}% | "
-                     f"{summary['mean_alpha_clean']:.3f} / "
-                     f"{(summary['mean_alpha_adv'] or 0):.3f} |")
+        lines.append(f"| {name} | {percent(summary['clean_accuracy'])} | "
+                     f"{percent(summary['robust_accuracy'])} | "
+                     f"{mean(summary['mean_alpha_clean'])} / {mean(summary['mean_alpha_adv'])} |")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The CPU demonstration of issue 11, part 5 (docs/RESULTS.md): mixer trainings on the width-16
+# ResNet-18 bases of this folder and their alpha sweeps. Every step is resumable: rerun the same
+# line after an interruption and it continues (trainings from their last checkpoint, evaluations
+# from their finished batches, pre-attacking from its finished blocks). One thread per step, niced,
+# so two steps can share the 2 cores (e.g. a training beside `fixed`).
+#   experiment.sh clean            # clean accuracy of STD and ROB on all 10,000 test images
+#   experiment.sh fixed            # the fixed-alpha mixtures on the first 1,000 test images
+#   experiment.sh pre-attack       # pre-attacked blocks for the pa recipe (runs/rn18w16/pa.pt)
+#   experiment.sh train online|pa  # a mixer training (the online / pre-attacked recipe)
+#   experiment.sh sweep online|pa  # that mixer's sweep: the fixed mixtures (reused) + composite
+# Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
+# pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+HERE=benchmarks/results/rn18w16_cpu
+CONFIG=configs/rn18w16_cifar10_cpu.yaml
+RUNS=${RUNS:-runs/rn18w16}
+DATA=${DATA:-../shared/data/cifar10}
+ALPHAS=${ALPHAS:-0,0.2,0.5,0.7,0.8,0.85,0.9,0.95,1}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1 --device cpu)
+PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
+    --set dataset_settings.blocks=8)
+
+case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
+  clean)
+    "${RUN[@]}" --eval --alpha-sweep 0,1 --fixed-alphas-only --n-examples 10000 --no-adaptive \
+      --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$RUNS/clean"
+    mkdir -p "$HERE/bases" && cp "$RUNS/clean/sweep.json" "$HERE/bases/clean_10000.json" ;;
+  fixed)
+    "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --fixed-alphas-only --output-dir "$RUNS/sweep_fixed"
+    mkdir -p "$HERE/fixed" && cp "$RUNS/sweep_fixed/sweep.json" "$HERE/fixed/sweep.json" ;;
+  pre-attack)
+    nice -n 19 python3 -m adaptive_smoothing.cli.pre_attack --config "$CONFIG" \
+      --output "$RUNS/pa.pt" --n-images 5000 --iterations 10 --threads 1 ;;
+  train)
+    case "${2:?online or pa}" in
+      online) "${RUN[@]}" --training --output-dir "$RUNS/online" ;;
+      pa) "${RUN[@]}" --training --output-dir "$RUNS/pa" "${PA[@]}" ;;
+      *) echo "unknown recipe $2" >&2; exit 2 ;;
+    esac ;;
+  sweep)
+    RECIPE=${2:?online or pa}
+    OUT="$RUNS/sweep_$RECIPE"
+    mkdir -p "$OUT" "$HERE/$RECIPE"
+    # The fixed mixtures' results do not depend on the mixer: reuse them.
+    for d in "$RUNS"/sweep_fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --adaptive --output-dir "$OUT" \
+      --mixer-checkpoint "$PWD/$RUNS/$RECIPE/checkpoints/last.pt"
+    cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"
+    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/$RECIPE" \
+      --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
+  *) echo "unknown step $1" >&2; exit 2 ;;
+esac
