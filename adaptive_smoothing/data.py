@@ -1,4 +1,4 @@
-"""Datasets, loaders and training batches: CIFAR-10/100 via torchvision, the offline JPEG .npz
+"""Datasets, tensors and training batches: CIFAR-10/100 via torchvision, the offline JPEG .npz
 copy, ImageFolder.
 
 Every dataset yields ``(image, label)`` with ``image`` a float CHW tensor in [0, 1] (the models
@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import io
 import logging
-import random
 import urllib.error
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from adaptive_smoothing.runtime import barrier, distributed_rank_world
 from adaptive_smoothing.seeding import stream
@@ -396,39 +395,6 @@ def take_first(dataset: Dataset, n: Optional[int]) -> Dataset:
     return Subset(dataset, range(n))
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds each worker from the loader's generator; numpy/random are not, so derive them.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, num_workers: int = 0,
-                 seed: int = 0, drop_last: bool = False, sampler: Optional[Sampler] = None,
-                 distributed: Optional[bool] = None, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling and worker seeds follow ``seed``.
-
-    With ``distributed`` None a DistributedSampler is used when torch.distributed is initialised
-    (call ``loader.sampler.set_epoch(epoch)`` each epoch then). With ``num_workers=0`` the
-    augmentation draws from the global torch RNG: seed it with ``torch.manual_seed``.
-    """
-    if distributed is None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if sampler is None and distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-        generator=generator, worker_init_fn=_seed_worker if num_workers > 0 else None,
-        pin_memory=pin_memory, persistent_workers=False,
-    )
-
-
 def load_tensors(dataset: Dataset, n: Optional[int] = None,
                  batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` examples as ``(x (N, C, H, W) float, y (N,) int64)`` for evaluation."""
@@ -558,6 +524,6 @@ class IterationData:
 __all__ = [
     "CIFAR10_CLASSES", "CIFAR100_CLASSES", "DataError", "FORMATS", "IterationData",
     "NUM_CLASSES", "NpzImageDataset", "as_float_images", "augment_batch", "build_dataset",
-    "build_loader", "dataset_tensors", "endless_indices", "load_tensors", "local_order",
+    "dataset_tensors", "endless_indices", "load_tensors", "local_order",
     "normalize_dataset_name", "take_first", "train_transform",
 ]

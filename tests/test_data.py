@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from adaptive_smoothing import data
-from adaptive_smoothing.data import DataError, build_dataset, build_loader, load_tensors, take_first
+from adaptive_smoothing.data import DataError, build_dataset, load_tensors, take_first
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -232,44 +232,6 @@ def test_take_first_and_load_tensors(small_npz_dir: Path) -> None:
     x, y = load_tensors(dataset, 7, batch_size=3)
     assert x.shape == (7, 3, 32, 32) and y.dtype == torch.int64
     assert y.tolist() == list(range(7))
-
-
-def test_loader_is_seeded(small_npz_dir: Path) -> None:
-    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
-
-    def order(seed: int) -> list[int]:
-        loader = build_loader(dataset, batch_size=4, shuffle=True, seed=seed)
-        return [label for _, y in loader for label in y.tolist()]
-
-    assert order(1) == order(1)
-    assert order(1) != order(2)
-    loader = build_loader(dataset, batch_size=5, drop_last=True)
-    assert [len(y) for _, y in loader] == [5, 5]
-
-
-def test_loader_with_workers(small_npz_dir: Path) -> None:
-    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
-    loader = build_loader(dataset, batch_size=6, num_workers=2)
-    assert sum(len(y) for _, y in loader) == 12
-
-
-def test_distributed_sampler_when_initialised(small_npz_dir: Path, tmp_path: Path) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        pytest.skip("torch.distributed unavailable")
-    from torch.utils.data.distributed import DistributedSampler
-
-    dataset = build_dataset("cifar10", "test", "npz", small_npz_dir)
-    assert not isinstance(build_loader(dataset, 4).sampler, DistributedSampler)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        loader = build_loader(dataset, batch_size=4, shuffle=True, seed=3)
-        assert isinstance(loader.sampler, DistributedSampler)
-        assert sum(len(y) for _, y in loader) == 12
-    finally:
-        dist.destroy_process_group()
 
 
 def test_pil_fallback_decodes_the_same(small_npz_dir: Path,
