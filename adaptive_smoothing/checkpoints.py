@@ -278,17 +278,6 @@ def _require_mixer(composite: CompositeModel) -> nn.Module:
     return composite.mixer
 
 
-def load_std_checkpoint(model: nn.Module, path: PathLike) -> None:
-    """Load an STD (BiT) checkpoint, torch or ``.npz``, into ``model``."""
-    state = read_std_state_dict(path, model if isinstance(model, ResNetV2) else None)
-    load_checked(model, state, source=path, expected=STD_FORMAT)
-
-
-def load_rob_checkpoint(model: nn.Module, path: PathLike) -> None:
-    """Load a ROB (EDM or TRADES) checkpoint into ``model``."""
-    load_checked(model, read_rob_state_dict(path), source=path, expected=ROB_FORMAT)
-
-
 def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
     """Load a mixer checkpoint (mixing network + gamma BN) into ``composite``."""
     mixer_state, bn_state = read_mixer_state_dicts(path)

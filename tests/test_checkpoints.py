@@ -66,6 +66,24 @@ def with_prefix(state: dict, prefix: str) -> dict:
     return {prefix + key: value for key, value in state.items()}
 
 
+def load_as_std(model: torch.nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model`` as the STD file of a composite, through the path that
+    factory.load_composite_weights takes (checkpoints.load_authors_checkpoints); the ROB file
+    beside it is valid."""
+    rob = create_model("resnet18", model.num_classes, width=2)
+    rob_path = path.parent / "valid_rob.pt"
+    torch.save(rob.state_dict(), rob_path)
+    ckpt.load_authors_checkpoints(CompositeModel(model, rob, None), path, rob_path, None)
+
+
+def load_as_rob(model: torch.nn.Module, path: Path) -> None:
+    """The same for a ROB file, the STD file beside it valid."""
+    std = create_model("resnet18", model.num_classes, width=2)
+    std_path = path.parent / "valid_std.pt"
+    torch.save({"model": std.state_dict()}, std_path)
+    ckpt.load_authors_checkpoints(CompositeModel(std, model, None), std_path, path, None)
+
+
 def bit_to_npz(model: ResNetV2, path: Path) -> None:
     """Write ``model`` in BiT's TensorFlow layout (HWIO kernels), as BiT's .npz release does."""
     state = model.state_dict()
@@ -88,7 +106,7 @@ def test_std_torch_formats_round_trip(tmp_path, layout):
     path = tmp_path / "cifar10_bit_rn152.tar"
     torch.save(obj, path)
     assert differs(src, dst)
-    ckpt.load_std_checkpoint(dst, path)
+    load_as_std(dst, path)
     assert_same_state(dst, state)
 
 
@@ -97,7 +115,7 @@ def test_std_bit_npz_round_trip(tmp_path):
     path = tmp_path / "BiT-M-R50x1.npz"
     bit_to_npz(src, path)
     assert differs(src, dst)
-    ckpt.load_std_checkpoint(dst, path)
+    load_as_std(dst, path)
     assert_same_state(dst, src.state_dict())
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
@@ -111,7 +129,7 @@ def test_npz_missing_array_names_file_and_tf_name(tmp_path):
         arrays = {k: archive[k] for k in archive.files if k != "resnet/head/conv2d/bias"}
     np.savez(path, **arrays)
     with pytest.raises(CheckpointError, match="partial.npz") as err:
-        ckpt.load_std_checkpoint(model, path)
+        load_as_std(model, path)
     assert "resnet/head/conv2d/bias" in str(err.value)
 
 
@@ -133,7 +151,7 @@ def test_rob_formats_round_trip(tmp_path, layout):
     path = tmp_path / f"cifar100_linf_{layout}_wrn70-16.pt"
     torch.save(obj, path)
     assert differs(src, dst)
-    ckpt.load_rob_checkpoint(dst, path)
+    load_as_rob(dst, path)
     assert_same_state(dst, state)
 
 
@@ -251,7 +269,7 @@ def test_mismatched_state_dict_is_refused_and_nothing_loads(tmp_path, case, patt
     path = tmp_path / f"{case}.pt"
     torch.save({"model": with_prefix(state, "module.")}, path)
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_std_checkpoint(model, path)
+        load_as_std(model, path)
     message = str(err.value)
     assert f"{case}.pt" in message and "expected STD checkpoint" in message
     for pattern in patterns:
@@ -298,7 +316,7 @@ def test_unusable_files_raise_checkpoint_error(tmp_path, kind, reason):
     model = _resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
-        ckpt.load_rob_checkpoint(model, path)
+        load_as_rob(model, path)
     message = str(err.value)
     assert str(path) in message and reason in message, message
     assert "expected ROB checkpoint" in message
