@@ -63,6 +63,7 @@ __all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "Traini
 
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
+MIXER_CHECKPOINT = "mixer.pt"
 TENSORBOARD_DIR = "tensorboard"
 LOG_FILE = "train.log"
 RESULTS_FILE = "training_results.json"
@@ -418,9 +419,12 @@ class Trainer:
             self.writer.flush()
             state = self._state()
             save_checkpoint(state, self.checkpoint_path)
+            # The mixer alone (a twelfth of last.pt with AdamW's moments): what evaluation and
+            # sharing need, always the latest, and kept at epoch ends.
+            mixer_only = mixer_checkpoint(self.composite, **{
+                k: state[k] for k in ("epoch", "global_step", "validation", "config")})
+            save_checkpoint(mixer_only, self.checkpoint_path.parent / MIXER_CHECKPOINT)
             if self.iteration_in_epoch == 0 and self.epoch > 0 and not self.debug:
-                mixer_only = mixer_checkpoint(self.composite, **{
-                    k: state[k] for k in ("epoch", "global_step", "validation", "config")})
                 save_checkpoint(mixer_only, self.checkpoint_path.parent /
                                 f"epoch_{self.epoch:03d}.pt")
             logger.info("saved %s", self.checkpoint_path)

@@ -206,6 +206,18 @@ def test_checkpoint_is_weights_only_and_a_mixer_checkpoint(reference_run: dict) 
                           epoch_file)
 
 
+def test_the_latest_mixer_alone_is_saved_beside_last_pt(reference_run: dict) -> None:
+    path = reference_run["path"].parent / "mixer.pt"
+    saved = _load(path)
+    assert "optimizer" not in saved and saved["global_step"] == 8
+    fresh = build_composite(reference_run["config"].forward_settings,
+                            reference_run["config"].dataset_settings.num_classes)
+    load_mixer_checkpoint(fresh, path)
+    _assert_states_close(fresh.mixer.state_dict(), reference_run["trainer"].mixer.state_dict(), 0)
+    _assert_states_close(fresh.gamma_bn.state_dict(),
+                         reference_run["trainer"].composite.gamma_bn.state_dict(), 0)
+
+
 def test_tensorboard_scalars_are_written(reference_run: dict) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     folder = Path(reference_run["config"].run.output_dir) / "tensorboard"

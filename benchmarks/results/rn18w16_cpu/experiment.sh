@@ -46,8 +46,9 @@ case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
     mkdir -p "$OUT" "$HERE/$RECIPE"
     # The fixed mixtures' results do not depend on the mixer: reuse them.
     for d in "$RUNS"/sweep_fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    cp "$RUNS/$RECIPE/checkpoints/mixer.pt" "$HERE/$RECIPE/mixer.pt"  # the mixer alone
     "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --adaptive --output-dir "$OUT" \
-      --mixer-checkpoint "$PWD/$RUNS/$RECIPE/checkpoints/last.pt"
+      --mixer-checkpoint "$RECIPE/mixer.pt"
     cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"
     python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/$RECIPE" \
       --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
