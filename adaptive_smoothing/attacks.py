@@ -547,9 +547,6 @@ class CascadeResult(NamedTuple):
     #                              highest-loss one) where it ran, else x
 
 
-AdaptiveAttackResult = CascadeResult
-
-
 def apgd_cascade(model: Union[AttackTarget, Callable[[torch.Tensor], object]],
                  x: torch.Tensor, y: torch.Tensor, eps: PerSample, *, norm: Norm = "Linf",
                  n_iter: int = 100, n_target: int = 9, bce_weight: PerSample = 0.0,

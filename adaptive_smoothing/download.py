@@ -35,7 +35,6 @@ from adaptive_smoothing.published import (DEFAULT_BASE_URLS, WEIGHT_FILES, Weigh
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-Source = WeightFile  # one downloadable file of the table
 SOURCES: tuple[WeightFile, ...] = WEIGHT_FILES
 # torch.save writes a zip archive (torch >= 1.6) or, in the legacy format, a pickle stream.
 TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
@@ -251,5 +250,5 @@ def format_table(sources: Sequence[WeightFile] = SOURCES,
     return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows)
 
 
-__all__ = ["DEFAULT_BASE_URLS", "DownloadError", "SOURCES", "Source", "download_file",
+__all__ = ["DEFAULT_BASE_URLS", "DownloadError", "SOURCES", "download_file",
            "download_sources", "format_table", "resolve_base_urls", "select_sources"]

@@ -43,10 +43,9 @@ from adaptive_smoothing.runtime import (autocast_context, native_bf16, prepare_m
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["attack", "train", "eval"]
-MODES: tuple[str, ...] = ("attack", "train", "eval")
+Mode = Literal["attack", "train", "eval"]  # the CLI's --mode choices (cli/benchmark.py)
 
-__all__ = ["MODES", "SpeedResult", "SpeedSetting", "append_record", "build_benchmark_composite",
+__all__ = ["Mode", "SpeedResult", "SpeedSetting", "append_record", "build_benchmark_composite",
            "compare", "flops_per_attack_step", "format_record", "machine_info", "measure",
            "random_batch", "run_benchmark"]
 
@@ -71,7 +70,7 @@ BASELINE = SpeedSetting()
 @dataclass
 class SpeedResult:
     setting: SpeedSetting
-    mode: str
+    mode: Mode
     batch_size: int
     iterations: int
     seconds: list[float]           # per timed round
@@ -137,7 +136,7 @@ class _Workload:
     """One model copy prepared for one setting, and its timed unit of work."""
 
     def __init__(self, composite: CompositeModel, config: Config, setting: SpeedSetting,
-                 mode: str, batch: int, device: torch.device, n_eval: int) -> None:
+                 mode: Mode, batch: int, device: torch.device, n_eval: int) -> None:
         self.model = prepare_model(composite, channels_last=setting.channels_last,
                                    compile=setting.compile)
         self.config, self.setting, self.mode, self.device = config, setting, mode, device
@@ -235,7 +234,7 @@ def _result(workload: _Workload, iterations: int, seconds: list[float],
 
 
 def measure(composite: CompositeModel, config: Config, setting: SpeedSetting, *,
-            mode: str = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
+            mode: Mode = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
             rounds: int = 1, device: torch.device = torch.device("cpu"), n_eval: int = 16,
             flops: Optional[float] = None) -> SpeedResult:
     """Time ``iterations`` units of ``mode`` (after ``warmup``) in each of ``rounds`` rounds.
@@ -250,7 +249,7 @@ def measure(composite: CompositeModel, config: Config, setting: SpeedSetting, *,
 
 
 def compare(composite: CompositeModel, config: Config, fast: SpeedSetting, *,
-            mode: str = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
+            mode: Mode = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
             rounds: int = 3, device: torch.device = torch.device("cpu"), n_eval: int = 16,
             flops: Optional[float] = None) -> dict[str, Any]:
     """The fp32 NCHW eager baseline and ``fast`` on two copies of ``composite``, timed in
@@ -296,7 +295,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_benchmark(config: Config, setting: SpeedSetting, *, mode: str = "attack",
+def run_benchmark(config: Config, setting: SpeedSetting, *, mode: Mode = "attack",
                   batch: int = 128, iterations: int = 10, warmup: int = 2, rounds: int = 3,
                   compare_baseline: bool = False, n_eval: int = 16,
                   device: torch.device = torch.device("cpu"),

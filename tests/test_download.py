@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from adaptive_smoothing import download as dl
-from adaptive_smoothing.download import DownloadError, Source
+from adaptive_smoothing.download import DownloadError
+from adaptive_smoothing.published import WeightFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,7 +330,7 @@ def test_drive_usercontent_form_flow(server: _State, checkpoint_bytes: bytes,
 
     server.routes["/uc"] = redirect(f"/download?id={file_id}&export=download")
     server.routes["/download"] = usercontent
-    source = Source("cifar10_edm_mixer", "cifar10", "edm", "mixer",
+    source = WeightFile("cifar10_edm_mixer", "cifar10", "edm", "mixer",
                     "CompModel/cifar10_edm_best.pt", "gdrive", drive_id=file_id)
     results = dl.download_sources(tmp_path, [source], base_urls={"gdrive": as_google_drive},
                                   progress=False)
@@ -351,7 +352,7 @@ def test_drive_download_broken_off_resumes_with_gdown(server: _State, tmp_path: 
         h.send_body(data[:keep], headers=disposition, declared_length=len(data))
 
     server.routes["/uc"] = broken
-    source = Source("cifar10_std", "cifar10", "std", "std", "Base/cifar10_bit_rn152.tar",
+    source = WeightFile("cifar10_std", "cifar10", "std", "std", "Base/cifar10_bit_rn152.tar",
                     "gdrive", drive_id="1-5E")
     target = tmp_path / "Base" / "cifar10_bit_rn152.tar"
     [error] = dl.download_sources(tmp_path, [source], base_urls={"gdrive": as_google_drive},
@@ -379,7 +380,7 @@ def test_drive_quota_page_is_reported_not_saved(server: _State, tmp_path: Path, 
     base = request.getfixturevalue("as_google_drive") if as_drive else server.url
     server.routes["/uc"] = serve_html("<html><body>Sorry, you can't view or download this file "
                                       "at this time.</body></html>")
-    source = Source("cifar100_trades_mixer", "cifar100", "trades", "mixer",
+    source = WeightFile("cifar100_trades_mixer", "cifar100", "trades", "mixer",
                     "CompModel/cifar100_trades_best.pt", "gdrive", drive_id="1-0S")
     results = dl.download_sources(tmp_path, [source], base_urls={"gdrive": base},
                                   progress=False)
