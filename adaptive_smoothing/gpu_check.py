@@ -58,10 +58,11 @@ def check_speed(options: CheckOptions) -> dict[str, Any]:
     setting = speed.SpeedSetting(options.precision, options.channels_last, options.compile)
     composite = speed.build_benchmark_composite(config, device)
     flops = speed.flops_per_attack_step(composite, device)
+    work = speed.Work.of(config)
     results = []
     for batch in options.batch_sizes:
         try:
-            result = speed.measure(composite, config, setting, mode="attack", batch=batch,
+            result = speed.measure(composite, work, setting, mode="attack", batch=batch,
                                    iterations=options.iters, warmup=options.warmup,
                                    device=device, flops=flops)
             results.append(result.to_dict())

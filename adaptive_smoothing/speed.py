@@ -35,7 +35,8 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from adaptive_smoothing.config import Config, ConfigError
+from adaptive_smoothing.attacks import RandomizedAttackSettings
+from adaptive_smoothing.config import CompLossParams, Config, ConfigError, EvaluationSettings
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import (autocast_context, native_bf16, prepare_model,
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["attack", "train", "eval"]  # the CLI's --mode choices (cli/benchmark.py)
 
-__all__ = ["Mode", "SpeedResult", "SpeedSetting", "append_record", "build_benchmark_composite",
+__all__ = ["Mode", "SpeedResult", "SpeedSetting", "Work", "append_record",
+           "build_benchmark_composite",
            "compare", "flops_per_attack_step", "format_record", "machine_info", "measure",
            "random_batch", "run_benchmark"]
 
@@ -65,6 +67,22 @@ class SpeedSetting:
 
 
 BASELINE = SpeedSetting()
+
+
+@dataclass(frozen=True)
+class Work:
+    """What the timed units need besides the model: the training attacks and loss (``train``:
+    one mixer training iteration) and the evaluation settings (``eval``)."""
+
+    attack: RandomizedAttackSettings
+    loss: CompLossParams
+    evaluation: EvaluationSettings
+
+    @classmethod
+    def of(cls, config: Config) -> "Work":
+        """The config's sections for these."""
+        return cls(config.randomized_attack_settings, config.training_settings.comp_loss_params,
+                   config.evaluation_settings)
 
 
 @dataclass
@@ -135,24 +153,22 @@ def flops_per_attack_step(composite: CompositeModel, device: torch.device,
 class _Workload:
     """One model copy prepared for one setting, and its timed unit of work."""
 
-    def __init__(self, composite: CompositeModel, config: Config, setting: SpeedSetting,
+    def __init__(self, composite: CompositeModel, work: Work, setting: SpeedSetting,
                  mode: Mode, batch: int, device: torch.device, n_eval: int) -> None:
         self.model = prepare_model(composite, channels_last=setting.channels_last,
                                    compile=setting.compile)
-        self.config, self.setting, self.mode, self.device = config, setting, mode, device
+        self.work, self.setting, self.mode, self.device = work, setting, mode, device
         self.batch = n_eval if mode == "eval" else batch
         self.x, self.y = random_batch(self.model, self.batch, device)
         self.dtype = resolve_precision(setting.precision, device)
         if mode == "train":
             from adaptive_smoothing.losses import CompLoss
-            self.attack_settings = config.randomized_attack_settings
+            self.attack_settings = work.attack
             mixer = self.model.mixer
             if mixer is None:
-                raise ConfigError("expected true: --mode train needs the mixing network",
-                                  key="forward_settings.use_policy", value=False,
-                                  file=config.source)
+                raise ValueError("timing training needs a composite with a mixing network")
             self.optimizer = torch.optim.AdamW(mixer.parameters(), lr=1e-6)
-            cl = config.training_settings.comp_loss_params
+            cl = work.loss
             self.loss_fn = CompLoss(cl.consts.bce, cl.consts.ce, cl.consts.prod,
                                     clean_scale=cl.scale.clean, adv_scale=cl.scale.ada)
 
@@ -193,7 +209,7 @@ class _Workload:
     def _evaluate(self) -> None:
         from adaptive_smoothing.config import STANDARD_AUTOATTACK
         from adaptive_smoothing.evaluation import evaluate_batch
-        settings = self.config.evaluation_settings.model_copy(update=dict(
+        settings = self.work.evaluation.model_copy(update=dict(
             attacks_to_run=STANDARD_AUTOATTACK, autoattack_iterations=100, pgd=False,
             adaptive_attack=False))
         evaluate_batch(self.model, self.x, self.y, settings, device=self.device,
@@ -233,7 +249,7 @@ def _result(workload: _Workload, iterations: int, seconds: list[float],
                        images_per_s, memory, kind, flops, tflops)
 
 
-def measure(composite: CompositeModel, config: Config, setting: SpeedSetting, *,
+def measure(composite: CompositeModel, work: Work, setting: SpeedSetting, *,
             mode: Mode = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
             rounds: int = 1, device: torch.device = torch.device("cpu"), n_eval: int = 16,
             flops: Optional[float] = None) -> SpeedResult:
@@ -241,22 +257,22 @@ def measure(composite: CompositeModel, config: Config, setting: SpeedSetting, *,
     ``composite`` is modified (channels_last, compile); pass a copy to keep the original."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    workload = _Workload(composite, config, setting, mode, batch, device, n_eval)
+    workload = _Workload(composite, work, setting, mode, batch, device, n_eval)
     for _ in range(warmup):
         workload.run()
     seconds = [_time(workload, iterations) for _ in range(rounds)]
     return _result(workload, iterations, seconds, flops)
 
 
-def compare(composite: CompositeModel, config: Config, fast: SpeedSetting, *,
+def compare(composite: CompositeModel, work: Work, fast: SpeedSetting, *,
             mode: Mode = "attack", batch: int = 128, iterations: int = 10, warmup: int = 2,
             rounds: int = 3, device: torch.device = torch.device("cpu"), n_eval: int = 16,
             flops: Optional[float] = None) -> dict[str, Any]:
     """The fp32 NCHW eager baseline and ``fast`` on two copies of ``composite``, timed in
     alternating rounds; returns both results and the speed-up (fast / baseline)."""
-    workloads = [_Workload(copy.deepcopy(composite), config, BASELINE, mode, batch, device,
+    workloads = [_Workload(copy.deepcopy(composite), work, BASELINE, mode, batch, device,
                            n_eval),
-                 _Workload(composite, config, fast, mode, batch, device, n_eval)]
+                 _Workload(composite, work, fast, mode, batch, device, n_eval)]
     for workload in workloads:
         for _ in range(warmup):
             workload.run()
@@ -308,17 +324,21 @@ def run_benchmark(config: Config, setting: SpeedSetting, *, mode: Mode = "attack
         raise TypeError(f"unexpected arguments {sorted(kwargs)}")
     resolve_precision(setting.precision, device)  # refuse fp16 off CUDA before building
     composite = build_benchmark_composite(config, device)
+    if mode == "train" and composite.mixer is None:
+        raise ConfigError("expected true: --mode train needs the mixing network",
+                          key="forward_settings.use_policy", value=False, file=config.source)
+    work = Work.of(config)
     flops = flops_per_attack_step(composite, device) if count_flops else None
     common = dict(mode=mode, batch=batch, iterations=iterations, warmup=warmup, rounds=rounds,
                   device=device, n_eval=n_eval, flops=flops)
     record: dict[str, Any] = {"mode": mode, "machine": machine_info(device),
                               "flops_per_image_attack_step": flops}
     if compare_baseline:
-        result = compare(composite, config, setting, **common)
+        result = compare(composite, work, setting, **common)
         record.update(baseline=result["baseline"].to_dict(), fast=result["fast"].to_dict(),
                       speedup=result["speedup"])
     else:
-        record["fast"] = measure(composite, config, setting, **common).to_dict()
+        record["fast"] = measure(composite, work, setting, **common).to_dict()
     return record
 
 
