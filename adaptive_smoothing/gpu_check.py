@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from adaptive_smoothing.config import Config, apply_overrides, load_config
+from adaptive_smoothing.config import Config, EvaluationSettings, apply_overrides, load_config
 from adaptive_smoothing.runtime import resolve_device
 from adaptive_smoothing import speed
 
@@ -91,8 +91,9 @@ def _sharpen(composite: Any, x: torch.Tensor, spread: float) -> dict[str, float]
     return scales
 
 
-def _calibrate_eps(composite: Any, x: torch.Tensor, y: torch.Tensor, config: Config,
-                   options: CheckOptions, device: torch.device, steps: int = 6) -> float:
+def _calibrate_eps(composite: Any, x: torch.Tensor, y: torch.Tensor,
+                   evaluation: EvaluationSettings, options: CheckOptions, device: torch.device,
+                   steps: int = 6) -> float:
     """The radius at which fp32 APGD-CE (10 iterations, 64 points) leaves about half of the
     points robust (bisection in log space between 1/1024 and 16/255): at a radius where every
     point or none is robust, any two attacks agree and the comparison would prove nothing."""
@@ -104,7 +105,7 @@ def _calibrate_eps(composite: Any, x: torch.Tensor, y: torch.Tensor, config: Con
     model = copy.deepcopy(composite)
     for _ in range(steps):
         middle = (low + high) / 2
-        settings = config.evaluation_settings.model_copy(update=dict(
+        settings = evaluation.model_copy(update=dict(
             attacks_to_run=("apgd-ce",), norm="Linf", eps=math.exp(middle),
             autoattack_iterations=min(10, options.attack_iters), pgd=False,
             adaptive_attack=False, batch_size=n))
@@ -131,7 +132,8 @@ def check_bf16_attack_agreement(options: CheckOptions) -> dict[str, Any]:
     scales = _sharpen(composite, x[:64], options.logit_spread)
     with torch.no_grad():
         y = composite(x).log_probs.argmax(1)
-    radii = [eps if eps > 0 else _calibrate_eps(composite, x, y, config, options, device)
+    radii = [eps if eps > 0
+             else _calibrate_eps(composite, x, y, config.evaluation_settings, options, device)
              for eps in options.eps]
     rows = []
     for eps in radii:
