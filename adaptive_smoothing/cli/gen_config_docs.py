@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from adaptive_smoothing.config import ALIASES, MOVED, Config
-from adaptive_smoothing.config.legacy import layout, section_class
+from adaptive_smoothing.config.legacy import LAYOUT
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "docs" / "CONFIG.template.md"
@@ -85,12 +85,13 @@ def render() -> str:
     old_names = {schema: path.rsplit(".", 1)[1] for path, schema in ALIASES.items()}
     to_file = {schema: path for path, schema in MOVED.items()}
     parts, order = [], list(Config.model_fields)
-    sections = sorted(layout().items(), key=lambda item: order.index(item[0].split(".")[0])
+    sections = sorted(LAYOUT.items(), key=lambda item: order.index(item[0].split(".")[0])
                       if item[0] else -1)
     for section, fields in sections:
         if not fields:  # 'run': its keys are written in evaluation_settings
             continue
-        cls = section_class(section)
+        parent, _, name = section.rpartition(".")
+        cls = LAYOUT[parent][name].annotation if section else Config
         rows = []
         for key, field in fields.items():
             schema_path = next((s for s, p in to_file.items() if p == f"{section}.{key}"),

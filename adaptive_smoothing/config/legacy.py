@@ -2,11 +2,11 @@
 
 The authors' files (docs/METHOD.md, "Authors' configs") load unchanged. A few of their keys live
 elsewhere in the schema (``MOVED``, ``FILLED``), two have old spellings (``ALIASES``), and values
-that depend on other sections ('default') are filled in here, once, after validation.
+that depend on other sections ('default') are filled in here, once, after validation. On the way,
+a configuration is a flat {key path: value} mapping, so that moving a key is renaming a path.
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import logging
 import os
@@ -35,6 +35,8 @@ FILLED = {"randomized_attack_settings.eps": "pgd_settings.eps",
           "randomized_attack_settings.norm": "pgd_settings.type",
           "randomized_attack_settings.n_target": "pgd_settings.n_target_classes"}
 RANDOMIZE = "randomized_attack_settings.randomize"  # the authors' key; only true is implemented
+UNUSED = ("forward_settings.parallel", "forward_settings.ema_decay",  # accepted, logged, ignored
+          "training_settings.save_eval_imgs", "training_settings.use_fast_loader")
 
 
 def _convert(path: str, table: Mapping[str, str]) -> str:
@@ -42,73 +44,6 @@ def _convert(path: str, table: Mapping[str, str]) -> str:
         if path == old or path.startswith(old + "."):
             return new + path[len(old):]
     return path
-
-
-def _lookup(tree: Any, path: str) -> Any:
-    for part in path.split(".") if path else ():
-        if not isinstance(tree, dict) or part not in tree:
-            return ...
-        tree = tree[part]
-    return tree
-
-
-def _put(tree: dict, path: str, value: Any, source: Optional[str], given_as: str = "") -> None:
-    *parents, last = path.split(".")
-    for depth, part in enumerate(parents):
-        if not isinstance(tree.setdefault(part, {}), dict):
-            raise ConfigError("cannot set a key inside a non-mapping value", file=source,
-                              key=".".join(parents[:depth + 1]), value=tree[part])
-        tree = tree[part]
-    if given_as and last in tree:
-        raise ConfigError(f"given twice, as {last!r} and {given_as.rsplit('.', 1)[-1]!r}; keep "
-                          "one", key=given_as, value=value, file=source)
-    tree[last] = value
-
-
-def _schema_path(path: str, value: Any, source: Optional[str]) -> Optional[str]:
-    """Where a key path of the file layout lives in the schema (None: checked, not stored)."""
-    if path in FILLED:
-        raise ConfigError(f"not a key of this section: write {FILLED[path]}", key=path,
-                          value=value, file=source)
-    if path == RANDOMIZE:
-        if value not in (True, 1, "True", "true", "yes", "on"):
-            raise ConfigError("expected true: this project implements the randomized training "
-                              "attacks only (docs/METHOD.md, 'Training'); narrow them with "
-                              "eps_factor_scale, comp_loss_wmax or iters_const", key=path,
-                              value=value, file=source)
-        return None
-    return _convert(_convert(path, ALIASES), MOVED)
-
-
-def _to_schema(raw: dict, source: Optional[str]) -> dict:
-    """The file layout -> the schema's (a copy); logs the authors' keys this project ignores."""
-    data = copy.deepcopy(raw)
-    for path in [*FILLED, RANDOMIZE, *ALIASES, *MOVED]:
-        parent, _, key = path.rpartition(".")
-        node = _lookup(data, parent)
-        if isinstance(node, dict) and key in node:
-            value = node.pop(key)
-            target = _schema_path(path, value, source)
-            if target is not None:
-                _put(data, target, value, source, given_as=path)
-    for name, section in data.items():
-        for key in getattr(section_class([name]), "unused", ()):
-            if isinstance(section, dict) and key in section:
-                logger.info("%s.%s (a key of the authors' files) is accepted but not used",
-                            name, key)
-    return data
-
-
-def section_class(path: Union[str, list[str]]) -> Optional[type]:
-    """The schema model at a key path (of the file layout, or of the schema as a list)."""
-    if isinstance(path, str):
-        path = _convert(path, MOVED).split(".") if path else []
-    cls: Any = Config
-    for part in path:
-        field = cls.model_fields.get(part) if cls is not None else None
-        cls = field.annotation if field is not None else None
-        cls = cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
-    return cls
 
 
 def layout(model: type[BaseModel] = Config, prefix: str = "",
@@ -126,40 +61,84 @@ def layout(model: type[BaseModel] = Config, prefix: str = "",
     return out
 
 
-def _problem(error: Any, section: str, inside: bool) -> str:
-    kind, ctx = error["type"], error.get("ctx", {})
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-              "less_than_equal": "<="}
-    if kind == "missing":
-        return "expected more items" if inside else "missing required key"
-    if kind == "extra_forbidden":
-        keys = list(layout().get(section, {}))
-        close = difflib.get_close_matches(str(error["loc"][-1]), keys, n=1)
-        return f"unknown key; expected one of {keys}" + (
-            f"; did you mean {close[0]!r}?" if close else "")
-    if kind in ("too_long", "too_short"):
-        return (f"expected {'at most' if kind == 'too_long' else 'at least'} "
-                f"{ctx.get('max_length', ctx.get('min_length'))} items")
-    if kind in bounds:
-        return f"expected a value {bounds[kind]} {next(iter(ctx.values()))}"
-    problem = error["msg"].removeprefix("Value error, ").replace("Input should be", "expected")
-    return problem if "expected" in problem else f"expected a valid value ({problem})"
+LAYOUT = layout()
 
 
-def _error(err: ValidationError, data: dict, source: Optional[str]) -> ConfigError:
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Sections (in the file's or the schema's layout) -> {key path: value}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and _convert(path, _TO_FILE) in LAYOUT:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any], source: Optional[str]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, last = path.split(".")
+        node = tree
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("cannot set a key inside a non-mapping value", file=source,
+                                  key=".".join(parents[:depth + 1]), value=node)
+        if value != {} or last not in node:  # an empty section sets no key
+            node[last] = value
+    return tree
+
+
+def _schema_path(path: str, value: Any, source: Optional[str]) -> Optional[str]:
+    """Where a key path of the file layout lives in the schema (None: checked, not stored)."""
+    if path in FILLED:
+        raise ConfigError(f"not a key of this section: write {FILLED[path]}", key=path,
+                          value=value, file=source)
+    if path == RANDOMIZE:
+        if value not in (True, 1, "True", "true", "yes", "on"):
+            raise ConfigError("expected true: this project implements the randomized training "
+                              "attacks only (docs/METHOD.md, 'Training'); narrow them with "
+                              "eps_factor_scale, comp_loss_wmax or iters_const", key=path,
+                              value=value, file=source)
+        return None
+    return _convert(_convert(path, ALIASES), MOVED)
+
+
+# pydantic's wording -> "expected ..."; the longer phrases first.
+_WORDING = {"Input should be greater than or equal to": "expected a value >=",
+            "Input should be greater than": "expected a value >",
+            "Input should be less than or equal to": "expected a value <=",
+            "Input should be less than": "expected a value <",
+            "Input should be": "expected", "Tuple should have": "expected"}
+
+
+def _error(err: ValidationError, flat: Mapping[str, Any], source: Optional[str]) -> ConfigError:
     """pydantic's first error as one line: the file's key path, the value as written."""
     error = err.errors()[0]
-    path: list[str] = []
+    parts: list[str] = []
     for part in error["loc"]:  # down to the key (not into a tuple's items)
-        cls = section_class(path)
-        if cls is None or not isinstance(part, str) or (
-                part not in cls.model_fields and error["type"] != "extra_forbidden"):
+        if not isinstance(part, str) or not isinstance(flat.get(".".join(parts), {}), Mapping):
             break
-        path.append(part)
-    file_path = _convert(".".join(path), _TO_FILE)
-    problem = _problem(error, file_path.rpartition(".")[0], inside=len(path) < len(error["loc"]))
-    return ConfigError(problem, key=file_path or "<top level>",
-                       value=_lookup(data, ".".join(path)), file=source)
+        parts.append(part)
+    path = ".".join(parts)
+    value = flat.get(path, {k[len(path) + 1:]: v for k, v in flat.items()
+                            if k.startswith(path + ".")} or ...)
+    file_path = _convert(path, _TO_FILE)
+    if error["type"] == "missing":
+        problem = "missing required key" if parts == list(error["loc"]) else "expected more items"
+    elif error["type"] == "extra_forbidden":
+        keys = list(LAYOUT.get(file_path.rpartition(".")[0], {}))
+        close = difflib.get_close_matches(parts[-1], keys, n=1)
+        problem = f"unknown key; expected one of {keys}" + (
+            f"; did you mean {close[0]!r}?" if close else "")
+    else:
+        problem = error["msg"].removeprefix("Value error, ")
+        for words, short in _WORDING.items():
+            problem = problem.replace(words, short)
+        problem = problem if "expected" in problem else f"expected a valid value ({problem})"
+    return ConfigError(problem, key=file_path or "<top level>", value=value, file=source)
 
 
 def _fill(section: BaseModel, **values: Any) -> Any:
@@ -178,11 +157,12 @@ def _check_eps(eps: float, norm: str, key: str, source: Optional[str]) -> None:
                           f"[0, 1]{hint}", key=key, value=eps, file=source)
 
 
-def _validate(data: dict, source: Optional[str]) -> Config:
+def _validate(flat: Mapping[str, Any], source: Optional[str]) -> Config:
+    """Validate {schema key path: value} and fill in the values derived from other sections."""
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(_unflatten(flat, source))
     except ValidationError as err:
-        raise _error(err, data, source) from None
+        raise _error(err, flat, source) from None
     fwd, pgd, ev = config.forward_settings, config.pgd_settings, config.evaluation_settings
     is_bit = fwd.std_model_type.startswith("bit_")
     if fwd.std_resize is not None and not is_bit:
@@ -217,7 +197,18 @@ def parse_config(raw: Any, source: Optional[str] = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping of sections", key="<top level>", value=raw,
                           file=source)
-    return _validate(_to_schema(raw, source), source)
+    flat: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for path, value in _flatten(raw).items():
+        if path in UNUSED:
+            logger.info("%s (a key of the authors' files) is accepted but not used", path)
+        target = _schema_path(path, value, source)
+        if target in flat:
+            raise ConfigError(f"given twice, as {given_as[target]!r} and {path!r}; keep one",
+                              key=path, value=value, file=source)
+        if target is not None:
+            flat[target], given_as[target] = value, path
+    return _validate(flat, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -260,39 +251,22 @@ def apply_overrides(config: Config, **overrides: Any) -> Config:
     of its keys. Values are checked as in a file, and values derived at load are derived again
     from the new keys. ``None`` values are skipped (unset command-line options).
     """
-    data = config.model_dump(exclude_unset=True)  # what was given; derived values are unset
-    applied = []
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        path = key.replace("__", ".")
-        items = {path: value}
-        if isinstance(value, Mapping) and section_class([path]) is not None:
-            items = {f"{path}.{sub}": sub_value for sub, sub_value in value.items()}
-        for item_path, item in items.items():
-            target = _schema_path(item_path, item, config.source)
-            if target is not None:
-                _put(data, target, item, config.source)
-        applied.append(path)
-    if not applied:
+    given = {key.replace("__", "."): value for key, value in overrides.items()
+             if value is not None}
+    if not given:
         return config
-    return _validate(data, f"{config.source or '<config>'} (with overrides of "
-                           f"{', '.join(applied)})")
+    flat = _flatten(config.model_dump(exclude_unset=True))  # derived values are unset
+    for path, value in _flatten(given).items():
+        target = _schema_path(path, value, config.source)
+        if target is not None:
+            flat[target] = value
+    return _validate(flat, f"{config.source or '<config>'} (with overrides of "
+                           f"{', '.join(given)})")
 
 
 def config_to_dict(config: Config) -> dict:
     """The resolved configuration as plain YAML/JSON data, in the file layout."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-    data = plain(config.model_dump())
-    for path in FILLED:
-        del data["randomized_attack_settings"][path.rsplit(".", 1)[1]]
-    for schema_path, file_path in _TO_FILE.items():
-        parent, _, key = schema_path.rpartition(".")
-        _put(data, file_path, data[parent].pop(key), config.source)
-    if not data["run"]:
-        del data["run"]
-    return data
+    flat = _flatten(config.model_dump())
+    return _unflatten({_convert(path, _TO_FILE): list(value) if isinstance(value, tuple)
+                       else value for path, value in flat.items() if path not in FILLED},
+                      config.source)

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Literal, Optional, get_args
+from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       StringConstraints, ValidationInfo, field_validator, model_validator)
@@ -128,7 +128,6 @@ class Section(BaseModel):
     (where None is allowed) and 'default' (where a value is derived at load)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-    unused: ClassVar[tuple[str, ...]] = ()  # keys of the authors' files this project ignores
 
     @model_validator(mode="before")
     @classmethod
@@ -164,7 +163,6 @@ class GammaConsts(Section):
 class ForwardSettings(Section):
     """The composite model: base models, logit scales, mixer, alpha range and gamma constants."""
 
-    unused: ClassVar[tuple[str, ...]] = ("parallel", "ema_decay")
     std_model_type: ModelName = Field(description="STD architecture: a short name (`rn18`, "
                                       "`rn50`, `rn152`) or a registry name")
     rob_model_type: ModelName = Field(description="ROB architecture: a short name (`rn18`, "
@@ -249,7 +247,6 @@ class EvalFreq(Section):
 
 
 class TrainingSettings(Section):
-    unused: ClassVar[tuple[str, ...]] = ("save_eval_imgs", "use_fast_loader")
     epochs: PosInt = Field(3, description="training epochs")
     batch_size: Optional[PosInt] = Field(None, description="**global** training batch size (all "
                                          "processes); None = per-process size x processes")
