@@ -71,10 +71,9 @@ def _default(field: FieldInfo) -> str:
         return f"`'default'`: {derived}"
     if field.is_required():
         return "required"
-    if field.default_factory is not None:
-        value = field.default_factory()  # type: ignore[call-arg]
-        return "all defaults" if isinstance(value, BaseModel) else f"`{dict(value)!r}`"
     value = field.default
+    if isinstance(value, (BaseModel, dict)):
+        return "all defaults" if isinstance(value, BaseModel) else f"`{dict(value)!r}`"
     if isinstance(value, bool):
         return str(value).lower()
     return f"`{value!r}`" if isinstance(value, (str, tuple)) else repr(value)

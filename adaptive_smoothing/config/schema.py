@@ -2,7 +2,7 @@
 
 Values that the authors' files derive from other sections ('default') are filled in by
 :mod:`.legacy`, which also maps their key layout onto these models. docs/CONFIG.md is generated
-from the ``Field`` descriptions here (scripts/gen_config_docs.py).
+from the descriptions here (scripts/gen_config_docs.py).
 """
 from __future__ import annotations
 
@@ -39,8 +39,7 @@ class ConfigError(ValueError):
     def __init__(self, problem: str, *, key: Optional[str] = None, value: Any = ...,
                  file: Optional[str] = None) -> None:
         self.problem, self.key, self.value, self.file = problem, key, value, file
-        text = repr(dict(value) if isinstance(value, dict) else value)
-        where = key if value is ... or key is None else f"{key} = {text[:200]}"
+        where = key if value is ... or key is None else f"{key} = {repr(value)[:200]}"
         super().__init__(": ".join(p for p in (file or "<config>", where, problem) if p))
 
 
@@ -118,9 +117,11 @@ Kwargs = Annotated[dict[str, Any], AfterValidator(FrozenDict)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
-def derived(default: Any, rule: str, description: str, **kwargs: Any) -> Any:
-    """A field that files may set to 'default' (or leave out): filled in at load by ``rule``."""
-    return Field(default, description=description, json_schema_extra={"derived": rule}, **kwargs)
+def key(default: Any, description: str, derived: str = "", **constraints: Any) -> Any:
+    """A documented key. ``derived``: the rule that fills it in at load (:mod:`.legacy`) when a
+    file leaves it out or writes 'default'."""
+    return Field(default, description=description, **constraints,
+                 json_schema_extra={"derived": derived} if derived else None)
 
 
 class Section(BaseModel):
@@ -135,63 +136,60 @@ class Section(BaseModel):
         if not isinstance(data, dict):
             return data
         out = {}
-        for key, value in data.items():
-            field, word = cls.model_fields.get(key), str(value).strip().lower()
+        for name, value in data.items():
+            field, word = cls.model_fields.get(name), str(value).strip().lower()
             if field is not None and isinstance(value, str):
                 if word == "default" and "derived" in (field.json_schema_extra or {}):
                     continue  # unset: legacy.py derives it
                 if word in ("none", "null", "~") and type(None) in get_args(field.annotation):
                     value = None
-            out[key] = value
+            out[name] = value
         return out
 
 
 class ModelLoadPath(Section):
-    std: Str = Field(description="STD (accurate) model checkpoint, relative to `log_dir`")
-    rob: Str = Field(description="ROB (robust) model checkpoint, relative to `log_dir`")
-    comp: Optional[Str] = Field(None, description="mixing-network checkpoint (`{model, bn}`), "
-                                "relative to `log_dir`; None = a new, untrained mixer")
+    std: Str = key(..., "STD (accurate) model checkpoint, relative to `log_dir`")
+    rob: Str = key(..., "ROB (robust) model checkpoint, relative to `log_dir`")
+    comp: Optional[Str] = key(None, "mixing-network checkpoint (`{model, bn}`), relative to "
+                              "`log_dir`; None = a new, untrained mixer")
 
 
 class GammaConsts(Section):
-    train: GammaPair = Field((2.0, 0.4), description="(scale, bias) of the normalised gamma in "
-                             "training mode; scale > 0")
-    eval: GammaPair = Field((2.0, 1.3), description="the same in evaluation mode (published: "
-                            "1.05 CIFAR-10, 1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)")
+    train: GammaPair = key((2.0, 0.4), "(scale > 0, bias) of the normalised gamma in training")
+    eval: GammaPair = key((2.0, 1.3), "the same in evaluation mode (published: 1.05 CIFAR-10, "
+                          "1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)")
 
 
 class ForwardSettings(Section):
     """The composite model: base models, logit scales, mixer, alpha range and gamma constants."""
 
-    std_model_type: ModelName = Field(description="STD architecture: a short name (`rn18`, "
-                                      "`rn50`, `rn152`) or a registry name")
-    rob_model_type: ModelName = Field(description="ROB architecture: a short name (`rn18`, "
-                                      "`wrn`, `wrn7016`, `wrn7016_silu`) or a registry name")
-    std_model_scale: Num = Field(1.0, gt=0, description="STD logit scale s_std")
-    rob_model_scale: Num = Field(1.0, gt=0, description="ROB logit scale s_rob")
-    std_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="extra arguments "
-                                     "of `create_model` for STD, e.g. `{width: 16}`")
-    rob_model_kwargs: Kwargs = Field(default_factory=FrozenDict, description="the same for ROB")
-    std_resize: Optional[PosInt] = derived(None, "128 for BiT STD models, None otherwise",
-                                           "resize STD inputs to this size (BiT only)")
-    in_planes: Optional[Annotated[tuple[PosInt, PosInt], BeforeValidator(_tuple_text)]] = Field(
-        None, description="first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read "
-                          "from the models; checked against them when the model is built")
+    std_model_type: ModelName = key(..., "STD architecture: a short name (`rn18`, `rn50`, "
+                                    "`rn152`) or a registry name")
+    rob_model_type: ModelName = key(..., "ROB architecture: a short name (`rn18`, `wrn`, "
+                                    "`wrn7016`, `wrn7016_silu`) or a registry name")
+    std_model_scale: Num = key(1.0, "STD logit scale s_std", gt=0)
+    rob_model_scale: Num = key(1.0, "ROB logit scale s_rob", gt=0)
+    std_model_kwargs: Kwargs = key(FrozenDict(), "extra arguments of `create_model` for STD, "
+                                   "e.g. `{width: 16}`")
+    rob_model_kwargs: Kwargs = key(FrozenDict(), "the same for ROB")
+    std_resize: Optional[PosInt] = key(None, "resize STD inputs to this size (BiT only)",
+                                       "128 for BiT STD models, None otherwise")
+    in_planes: Optional[Annotated[tuple[PosInt, PosInt], BeforeValidator(_tuple_text)]] = key(
+        None, "first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read from the "
+              "models; checked against them when the model is built")
     gamma: Annotated[float, _check(lambda v: not math.isnan(v), "expected a number, not NaN")] = (
-        Field(0.0, allow_inf_nan=True, description="fixed gamma when `use_policy` is false "
-              "(alpha = sigmoid(gamma)); `-inf` = STD only, `inf` = ROB only"))
-    use_policy: bool = Field(True, description="use the mixing network (false: fixed `gamma`)")
-    policy_graph: bool = Field(True, description="false detaches the mixer's inputs, hiding it "
-                               "from attacks: robust accuracy so measured is **not valid**")
-    pn_version: Literal[3, 4] = Field(4, description="mixing network version (V4 adds a 1x1 "
-                                      "conv on the second features)")
-    alpha_scale: Unit = Field(1.0, description="alpha <- alpha * alpha_scale + alpha_bias")
-    alpha_bias: Unit = Field(0.0, description="lower end of the alpha range; alpha_bias + "
-                             "alpha_scale <= 1")
-    gamma_consts: GammaConsts = Field(default_factory=GammaConsts, description="gamma (scale, "
-                                      "bias) constants of the model (files: training_settings)")
-    parallel: int = Field(1, ge=0, description="authors' key, not used (one process per GPU)")
-    ema_decay: Optional[float] = Field(None, description="authors' key, not used")
+        key(0.0, "fixed gamma when `use_policy` is false (alpha = sigmoid(gamma)); `-inf` = STD "
+                 "only, `inf` = ROB only", allow_inf_nan=True))
+    use_policy: bool = key(True, "use the mixing network (false: fixed `gamma`)")
+    policy_graph: bool = key(True, "false detaches the mixer's inputs, hiding it from attacks: "
+                             "robust accuracy so measured is **not valid**")
+    pn_version: Literal[3, 4] = key(4, "mixing network version (V4 adds a 1x1 conv on the "
+                                    "second features)")
+    alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias")
+    alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1")
+    gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)")
+    parallel: int = key(1, "authors' key, not used (one process per GPU)", ge=0)
+    ema_decay: Optional[float] = key(None, "authors' key, not used")
 
     @field_validator("alpha_bias")
     @classmethod
@@ -202,19 +200,17 @@ class ForwardSettings(Section):
 
 class DatasetSettings(Section):
     name: Annotated[Literal["cifar10", "cifar100"], _names(
-        {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = Field(
-        description="dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
-    format: Literal["torchvision", "npz", "imagefolder"] = Field(
-        "torchvision", description="how the data lies under `path`")
-    path: Str = Field("data", description="dataset folder")
-    train_with_test: bool = Field(False, description="train the mixer on the test split")
-    train_shuffle: bool = Field(True, description="shuffle the training data")
-    pa_path: Optional[Str] = Field(None, description="pre-attacked training data, a file of "
-                                   "`scripts/pre_attack.py` (docs/TRAINING.md)")
-    gamma_0: Optional[float] = Field(None, description="with `pa_path` (then required): a "
-                                     "pre-attacked block's label is 1 where its gamma < gamma_0")
-    blocks: Optional[int] = Field(None, description="with `pa_path`: use the file's first "
-                                  "`blocks` blocks (None: all)")
+        {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = key(
+        ..., "dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
+    format: Literal["torchvision", "npz", "imagefolder"] = key("torchvision", "layout of `path`")
+    path: Str = key("data", "dataset folder")
+    train_with_test: bool = key(False, "train the mixer on the test split")
+    train_shuffle: bool = key(True, "shuffle the training data")
+    pa_path: Optional[Str] = key(None, "pre-attacked training data, a file of "
+                                 "`scripts/pre_attack.py` (docs/TRAINING.md)")
+    gamma_0: Optional[float] = key(None, "with `pa_path` (then required): a pre-attacked "
+                                   "block's label is 1 where its gamma < gamma_0")
+    blocks: Optional[int] = key(None, "with `pa_path`: use its first `blocks` blocks (None: all)")
 
     @property
     def num_classes(self) -> int:
@@ -224,58 +220,57 @@ class DatasetSettings(Section):
 class CompLossConsts(Section):
     """Loss per sample: `bce * BCE(gamma, label) + ce * CE(out, y) + prod * BCE * CE`."""
 
-    bce: Num = Field(1.5, ge=0, description="weight of BCE(gamma, mixer label)")
-    ce: Num = Field(0.0, ge=0, description="weight of CE(composite output, y)")
-    prod: Num = Field(0.3, ge=0, description="weight of BCE * CE")
+    bce: Num = key(1.5, "weight of BCE(gamma, mixer label)", ge=0)
+    ce: Num = key(0.0, "weight of CE(composite output, y)", ge=0)
+    prod: Num = key(0.3, "weight of BCE * CE", ge=0)
 
 
 class CompLossScale(Section):
-    clean: Num = Field(1.0, ge=0, description="loss scale of clean samples")
-    ada: Num = Field(1.0, ge=0, description="loss scale of adversarial samples")
-    pa: Num = Field(1.0, ge=0, description="loss scale of pre-attacked samples (with pa_path)")
+    clean: Num = key(1.0, "loss scale of clean samples", ge=0)
+    ada: Num = key(1.0, "loss scale of adversarial samples", ge=0)
+    pa: Num = key(1.0, "loss scale of pre-attacked samples (with pa_path)", ge=0)
 
 
 class CompLossParams(Section):
-    consts: CompLossConsts = Field(default_factory=CompLossConsts, description="loss weights")
-    scale: CompLossScale = Field(default_factory=CompLossScale, description="per-group scales")
+    consts: CompLossConsts = key(CompLossConsts(), "loss weights")
+    scale: CompLossScale = key(CompLossScale(), "per-group scales")
 
 
 class EvalFreq(Section):
-    epoch: PosInt = Field(1, description="validate and save every this many epochs")
-    iter: Optional[PosInt] = Field(200, description="... and every this many iterations "
-                                   "(attack buffers); `'none'`: at epoch ends only")
+    epoch: PosInt = key(1, "validate and save every this many epochs")
+    iter: Optional[PosInt] = key(200, "... and every this many iterations (attack buffers); "
+                                 "`'none'`: at epoch ends only")
 
 
 class TrainingSettings(Section):
-    epochs: PosInt = Field(3, description="training epochs")
-    batch_size: Optional[PosInt] = Field(None, description="**global** training batch size (all "
-                                         "processes); None = per-process size x processes")
-    batch_size_train_per_gpu: PosInt = Field(50, description="per-process training batch size")
-    batch_size_test_per_gpu: PosInt = Field(50, description="per-process validation batch size")
-    save_eval_imgs: bool = Field(False, description="authors' key, not used")
-    lr: Num = Field(5e-5, gt=0, description="AdamW learning rate")
-    weight_decay: Num = Field(1e-5, ge=0, description="AdamW weight decay")
-    comp_loss_params: CompLossParams = Field(default_factory=CompLossParams, description="loss")
+    epochs: PosInt = key(3, "training epochs")
+    batch_size: Optional[PosInt] = key(None, "**global** training batch size (all processes); "
+                                       "None = per-process size x processes")
+    batch_size_train_per_gpu: PosInt = key(50, "per-process training batch size")
+    batch_size_test_per_gpu: PosInt = key(50, "per-process validation batch size")
+    save_eval_imgs: bool = key(False, "authors' key, not used")
+    lr: Num = key(5e-5, "AdamW learning rate", gt=0)
+    weight_decay: Num = key(1e-5, "AdamW weight decay", ge=0)
+    comp_loss_params: CompLossParams = key(CompLossParams(), "loss")
     accum_grad: Annotated[int, _check(lambda v: v == -1 or v >= 1, "expected -1 (one step per "
-                                      "buffer) or >= 1")] = Field(
-        4, description="mini-batches per optimizer step; -1 = one step per attack buffer")
-    use_fast_loader: bool = Field(False, description="authors' key, not used")
-    eval_freq: EvalFreq = Field(default_factory=EvalFreq, description="validation frequency")
-    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Precision] = Field(
-        "auto", description="`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA")
-    channels_last: bool = Field(True, description="NHWC weights and activations")
-    compile: bool = Field(False, description="`torch.compile` the composite")
-    max_nonfinite_steps: PosInt = Field(10, description="consecutive non-finite losses before "
-                                        "training stops")
-    n_val_examples: PosInt = Field(500, description="test images of periodic validation")
-    max_steps: Optional[PosInt] = Field(None, description="stop after this many steps")
-    n_detection_examples: int = Field(200, ge=0, description="held-out images (the first "
-                                      "validation images) of the detection AUCs; 0 = off")
-    detection_alpha: Unit = Field(0.5, description="alpha of the fixed mixture that the "
-                                  "non-adaptive detection attack (APGD-CE) aims at")
-    reestimate_gamma_bn: bool = Field(True, description="before each validation and checkpoint, "
-                                      "set the gamma BN's running statistics to those of the "
-                                      "last training buffer (docs/TRAINING.md)")
+                                      "buffer) or >= 1")] = key(
+        4, "mini-batches per optimizer step; -1 = one step per attack buffer")
+    use_fast_loader: bool = key(False, "authors' key, not used")
+    eval_freq: EvalFreq = key(EvalFreq(), "validation frequency")
+    precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Precision] = key(
+        "auto", "`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA")
+    channels_last: bool = key(True, "NHWC weights and activations")
+    compile: bool = key(False, "`torch.compile` the composite")
+    max_nonfinite_steps: PosInt = key(10, "consecutive non-finite losses before training stops")
+    n_val_examples: PosInt = key(500, "test images of periodic validation")
+    max_steps: Optional[PosInt] = key(None, "stop after this many steps")
+    n_detection_examples: int = key(200, "held-out images (the first validation images) of the "
+                                    "detection AUCs; 0 = off", ge=0)
+    detection_alpha: Unit = key(0.5, "alpha of the fixed mixture that the non-adaptive "
+                                "detection attack (APGD-CE) aims at")
+    reestimate_gamma_bn: bool = key(True, "before each validation and checkpoint, set the gamma "
+                                    "BN's running statistics to those of the last training "
+                                    "buffer (docs/TRAINING.md)")
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Clean images per training step over all processes."""
@@ -294,48 +289,47 @@ class TrainingSettings(Section):
 
 
 class PgdSettings(Section):
-    norm: Norm = Field("Linf", description="threat model of training attacks and validation "
-                       "(`l_inf`, `l_2` or another spelling)")
-    eps: Num = derived(8 / 255, "8/255 (Linf), 0.5 (L2)", "attack radius; above 64/255 (Linf) or "
-                       "8 (L2) it is refused as a unit mistake", gt=0)
-    iters_test: PosInt = Field(20, description="PGD iterations in validation")
-    alpha_test: Num = Field(0.0027, gt=0, description="PGD step size in validation")
-    use_aa: bool = Field(True, description="validate with APGD rather than PGD")
-    n_target_classes: PosInt = Field(9, description="targets of APGD-T (at most classes - 1)")
-    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = Field("ce", description="loss of the "
-                                                               "validation PGD")
-    attacks_to_run: Attacks = derived(TRAINING_ATTACKS, "apgd-ce, apgd-t", "validation attacks "
-                                      f"(a list or comma-separated) of {list(AUTOATTACK_NAMES)}")
+    norm: Norm = key("Linf", "threat model of training and validation (`l_inf`, `l_2`, ...)")
+    eps: Num = key(8 / 255, "attack radius; above 64/255 (Linf) or 8 (L2) it is refused as a "
+                   "unit mistake", "8/255 (Linf), 0.5 (L2)", gt=0)
+    iters_test: PosInt = key(20, "PGD iterations in validation")
+    alpha_test: Num = key(0.0027, "PGD step size in validation", gt=0)
+    use_aa: bool = key(True, "validate with APGD rather than PGD")
+    n_target_classes: PosInt = key(9, "targets of APGD-T (at most classes - 1)")
+    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = key("ce", "loss of the validation PGD")
+    attacks_to_run: Attacks = key(TRAINING_ATTACKS, "validation attacks (a list or "
+                                  f"comma-separated) of {list(AUTOATTACK_NAMES)}",
+                                  "apgd-ce, apgd-t")
 
 
 class EvaluationSettings(Section):
     """The evaluation (`run.py --eval`); 'default' values are filled in when the file loads."""
 
-    n_examples: PosInt = Field(10000, description="test images (10000 = the full test set)")
-    batch_size: PosInt = Field(200, description="evaluation batch size")
-    precision: Annotated[Literal["fp32", "bf16", "fp16"], Precision] = Field(
-        "fp32", description="autocast dtype of the forward; `'fp16'` on CUDA only")
-    channels_last: bool = Field(True, description="NHWC weights and activations")
-    compile: bool = Field(False, description="`torch.compile` the composite")
-    data_dir: Str = derived("data", "`dataset_settings.path`", "test data folder")
-    attacks_to_run: Attacks = derived(STANDARD_AUTOATTACK, "the standard four", "AutoAttack "
-                                      "attacks; [] = clean accuracy only")
-    norm: Norm = derived("Linf", "that of `pgd_settings.type`", "threat model")
-    eps: Num = derived(8 / 255, "`pgd_settings.eps` when the norms agree, else 8/255 or 0.5",
-                       "radius, as plausible as `pgd_settings.eps`", gt=0)
-    pgd: bool = Field(False, description="also run PGD")
-    pgd_iters: PosInt = derived(20, "`pgd_settings.iters_test`", "PGD iterations")
-    pgd_step_size: Num = derived(0.0027, "`pgd_settings.alpha_test`", "PGD step size", gt=0)
-    pgd_loss: Literal["ce", "dlr", "comp"] = derived(
-        "ce", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", "PGD loss")
-    adaptive_attack: bool = Field(False, description="also run the adaptive (mixer-aware) "
-                                  "attack: APGD with a BCE(gamma, 1) term")
-    adaptive_attack_weight: Unit = Field(0.5, description="weight w of that BCE term")
-    adaptive_attack_iterations: PosInt = Field(100, description="APGD iterations of that attack")
-    autoattack_iterations: PosInt = Field(100, description="APGD iterations inside AutoAttack "
-                                          "(100 = standard; else the run is reported `custom`)")
-    save_adversarial: bool = Field(False, description="save the adversarial images")
-    seed: Seed = derived(0, "the top-level `seed`", "seed of the attacks' per-image random starts")
+    n_examples: PosInt = key(10000, "test images (10000 = the full test set)")
+    batch_size: PosInt = key(200, "evaluation batch size")
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], Precision] = key(
+        "fp32", "autocast dtype of the forward; `'fp16'` on CUDA only")
+    channels_last: bool = key(True, "NHWC weights and activations")
+    compile: bool = key(False, "`torch.compile` the composite")
+    data_dir: Str = key("data", "test data folder", "`dataset_settings.path`")
+    attacks_to_run: Attacks = key(STANDARD_AUTOATTACK, "AutoAttack attacks; [] = clean only",
+                                  "the standard four")
+    norm: Norm = key("Linf", "threat model", "that of `pgd_settings.type`")
+    eps: Num = key(8 / 255, "radius, as plausible as `pgd_settings.eps`", "`pgd_settings.eps` "
+                   "when the norms agree, else 8/255 or 0.5", gt=0)
+    pgd: bool = key(False, "also run PGD")
+    pgd_iters: PosInt = key(20, "PGD iterations", "`pgd_settings.iters_test`")
+    pgd_step_size: Num = key(0.0027, "PGD step size", "`pgd_settings.alpha_test`", gt=0)
+    pgd_loss: Literal["ce", "dlr", "comp"] = key(
+        "ce", "PGD loss", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)")
+    adaptive_attack: bool = key(False, "also run the adaptive (mixer-aware) attack: APGD with a "
+                                "BCE(gamma, 1) term")
+    adaptive_attack_weight: Unit = key(0.5, "weight w of that BCE term")
+    adaptive_attack_iterations: PosInt = key(100, "APGD iterations of that attack")
+    autoattack_iterations: PosInt = key(100, "APGD iterations inside AutoAttack (100 = "
+                                        "standard; else the run is reported `custom`)")
+    save_adversarial: bool = key(False, "save the adversarial images")
+    seed: Seed = key(0, "seed of the attacks' per-image random starts", "the top-level `seed`")
 
     @property
     def autoattack_version(self) -> str:
@@ -349,33 +343,28 @@ class RunSettings(Section):
     """Where and on what a run (training or evaluation) happens."""
 
     device: Annotated[str, _check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
-                                  "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")] = Field(
-        "auto", description="`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, "
-                            "`'cuda:N'`; for training too")
-    threads: Optional[PosInt] = Field(None, description="torch intra-op threads, for training "
-                                      "too; None = OMP_NUM_THREADS or the usable cores divided "
-                                      "by the local torchrun processes")
-    output_dir: Str = derived("results", "`log_dir/log_path`", "results folder; training writes "
-                              "here too")
+                                  "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")] = key(
+        "auto", "`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, `'cuda:N'`; "
+                "for training too")
+    threads: Optional[PosInt] = key(None, "torch intra-op threads, for training too; None = "
+                                    "OMP_NUM_THREADS or the usable cores divided by the local "
+                                    "torchrun processes")
+    output_dir: Str = key("results", "results folder (training's too)", "`log_dir/log_path`")
 
 
 class Config(Section):
-    seed: Seed = Field(0, description="random seed (training, and evaluation by default)")
-    log_dir: Str = Field(".", description="root folder of checkpoints (`Base/`, `CompModel/`)")
-    log_path: Str = Field("results", description="output folder, relative to `log_dir`")
-    model_load_path: ModelLoadPath = Field(description="checkpoint paths")
-    forward_settings: ForwardSettings = Field(description="the composite model")
-    dataset_settings: DatasetSettings = Field(description="the dataset")
-    training_settings: TrainingSettings = Field(default_factory=TrainingSettings,
-                                                description="training the mixing network")
-    pgd_settings: PgdSettings = Field(default_factory=PgdSettings,
-                                      description="attacks of training and validation")
-    randomized_attack_settings: RandomizedAttackSettings = Field(
-        default_factory=RandomizedAttackSettings, description="the randomised training attacks")
-    evaluation_settings: EvaluationSettings = Field(default_factory=EvaluationSettings,
-                                                    description="the evaluation command")
-    run: RunSettings = Field(default_factory=RunSettings, description="device, threads, output "
-                             "folder (files: in evaluation_settings)")
+    seed: Seed = key(0, "random seed (training, and evaluation by default)")
+    log_dir: Str = key(".", "root folder of checkpoints (`Base/`, `CompModel/`)")
+    log_path: Str = key("results", "output folder, relative to `log_dir`")
+    model_load_path: ModelLoadPath = key(..., "checkpoint paths")
+    forward_settings: ForwardSettings = key(..., "the composite model")
+    dataset_settings: DatasetSettings = key(..., "the dataset")
+    training_settings: TrainingSettings = key(TrainingSettings(), "training the mixing network")
+    pgd_settings: PgdSettings = key(PgdSettings(), "attacks of training and validation")
+    randomized_attack_settings: RandomizedAttackSettings = key(
+        RandomizedAttackSettings(), "the randomised training attacks")
+    evaluation_settings: EvaluationSettings = key(EvaluationSettings(), "the evaluation command")
+    run: RunSettings = key(RunSettings(), "device, threads, output (files: evaluation_settings)")
     _source: Optional[str] = PrivateAttr(None)  # the file it was read from, for messages
 
     @property
@@ -384,9 +373,6 @@ class Config(Section):
 
     def __eq__(self, other: Any) -> bool:  # the source is not part of the configuration
         return isinstance(other, Config) and self.model_dump() == other.model_dump()
-
-    def __hash__(self) -> int:
-        return hash(tuple(getattr(self, name) for name in type(self).model_fields))
 
     @property
     def output_path(self) -> Path:
