@@ -6,10 +6,3 @@ from .schema import (AUTOATTACK_NAMES, DEFAULT_EPS, MODEL_TYPE_ALIASES, STANDARD
                      ConfigError, DatasetSettings, EvalFreq, EvaluationSettings, ForwardSettings,
                      FrozenDict, GammaConsts, ModelLoadPath, PgdSettings,
                      RandomizedAttackSettings, RunSettings, TrainingSettings)
-
-__all__ = ["ALIASES", "AUTOATTACK_NAMES", "FILLED", "DEFAULT_EPS", "MODEL_TYPE_ALIASES", "MOVED",
-           "STANDARD_AUTOATTACK", "TRAINING_ATTACKS", "CompLossConsts", "CompLossParams",
-           "CompLossScale", "Config", "ConfigError", "DatasetSettings", "EvalFreq",
-           "EvaluationSettings", "ForwardSettings", "FrozenDict", "GammaConsts", "ModelLoadPath",
-           "PgdSettings", "RandomizedAttackSettings", "RunSettings", "TrainingSettings",
-           "apply_overrides", "config_to_dict", "load_config", "parse_config"]

@@ -46,7 +46,7 @@ def _convert(path: str, table: Mapping[str, str]) -> str:
     return path
 
 
-def layout(model: type[BaseModel] = Config, prefix: str = "",
+def _layout(model: type[BaseModel] = Config, prefix: str = "",
            out: Optional[dict] = None) -> dict[str, dict[str, FieldInfo]]:
     """The file layout: {section key path: {key: schema field}}, in schema order."""
     out = {"": {}} if out is None else out
@@ -57,11 +57,11 @@ def layout(model: type[BaseModel] = Config, prefix: str = "",
         out.setdefault(section, {})[key] = field
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             out.setdefault(_convert(f"{prefix}{name}", _TO_FILE), {})
-            layout(field.annotation, f"{prefix}{name}.", out)
+            _layout(field.annotation, f"{prefix}{name}.", out)
     return out
 
 
-LAYOUT = layout()
+LAYOUT = _layout()
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -229,10 +229,9 @@ def load_config(path: Union[str, os.PathLike]) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=source) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read the file: {err}", file=source) from None
+        problem = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read: {err}"
+        raise ConfigError(problem, file=source) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
