@@ -374,10 +374,6 @@ class Config(Section):
     def __eq__(self, other: Any) -> bool:  # the source is not part of the configuration
         return isinstance(other, Config) and self.model_dump() == other.model_dump()
 
-    @property
-    def output_path(self) -> Path:
-        return Path(self.log_dir) / self.log_path
-
     def model_path(self, which: Literal["std", "rob", "comp"]) -> Optional[Path]:
         """A ``model_load_path`` entry resolved against ``log_dir`` (None for comp: None)."""
         rel = getattr(self.model_load_path, which)
