@@ -32,7 +32,7 @@ import pytorch_warmup
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
@@ -732,7 +732,8 @@ _NOT_SHAPING_WEIGHTS = (
     "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
     "dataset_settings.pa_path",
     "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
-    "training_settings.n_val_examples", "training_settings.batch_size_test_per_gpu",
+    "training_settings.n_val_examples", "training_settings.val_start",
+    "training_settings.batch_size_test_per_gpu",
     "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
     "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
     # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
@@ -836,6 +837,11 @@ def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,
                                   ds.format, ds.path, augment=False)
     if val_set is None:
         val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
+        start = config.training_settings.val_start
+        if start >= len(val_set):
+            raise ConfigError(f"expected less than the {len(val_set)} test images",
+                              key="training_settings.val_start", value=start, file=config.source)
+        val_set = Subset(val_set, range(start, len(val_set)))
     attack = config.randomized_attack_settings
     validation = ValidationAttack(
         eps=pgd.eps, norm=pgd.norm, iterations=pgd.iters_test,

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from adaptive_smoothing.attacks import generate_training_attacks
 from adaptive_smoothing.checkpoints import load_mixer_checkpoint
-from adaptive_smoothing.config import Config, load_config
+from adaptive_smoothing.config import Config, ConfigError, load_config
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
@@ -327,6 +327,19 @@ def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
     # Pre-attacked labels come from the blocks' gammas: flat index // 8 images is the block.
     expected = (torch.tensor(gammas) < 7.1).float().repeat_interleave(len(y))
     assert torch.equal(trainer.pre_attacked["label"], expected)
+
+
+def test_validation_starts_at_val_start_and_refuses_an_index_past_the_test_set(
+        tiny_root: Path) -> None:
+    from adaptive_smoothing.data import build_dataset, load_tensors
+
+    x_test, y_test = load_tensors(build_dataset("cifar10", "test", "npz", tiny_root / "data",
+                                                augment=False))
+    trainer = build_trainer(_tiny_config(tiny_root, "val_start", val_start=1, n_val_examples=2))
+    assert torch.equal(trainer.x_val, x_test[1:3]) and torch.equal(trainer.y_val, y_test[1:3])
+    with pytest.raises(ConfigError, match=r"training_settings.val_start = 4: expected less "
+                                          r"than the 4 test images"):
+        build_trainer(_tiny_config(tiny_root, "val_start_bad", val_start=4))
 
 
 def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:

@@ -263,6 +263,9 @@ class TrainingSettings(Section):
     compile: bool = key(False, "`torch.compile` the composite")
     max_nonfinite_steps: PosInt = key(10, "consecutive non-finite losses before training stops")
     n_val_examples: PosInt = key(500, "test images of periodic validation")
+    val_start: int = key(0, "validation (and the detection AUCs) use the test images from this "
+                         "index on; past `evaluation_settings.n_examples`, choosing a checkpoint "
+                         "never looks at the images an evaluation reports", ge=0)
     max_steps: Optional[PosInt] = key(None, "stop after this many steps")
     n_detection_examples: int = key(200, "held-out images (the first validation images) of the "
                                     "detection AUCs; 0 = off", ge=0)
