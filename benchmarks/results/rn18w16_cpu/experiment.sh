@@ -15,7 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 HERE=benchmarks/results/rn18w16_cpu
 CONFIG=configs/rn18w16_cifar10_cpu.yaml
-RUNS=${RUNS:-runs/rn18w16}
+RUNS=${RUNS:-runs/rn18w16}       # trainings and pre-attacked data (large; not committed)
+EVAL=${EVAL:-$HERE/eval}          # evaluations (small; committed, so they resume anywhere)
 DATA=${DATA:-../shared/data/cifar10}
 ALPHAS=${ALPHAS:-0,0.2,0.5,0.7,0.8,0.85,0.9,0.95,1}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -26,11 +27,9 @@ PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=
 case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
   clean)
     "${RUN[@]}" --eval --alpha-sweep 0,1 --fixed-alphas-only --n-examples 10000 --no-adaptive \
-      --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$RUNS/clean"
-    mkdir -p "$HERE/bases" && cp "$RUNS/clean/sweep.json" "$HERE/bases/clean_10000.json" ;;
+      --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$EVAL/clean" ;;
   fixed)
-    "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --fixed-alphas-only --output-dir "$RUNS/sweep_fixed"
-    mkdir -p "$HERE/fixed" && cp "$RUNS/sweep_fixed/sweep.json" "$HERE/fixed/sweep.json" ;;
+    "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --fixed-alphas-only --output-dir "$EVAL/fixed" ;;
   pre-attack)
     nice -n 19 python3 -m adaptive_smoothing.cli.pre_attack --config "$CONFIG" \
       --output "$RUNS/pa.pt" --n-images 5000 --iterations 10 --threads 1 ;;
@@ -42,14 +41,14 @@ case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
     esac ;;
   sweep)
     RECIPE=${2:?online or pa}
-    OUT="$RUNS/sweep_$RECIPE"
+    OUT="$EVAL/$RECIPE"
     mkdir -p "$OUT" "$HERE/$RECIPE"
     # The fixed mixtures' results do not depend on the mixer: reuse them.
-    for d in "$RUNS"/sweep_fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
     cp "$RUNS/$RECIPE/checkpoints/mixer.pt" "$HERE/$RECIPE/mixer.pt"  # the mixer alone
     "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --adaptive --output-dir "$OUT" \
       --mixer-checkpoint "$RECIPE/mixer.pt"
-    cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"
+    cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"  # the acceptance file of issue 11
     python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/$RECIPE" \
       --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
