@@ -386,7 +386,7 @@ class Trainer:
                 buf /= self.world
 
     def _checkpoint(self) -> None:
-        """Validate, log and save last.pt (and the mixer alone at epoch ends)."""
+        """Validate, log and save last.pt and mixer.pt (and epoch_NNN.pt at epoch ends)."""
         if _base_fingerprint(self.composite) != self.base_fingerprint:
             raise RuntimeError("a base model's weights changed during training; only the mixer "
                                "may learn (this is a bug)")
