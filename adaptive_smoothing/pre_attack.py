@@ -66,7 +66,8 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
     With ``progress_dir``, each finished block is saved there (one file per block), and a later
     call with the same images and settings reuses them: a stopped generation resumes at the
-    block it was in. Finished blocks made with other settings are refused, not mixed in.
+    block it was in. Finished blocks made with other settings or base models are refused, not
+    mixed in.
     """
     if not gammas:
         raise ValueError("generate_blocks needs at least one gamma")
@@ -76,11 +77,13 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
         store = BatchStore(progress_dir, ".pt", write=torch.save,
                            read=lambda path: torch.load(path, weights_only=True))
     blocks = []
+    models = _models_fingerprint(composite) if store is not None else None
     for k, gamma in enumerate(gammas):
         # What makes block k: a saved block is reused only if all of it agrees.
         made_by = {"gamma": float(gamma), "eps": float(eps), "norm": norm,
                    "iterations": int(iterations), "step_size": float(step), "seed": int(seed),
-                   "index": index.to(torch.int64).cpu(), "y": y.to(torch.int64).cpu()}
+                   "index": index.to(torch.int64).cpu(), "y": y.to(torch.int64).cpu(),
+                   "base_models": models}
         saved = store.load(k) if store is not None else None
         if saved is not None:
             _check_saved_block(saved, made_by, store.path(k))
@@ -107,6 +110,16 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
             "gamma": torch.tensor([float(g) for g in gammas], dtype=torch.float64),
             "eps": float(eps), "norm": norm, "iterations": int(iterations),
             "step_size": float(step)}
+
+
+def _models_fingerprint(composite: CompositeModel) -> torch.Tensor:
+    """The base models' logit scales and per-tensor float64 sums of their weights: blocks of
+    other base models (a rerun with another config into the same output) must not be reused."""
+    tensors = [*composite.std_model.state_dict().values(),
+               *composite.rob_model.state_dict().values()]
+    return torch.tensor([float(composite.std_scale), float(composite.rob_scale)]
+                        + [float(t.detach().double().sum()) for t in tensors
+                           if t.is_floating_point()], dtype=torch.float64)
 
 
 def _check_saved_block(saved: dict, made_by: dict, path: Path) -> None:

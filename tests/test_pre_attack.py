@@ -97,3 +97,44 @@ def test_a_stopped_generation_resumes_from_its_finished_blocks_and_refuses_other
                                                 "iterations"):
         generate_blocks(model, x, y, torch.arange(4), progress_dir=progress,
                         **dict(args, iterations=3))
+
+
+def test_finished_blocks_of_other_base_models_are_refused(tmp_path: Path) -> None:
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8).float() / 255
+    y = torch.randint(0, 10, (2,))
+    args = dict(gammas=(-math.inf,), eps=8 / 255, iterations=1, batch_size=2,
+                progress_dir=tmp_path / "pa.pt.blocks")
+    generate_blocks(_composite(), x, y, torch.arange(2), **args)
+    other = _composite()  # e.g. a rerun with another config's ROB into the same output
+    with torch.no_grad():
+        other.rob_model.linear.bias.add_(1.0)
+    with pytest.raises(PreAttackedError, match="00000.pt: a finished block made with another "
+                                                "base_models"):
+        generate_blocks(other, x, y, torch.arange(2), **args)
+
+
+def test_the_cli_refuses_finished_blocks_of_other_settings_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adaptive_smoothing.cli import pre_attack as cli
+    from synthetic import make_tiny_training_root
+
+    root = make_tiny_training_root(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text("\n".join([
+        f"log_dir: '{root}'",
+        "model_load_path: {std: 'Base/std.pt', rob: 'Base/rob.pt', comp: 'None'}",
+        "forward_settings: {std_model_type: resnet18, std_model_kwargs: {width: 2}, "
+        "rob_model_type: resnet18, rob_model_kwargs: {width: 2}, pn_version: 3}",
+        f"dataset_settings: {{name: CIFAR-10, format: npz, path: '{root / 'data'}'}}",
+        "evaluation_settings: {device: cpu}"]) + "\n")
+    output = tmp_path / "pa.pt"
+    (tmp_path / "pa.pt.blocks").mkdir()
+    torch.save({"gamma": 5.0}, tmp_path / "pa.pt.blocks" / "00000.pt")  # another run's block
+    result = CliRunner().invoke(cli.main, ["--config", str(config), "--output", str(output),
+                                           "--gammas=-inf,inf", "--n-images", "2",
+                                           "--iterations", "1", "--threads", "1"])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
+    assert "error: " in result.output and "00000.pt: a finished block made with another gamma" \
+        in result.output
+    assert not output.exists()

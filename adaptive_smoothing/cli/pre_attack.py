@@ -15,7 +15,8 @@ from adaptive_smoothing.cli.options import threads_option
 from adaptive_smoothing.config import ConfigError, load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
-from adaptive_smoothing.pre_attack import DEFAULT_GAMMAS, generate_blocks, save_blocks
+from adaptive_smoothing.pre_attack import (DEFAULT_GAMMAS, PreAttackedError, generate_blocks,
+                                          save_blocks)
 from adaptive_smoothing.runtime import configure_threads, resolve_device
 
 
@@ -58,11 +59,14 @@ def main(config_path: Path, output: Path, gammas: str, n_images: int | None, ite
     train = build_dataset(ds.name, "train", ds.format, ds.path, augment=False)
     x, y = load_tensors(train, n_images)
     import torch
-    blocks = generate_blocks(composite, x, y, torch.arange(len(y)), gammas=_gammas(gammas),
-                             eps=config.pgd_settings.eps,
-                             norm=config.pgd_settings.norm,
-                             iterations=iterations, step_size=step_size, batch_size=batch_size,
-                             device=device, seed=config.seed, progress_dir=progress_dir)
+    try:
+        blocks = generate_blocks(composite, x, y, torch.arange(len(y)), gammas=_gammas(gammas),
+                                 eps=config.pgd_settings.eps, norm=config.pgd_settings.norm,
+                                 iterations=iterations, step_size=step_size,
+                                 batch_size=batch_size, device=device, seed=config.seed,
+                                 progress_dir=progress_dir)
+    except PreAttackedError as err:  # finished blocks of other settings
+        raise SystemExit(f"error: {err}")
     logging.info("wrote %s", save_blocks(blocks, output))
     shutil.rmtree(progress_dir)
 
