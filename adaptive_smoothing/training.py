@@ -302,6 +302,7 @@ class Trainer:
             old = _recorded_config_identity(state.get("config", {}))
             logger.warning("%s records no fingerprints of its base models and data (an older "
                            "version); only its config is compared", path)
+        old = {k: v for k, v in old.items() if _in_identity(k)}
         changed = {k: [old.get(k), self.identity.get(k)]
                    for k in sorted(set(old) | set(self.identity))
                    if k in old and old.get(k) != self.identity.get(k)}
@@ -736,9 +737,10 @@ _NOT_SHAPING_WEIGHTS = (
     "training_settings.batch_size_test_per_gpu",
     "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
     "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
+    "training_settings.n_detection_examples", "training_settings.detection_alpha",
     # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
     # the same training.
-    "training_settings.precision",
+    "training_settings.precision", "training_settings.channels_last", "training_settings.compile",
     "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
     "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
     "randomized_attack_settings.randomize")
@@ -760,6 +762,12 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def _shapes_weights(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
+
+
+def _in_identity(key: str) -> bool:
+    """Whether ``key`` of a recorded identity still counts: one that a checkpoint recorded but
+    that has joined ``_NOT_SHAPING_WEIGHTS`` since must not block its resume as a change."""
+    return key in _FINGERPRINT_KEYS or _shapes_weights(key)
 
 
 def training_identity(config: Config) -> dict[str, Any]:

@@ -591,6 +591,21 @@ def test_resume_refuses_a_changed_config_key_naming_it(
         build_trainer(config)
 
 
+def test_resume_ignores_how_it_computes_and_what_it_reports_even_if_the_checkpoint_recorded_it(
+        one_step_run: Path, tiny_root: Path) -> None:
+    path = _resumable_copy(one_step_run, tiny_root, "computes_differently")
+    # Recorded as shaping the weights (older versions did): a key that no longer counts must not
+    # block the resume as a change to None.
+    state = _load(path)
+    state["identity"].update({"training_settings.channels_last": True,
+                              "training_settings.n_detection_examples": 200})
+    torch.save(state, path)
+    config = apply_overrides(_tiny_config(tiny_root, "computes_differently", epochs=1), **{
+        "training_settings.channels_last": False, "training_settings.n_detection_examples": 0,
+        "training_settings.detection_alpha": 0.3, "training_settings.val_start": 1})
+    assert build_trainer(config).iteration == 1
+
+
 def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root: Path) -> None:
     _resumable_copy(one_step_run, tiny_root, "new_std")
     torch.manual_seed(9)
