@@ -43,7 +43,9 @@ case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
     RECIPE=${2:?online or pa}
     OUT="$EVAL/$RECIPE"
     mkdir -p "$OUT" "$HERE/$RECIPE"
-    # The fixed mixtures' results do not depend on the mixer: reuse them.
+    # The fixed mixtures' results do not depend on the mixer: reuse them (without a `fixed` run,
+    # nullglob lets the sweep evaluate them itself instead of failing on a literal pattern).
+    shopt -s nullglob
     for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
     cp "$RUNS/$RECIPE/checkpoints/mixer.pt" "$HERE/$RECIPE/mixer.pt"  # the mixer alone
     "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --adaptive --output-dir "$OUT" \
