@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
@@ -180,6 +181,11 @@ class Trainer:
         self.config_changes: list[dict[str, Any]] = []
         ts = settings
         self.rank, self.world = distributed_rank_world()
+        if self.world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Each process would train alone as rank 0, all writing the same checkpoints.
+            raise RuntimeError("started by torchrun (WORLD_SIZE > 1) outside a process group: "
+                               "join it first with runtime.init_distributed (build_trainer "
+                               "does)")
         self.device = device
         self.dtype = resolve_precision(ts.precision, self.device)
         self.output_dir = Path(output_dir)

@@ -342,6 +342,18 @@ def test_validation_starts_at_val_start_and_refuses_an_index_past_the_test_set(
         build_trainer(_tiny_config(tiny_root, "val_start_bad", val_start=4))
 
 
+def test_a_trainer_under_torchrun_outside_the_process_group_is_refused(
+        tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import adaptive_smoothing.training as training
+
+    # A caller that builds the Trainer without joining the group torchrun set up.
+    monkeypatch.setattr(training, "init_distributed",
+                        lambda device: (0, 1, torch.device("cpu")))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE > 1\) outside a process group"):
+        build_trainer(_tiny_config(tiny_root, "no_group", epochs=1))
+
+
 def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "debug", epochs=5, eval_freq={"epoch": 1, "iter": 100})
     path = run_training(config, debug=True)
