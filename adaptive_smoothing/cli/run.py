@@ -67,7 +67,7 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
               default=None, help="[dataset_settings.format]; inferred for .npz folders.")
 @click.option("--mixer-checkpoint", default=None,
               help="Mixing-network checkpoint to load, relative to log_dir "
-                   "[model_load_path.comp]; e.g. a training run's checkpoints/last.pt.")
+                   "[model_load_path.comp]; e.g. a training run's checkpoints/mixer.pt.")
 @click.option("--output-dir", default=None,
               help="Where results / checkpoints go [log_dir/log_path].")
 @click.option("--attacks", default=None,
