@@ -253,12 +253,12 @@ def check_precision_resume(device: torch.device, smoke: bool, data_dir: Optional
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         trainer = build_trainer(_tiny_training_config(root, first, 2, device),
-                          train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]))
+                                train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]))
         trainer.fit()
         # Extending the run (max_steps 2 -> 4) changes the schedule: a resume must be told.
         resumed = build_trainer(_tiny_training_config(root, second, 4, device),
-                          train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]),
-                          allow_config_change=("training_settings.max_steps",))
+                                train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]),
+                                allow_config_change=("training_settings.max_steps",))
         start = resumed.global_step
         resumed.fit()
         finite = all(torch.isfinite(p).all().item() for p in resumed.mixer.parameters())

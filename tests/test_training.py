@@ -521,7 +521,7 @@ def test_trained_mixer_separates_clean_from_attacked_inputs(
     config = _behaviour_config(tmp_path)
     test_set = _SyntheticData(64, seed=2)
     trainer = build_trainer(config, train_set=_SyntheticData(512, seed=1),
-                      val_set=(test_set.x, test_set.y))
+                            val_set=(test_set.x, test_set.y))
     trainer.fit()
 
     # Held-out points, attacked as in training (fresh seed).
