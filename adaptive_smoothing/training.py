@@ -350,7 +350,10 @@ class Trainer:
             logger.info("resuming %s in fp16 from a run without a gradient scaler (bf16/fp32): "
                         "the scaler starts afresh", path)
         self.config_changes = list(state.get("config_changes", []))
-        self._apply_schedule_settings(float(state["config"]["training_settings"]["lr"]))
+        # The lr in force when it was saved, from the optimizer (the scheduler's initial_lr, which
+        # _apply_schedule_settings keeps at the configured lr), not from the config record: a
+        # Trainer built without a config records whatever its caller passes.
+        self._apply_schedule_settings(float(state["optimizer"]["param_groups"][0]["initial_lr"]))
         if changed:
             self.config_changes.append({"iteration": int(state["iteration"]),
                                         "global_step": int(state["global_step"]),

@@ -618,6 +618,27 @@ def test_resume_ignores_how_it_computes_and_what_it_reports_even_if_the_checkpoi
     assert build_trainer(config).iteration == 1
 
 
+def test_a_trainer_built_without_a_config_resumes(one_step_run: Path, tiny_root: Path) -> None:
+    from adaptive_smoothing.data import build_dataset
+
+    path = _resumable_copy(one_step_run, tiny_root, "explicit")
+    state = _load(path)
+    state["config"] = {"note": "no config file"}  # as a Trainer built without a config saves
+    torch.save(state, path)
+    config = _tiny_config(tiny_root, "explicit", epochs=1)
+    built = build_trainer(config, resume=False)  # only for the arguments
+    trainer = Trainer(built.composite,
+                      build_dataset("cifar10", "train", "npz", tiny_root / "data", augment=False),
+                      (built.x_val, built.y_val), settings=config.training_settings,
+                      attack=config.randomized_attack_settings, validation=built.validation,
+                      seed=config.seed, output_dir=config.run.output_dir,
+                      device=torch.device("cpu"), identity=built.identity,
+                      config_record={"note": "no config file"})
+    old_lr = _load(one_step_run)["optimizer"]["param_groups"][0]["lr"]
+    assert trainer.iteration == 1
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(old_lr)
+
+
 def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root: Path) -> None:
     _resumable_copy(one_step_run, tiny_root, "new_std")
     torch.manual_seed(9)
