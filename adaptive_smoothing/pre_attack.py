@@ -114,11 +114,12 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
 def _models_fingerprint(composite: CompositeModel) -> torch.Tensor:
     """The base models' logit scales and per-tensor float64 sums of their weights: blocks of
-    other base models (a rerun with another config into the same output) must not be reused."""
+    other base models (a rerun with another config into the same output) must not be reused.
+    Summed on the CPU, so that a generation resumed on another device still matches."""
     tensors = [*composite.std_model.state_dict().values(),
                *composite.rob_model.state_dict().values()]
     return torch.tensor([float(composite.std_scale), float(composite.rob_scale)]
-                        + [float(t.detach().double().sum()) for t in tensors
+                        + [float(t.detach().cpu().double().sum()) for t in tensors
                            if t.is_floating_point()], dtype=torch.float64)
 
 
