@@ -113,10 +113,7 @@ def test_finished_blocks_of_other_base_models_are_refused(tmp_path: Path) -> Non
         generate_blocks(other, x, y, torch.arange(2), **args)
 
 
-def test_the_cli_refuses_finished_blocks_of_other_settings_in_one_line(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from adaptive_smoothing.cli import pre_attack as cli
+def _cli_config(tmp_path: Path, data: str, data_format: str) -> Path:
     from synthetic import make_tiny_training_root
 
     root = make_tiny_training_root(tmp_path)
@@ -126,8 +123,34 @@ def test_the_cli_refuses_finished_blocks_of_other_settings_in_one_line(tmp_path:
         "model_load_path: {std: 'Base/std.pt', rob: 'Base/rob.pt', comp: 'None'}",
         "forward_settings: {std_model_type: resnet18, std_model_kwargs: {width: 2}, "
         "rob_model_type: resnet18, rob_model_kwargs: {width: 2}, pn_version: 3}",
-        f"dataset_settings: {{name: CIFAR-10, format: npz, path: '{root / 'data'}'}}",
+        f"dataset_settings: {{name: CIFAR-10, format: {data_format}, path: '{data}'}}",
         "evaluation_settings: {device: cpu}"]) + "\n")
+    return config
+
+
+def test_the_cli_reads_the_data_dir_flag_and_removes_its_finished_blocks(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adaptive_smoothing.cli import pre_attack as cli
+
+    config = _cli_config(tmp_path, "nowhere", "torchvision")  # --data-dir replaces both
+    output = tmp_path / "pa.pt"
+    result = CliRunner().invoke(cli.main, ["--config", str(config), "--output", str(output),
+                                           "--data-dir", str(tmp_path / "data"),
+                                           "--gammas=-inf,inf", "--n-images", "2",
+                                           "--iterations", "1", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    blocks = load_blocks(output)
+    assert blocks["x"].shape == (2, 2, 3, 32, 32) and blocks["index"].tolist() == [0, 1]
+    assert not (tmp_path / "pa.pt.blocks").exists()
+
+
+def test_the_cli_refuses_finished_blocks_of_other_settings_in_one_line(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from adaptive_smoothing.cli import pre_attack as cli
+
+    config = _cli_config(tmp_path, str(tmp_path / "data"), "npz")
     output = tmp_path / "pa.pt"
     (tmp_path / "pa.pt.blocks").mkdir()
     torch.save({"gamma": 5.0}, tmp_path / "pa.pt.blocks" / "00000.pt")  # another run's block

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from adaptive_smoothing.cli.options import threads_option
-from adaptive_smoothing.config import ConfigError, load_config
+from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.pre_attack import (DEFAULT_GAMMAS, PreAttackedError, generate_blocks,
@@ -34,17 +34,24 @@ def _gammas(text: str) -> tuple[float, ...]:
               help="The file to write (torch.save, loads with weights_only).")
 @click.option("--gammas", default=",".join(str(g) for g in DEFAULT_GAMMAS),
               help="One block per gamma of the fixed mixture attacked (-inf: STD, inf: ROB).")
+@click.option("--data-dir", default=None,
+              help="Dataset folder [dataset_settings.path]; a folder holding train.npz selects "
+                   "the offline .npz format.")
 @click.option("--n-images", default=None, type=int, help="First N training images [all].")
 @click.option("--iterations", default=10, type=int, help="PGD-CE iterations per image.")
 @click.option("--step-size", default=None, type=float, help="PGD step [eps / 4].")
 @click.option("--batch-size", default=256, type=int)
 @threads_option()
-def main(config_path: Path, output: Path, gammas: str, n_images: int | None, iterations: int,
-         step_size: float | None, batch_size: int, threads: int | None) -> None:
+def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
+         n_images: int | None, iterations: int, step_size: float | None, batch_size: int,
+         threads: int | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_threads(threads)
     try:
-        config = load_config(config_path)
+        config = apply_overrides(load_config(config_path), **{
+            "dataset_settings.path": data_dir,
+            "dataset_settings.format": ("npz" if data_dir is not None
+                                        and Path(data_dir, "train.npz").exists() else None)})
     except ConfigError as err:
         raise SystemExit(f"error: {err}")
     if output.exists():

@@ -32,7 +32,7 @@ case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
     "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --fixed-alphas-only --output-dir "$EVAL/fixed" ;;
   pre-attack)
     nice -n 19 python3 -m adaptive_smoothing.cli.pre_attack --config "$CONFIG" \
-      --output "$RUNS/pa.pt" --n-images 5000 --iterations 10 --threads 1 ;;
+      --output "$RUNS/pa.pt" --data-dir "$DATA" --n-images 5000 --iterations 10 --threads 1 ;;
   train)
     case "${2:?online or pa}" in
       online) "${RUN[@]}" --training --output-dir "$RUNS/online" ;;
