@@ -18,7 +18,7 @@ CONFIG=configs/rn18w16_cifar10_cpu.yaml
 RUNS=${RUNS:-runs/rn18w16}       # trainings and pre-attacked data (large; not committed)
 EVAL=${EVAL:-$HERE/eval}          # evaluations (small; committed, so they resume anywhere)
 DATA=${DATA:-../shared/data/cifar10}
-ALPHAS=${ALPHAS:-0,0.2,0.5,0.7,0.8,0.85,0.9,0.95,1}
+ALPHAS=${ALPHAS:-0,0.2,0.5,0.8,0.9,0.95,1}  # more points later where the composite lands; finished ones are reused
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1 --device cpu)
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
