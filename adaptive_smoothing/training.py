@@ -833,7 +833,8 @@ def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,
     the datasets, and passes them with the config's sections.
 
     ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); see
-    :class:`Trainer`. ``resume``, ``debug``, ``allow_config_change``: as in :func:`run_training`.
+    :class:`Trainer`. A ``val_set`` given here is used from its first image
+    (``training_settings.val_start`` selects within the config's test set only). ``resume``, ``debug``, ``allow_config_change``: as in :func:`run_training`.
     """
     fwd, ds, pgd = config.forward_settings, config.dataset_settings, config.pgd_settings
     _, _, device = init_distributed(config.run.device)

@@ -21,7 +21,7 @@ torch.set_num_threads(1)
 logging.basicConfig(level=logging.INFO)
 out_dir, n, iters, alphas = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 cfg = apply_overrides(load_config("configs/rn18w8_cifar10_cpu.yaml"), **{
-    "model_load_path.comp": "mixer_e/checkpoints/last.pt", "evaluation_settings.n_examples": n,
+    "evaluation_settings.n_examples": n,
     "evaluation_settings.autoattack_iterations": iters,
     "run.output_dir": out_dir, "run.device": "cpu"})
 logging.getLogger(__name__).info("\n%s", run_alpha_sweep(
