@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, pgd
 from adaptive_smoothing.config import ConfigError
-from adaptive_smoothing.models.composite import CompositeModel, fixed_alpha_composite
+from adaptive_smoothing.models.composite import (CompositeModel, base_weight_sums,
+                                                  fixed_alpha_composite)
 from adaptive_smoothing.persist import BatchStore, write_atomic
 from adaptive_smoothing.runtime import autocast_context
 
@@ -113,14 +114,10 @@ def generate_blocks(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
 
 
 def _models_fingerprint(composite: CompositeModel) -> torch.Tensor:
-    """The base models' logit scales and per-tensor float64 sums of their weights: blocks of
-    other base models (a rerun with another config into the same output) must not be reused.
-    Summed on the CPU, so that a generation resumed on another device still matches."""
-    tensors = [*composite.std_model.state_dict().values(),
-               *composite.rob_model.state_dict().values()]
-    return torch.tensor([float(composite.std_scale), float(composite.rob_scale)]
-                        + [float(t.detach().cpu().double().sum()) for t in tensors
-                           if t.is_floating_point()], dtype=torch.float64)
+    """The base models' logit scales and weight sums: blocks of other base models (a rerun
+    with another config into the same output) must not be reused."""
+    return torch.tensor([float(composite.std_scale), float(composite.rob_scale),
+                         *base_weight_sums(composite)], dtype=torch.float64)
 
 
 def _check_saved_block(saved: dict, made_by: dict, path: Path) -> None:

@@ -48,6 +48,7 @@ from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_
 from adaptive_smoothing.fingerprint import optional_file_sha256
 from adaptive_smoothing.losses import AttackLossName, CompLoss
 from adaptive_smoothing.models import CompositeModel
+from adaptive_smoothing.models.composite import base_weight_sums
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.pre_attack import PreAttacked, load_pre_attacked
 from adaptive_smoothing.rundir import RunLock
@@ -104,13 +105,6 @@ def _restore_cuda_rng(states: Optional[list[torch.Tensor]], path: Path) -> None:
                        min(len(states), visible))
     for index, rng_state in enumerate(states[:visible]):
         torch.cuda.set_rng_state(rng_state.cpu(), index)
-
-
-def _base_fingerprint(composite: CompositeModel) -> list[float]:
-    """Per-tensor float64 sums of the base models' parameters and buffers (cheap change check)."""
-    tensors = [*composite.std_model.state_dict().values(),
-               *composite.rob_model.state_dict().values()]
-    return [float(t.detach().double().sum()) for t in tensors if t.is_floating_point()]
 
 
 @dataclass(frozen=True)
@@ -206,7 +200,7 @@ class Trainer:
             self.composite.use_global_batch_statistics()
             self.ddp_mixer = DistributedDataParallel(
                 self.mixer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.base_fingerprint = _base_fingerprint(self.composite)
+        self.base_fingerprint = base_weight_sums(self.composite)
 
         # Data.
         self.n_target = attack.n_target
@@ -397,7 +391,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         """Validate, log and save last.pt and mixer.pt (and epoch_NNN.pt at epoch ends)."""
-        if _base_fingerprint(self.composite) != self.base_fingerprint:
+        if base_weight_sums(self.composite) != self.base_fingerprint:
             raise RuntimeError("a base model's weights changed during training; only the mixer "
                                "may learn (this is a bug)")
         if self.settings.reestimate_gamma_bn:

@@ -265,6 +265,14 @@ def _clamp(gamma: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.
     return torch.clamp(gamma, min=mean - _CLAMP_STDS * std, max=mean + _CLAMP_STDS * std)
 
 
+def base_weight_sums(composite: CompositeModel) -> list[float]:
+    """Per-tensor float64 sums of the base models' parameters and buffers, summed on the CPU:
+    a cheap check that the base models are (still) the same ones, on any device."""
+    tensors = [*composite.std_model.state_dict().values(),
+               *composite.rob_model.state_dict().values()]
+    return [float(t.detach().cpu().double().sum()) for t in tensors if t.is_floating_point()]
+
+
 def fixed_alpha_composite(composite: CompositeModel, alpha: float) -> CompositeModel:
     """The same base models and logit scales mixed with one constant alpha for every input
     (alpha 0: STD only, alpha 1: ROB only): the baseline adaptive smoothing is compared with."""
