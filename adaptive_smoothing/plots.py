@@ -1,5 +1,6 @@
 """Figures of an alpha sweep (``run.py --eval --alpha-sweep``): the accuracy-robustness trade-off
-and the distribution of alpha on clean vs attacked inputs."""
+and the distribution of alpha on clean vs attacked inputs; and the held-out validation curves of a
+mixer training (its TensorBoard folder)."""
 from __future__ import annotations
 
 import json
@@ -64,6 +65,65 @@ def plot_alpha_histogram(batches_dir: Path, path: Path, title: str = "") -> None
     ax.set_ylabel("images")
     ax.set_title(title or "alpha on clean vs attacked inputs")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# The held-out validation curves of a mixer training (tensorboard tag -> label), in plot order.
+VALIDATION_CURVES = {
+    "val/auc_adaptive": "detection AUC, adaptive attack",
+    "val/auc_fixed": "detection AUC, fixed attack",
+    "val/clean_acc": "clean accuracy",
+    "val/robust_acc": "robust accuracy (validation attack)",
+    "val/det_alpha_clean": "mean alpha, clean",
+    "val/det_alpha_adaptive": "mean alpha, adaptive-attacked",
+}
+
+
+def read_validation_curves(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The ``val/*`` scalars of a training's TensorBoard folder as {tag: [(step, value), ...]}.
+
+    A resumed run appends a new event file and may repeat the steps after its last checkpoint;
+    the value written last for a step is the one kept, as TensorBoard itself shows it.
+    """
+    # Imported here: tensorboard's event reader is only needed by this function.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not any(Path(tensorboard_dir).glob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"no TensorBoard event file in {tensorboard_dir}; expected a "
+                                "training's output folder/tensorboard")
+    events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    curves = {}
+    for tag in events.Tags()["scalars"]:
+        if tag.startswith("val/"):
+            by_step = {e.step: e.value for e in events.Scalars(tag)}
+            curves[tag] = sorted(by_step.items())
+    if not curves:
+        raise ValueError(f"{tensorboard_dir} holds no validation (val/*) scalars yet: the first "
+                         "validation comes after training_settings.eval_freq iterations")
+    return curves
+
+
+def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Path,
+                           title: str = "") -> None:
+    """Detection AUCs (left) and accuracies / mean alphas (right) against the optimizer step."""
+    fig, (auc_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for tag, label in VALIDATION_CURVES.items():
+        if tag not in curves:
+            continue
+        steps, values = zip(*curves[tag])
+        ax = auc_ax if tag.startswith("val/auc") else acc_ax
+        ax.plot(steps, values, "o-", markersize=3, label=label)
+    auc_ax.axhline(0.5, color="tab:gray", linestyle=":", linewidth=1)
+    auc_ax.set_ylabel("AUC of gamma, clean vs attacked")
+    acc_ax.set_ylabel("accuracy / alpha")
+    for ax in (auc_ax, acc_ax):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "held-out validation during mixer training")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -8,6 +8,7 @@
 #   experiment.sh fixed            # the fixed-alpha mixtures on the first 1,000 test images
 #   experiment.sh pre-attack       # pre-attacked blocks for the pa recipe (runs/rn18w16/pa.pt)
 #   experiment.sh train online|pa  # a mixer training (the online / pre-attacked recipe)
+#   experiment.sh curves online|pa # that training's held-out validation curves (AUCs) -> $HERE/RECIPE/
 #   experiment.sh sweep online|pa  # that mixer's sweep: the fixed mixtures (reused) + composite
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
 # pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
@@ -24,7 +25,7 @@ RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
     --set dataset_settings.blocks=8)
 
-case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
+case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE or sweep RECIPE}" in
   clean)
     "${RUN[@]}" --eval --alpha-sweep 0,1 --fixed-alphas-only --n-examples 10000 --no-adaptive \
       --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$EVAL/clean" ;;
@@ -39,6 +40,10 @@ case "${1:?clean, fixed, pre-attack, train RECIPE or sweep RECIPE}" in
       pa) "${RUN[@]}" --training --output-dir "$RUNS/pa" "${PA[@]}" ;;
       *) echo "unknown recipe $2" >&2; exit 2 ;;
     esac ;;
+  curves)
+    RECIPE=${2:?online or pa}
+    python3 -m adaptive_smoothing.cli.plot_training "$RUNS/$RECIPE" --output-dir "$HERE/$RECIPE" \
+      --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe: held-out validation" ;;
   sweep)
     RECIPE=${2:?online or pa}
     OUT="$EVAL/$RECIPE"
