@@ -8,6 +8,7 @@
 #   experiment.sh fixed            # the fixed-alpha mixtures on the first 1,000 test images
 #   experiment.sh pre-attack       # pre-attacked blocks for the pa recipe (runs/rn18w16/pa.pt)
 #   experiment.sh train online|pa  # a mixer training (the online / pre-attacked recipe)
+#   experiment.sh train nonadaptive # the online recipe without the attack's mixer term (w = 0)
 #   experiment.sh curves online|pa # that training's held-out validation curves (AUCs) -> $HERE/RECIPE/
 #   experiment.sh sweep online|pa  # that mixer's sweep: the fixed mixtures (reused) + composite
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
@@ -35,9 +36,11 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE or sweep RECIPE
     nice -n 19 python3 -m adaptive_smoothing.cli.pre_attack --config "$CONFIG" \
       --output "$RUNS/pa.pt" --data-dir "$DATA" --n-images 5000 --iterations 10 --threads 1 ;;
   train)
-    case "${2:?online or pa}" in
+    case "${2:?online, pa or nonadaptive}" in
       online) "${RUN[@]}" --training --output-dir "$RUNS/online" ;;
       pa) "${RUN[@]}" --training --output-dir "$RUNS/pa" "${PA[@]}" ;;
+      nonadaptive) "${RUN[@]}" --training --output-dir "$RUNS/nonadaptive" \
+        --set randomized_attack_settings.comp_loss_wmax=0 ;;
       *) echo "unknown recipe $2" >&2; exit 2 ;;
     esac ;;
   curves)
