@@ -1,5 +1,5 @@
 """How much of the robust model's robustness a fixed mixture can keep (docs/METHOD.md,
-"Certified robustness").
+"Certified robustness"), and how a composite compares with the fixed mixtures of its bases.
 
 A mixture with weight alpha on ROB outputs log((1 - alpha) p_std + alpha p_rob). At a point where
 ROB's probability margin d = p_rob(y) - max_{j != y} p_rob(j) exceeds (1 - alpha) / alpha, the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -94,3 +94,48 @@ def fixed_mixture_accuracy(composite: CompositeModel, alpha: float, x: torch.Ten
     with torch.no_grad():
         robust = (model(x_adv).argmax(1) == y).float().mean().item()
     return clean, robust
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p measured on n images."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
+
+
+def compare_with_fixed_curve(sweep: dict) -> dict:
+    """The composite of an alpha sweep (``sweep.json``) against its fixed-alpha curve.
+
+    The curve's robust accuracy at the composite's clean accuracy is the linear interpolation
+    between two fixed mixtures adjacent in alpha whose clean accuracies bracket the composite's
+    (the highest such value where several pairs bracket it, so the composite is judged against
+    the best the curve offers). Accuracies in points (%), with binomial standard errors.
+    ``curve_robust`` is None where no pair brackets the composite's clean accuracy.
+    """
+    if "adaptive" not in sweep:
+        raise ValueError("the sweep has no 'adaptive' entry (the composite): nothing to compare")
+    fixed = sorted((float(name.split("_", 1)[1]), entry) for name, entry in sweep.items()
+                   if name.startswith("alpha_"))
+    if len(fixed) < 2:
+        raise ValueError(f"the sweep has {len(fixed)} fixed-alpha entries; need at least 2")
+    comp = sweep["adaptive"]
+    n = int(comp["n_examples"])
+    clean, robust = 100 * comp["clean_accuracy"], 100 * comp["robust_accuracy"]
+    best: Optional[tuple[float, float, float]] = None
+    for (a0, e0), (a1, e1) in zip(fixed, fixed[1:]):
+        c0, c1 = 100 * e0["clean_accuracy"], 100 * e1["clean_accuracy"]
+        r0, r1 = 100 * e0["robust_accuracy"], 100 * e1["robust_accuracy"]
+        if min(c0, c1) <= clean <= max(c0, c1):
+            value = max(r0, r1) if c0 == c1 else r0 + (r1 - r0) * (clean - c0) / (c1 - c0)
+            if best is None or value > best[0]:
+                best = (value, a0, a1)
+    rob = dict(fixed).get(1.0)
+    return {
+        "n_examples": n,
+        "clean": clean, "clean_se": 100 * binomial_se(comp["clean_accuracy"], n),
+        "robust": robust, "robust_se": 100 * binomial_se(comp["robust_accuracy"], n),
+        "mean_alpha_clean": comp.get("mean_alpha_clean"),
+        "mean_alpha_adv": comp.get("mean_alpha_adv"),
+        "curve_robust": None if best is None else best[0],
+        "bracket_alphas": None if best is None else [best[1], best[2]],
+        "above_curve": None if best is None else robust - best[0],
+        "clean_above_rob": None if rob is None else clean - 100 * rob["clean_accuracy"],
+    }

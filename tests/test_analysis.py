@@ -10,8 +10,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from adaptive_smoothing.analysis import (fixed_mixture_accuracy, margin_threshold,
-                                         probability_margin, rob_margin_report)
+from adaptive_smoothing.analysis import (compare_with_fixed_curve, fixed_mixture_accuracy,
+                                         margin_threshold, probability_margin, rob_margin_report)
+from adaptive_smoothing.cli import plot_results
 from synthetic import synthetic_data, tiny_composite
 
 
@@ -77,3 +78,57 @@ def test_analyze_margins_script(tmp_path, shared_cifar10):
         "--std", str(tmp_path / "std.pt"), "--rob", str(tmp_path / "rob.pt"),
         "--alphas", "0.9,x", "--output", str(out)])
     assert bad.exit_code != 0 and "0.9,x" in bad.output
+
+
+def _entry(clean: float, robust: float, n: int = 1000, alpha: float = 0.5) -> dict:
+    return {"clean_accuracy": clean, "robust_accuracy": robust, "n_examples": n,
+            "mean_alpha_clean": alpha, "mean_alpha_adv": alpha}
+
+
+def test_composite_is_compared_with_the_interpolated_fixed_curve():
+    sweep = {"alpha_0.000": _entry(0.90, 0.0), "alpha_0.500": _entry(0.86, 0.10),
+             "alpha_1.000": _entry(0.70, 0.40), "adaptive": _entry(0.84, 0.20)}
+    cmp = compare_with_fixed_curve(sweep)
+    # Between alpha 0.5 (86, 10) and 1 (70, 40): 10 + 30 * (86 - 84) / 16 = 13.75 at 84% clean.
+    assert cmp["curve_robust"] == pytest.approx(13.75)
+    assert cmp["bracket_alphas"] == [0.5, 1.0]
+    assert cmp["above_curve"] == pytest.approx(20 - 13.75)
+    assert cmp["clean_above_rob"] == pytest.approx(14.0)
+    assert cmp["robust_se"] == pytest.approx(100 * (0.2 * 0.8 / 1000) ** 0.5)
+    assert cmp["clean_se"] == pytest.approx(100 * (0.84 * 0.16 / 1000) ** 0.5)
+
+
+def test_a_non_monotone_curve_is_judged_by_its_best_bracket():
+    # 0.2-0.5 brackets 85.5% clean at 3.9% robust, 0.5-0.8 at 12.5%: the composite must beat 12.5.
+    sweep = {"alpha_0.000": _entry(0.872, 0.0), "alpha_0.200": _entry(0.873, 0.0),
+             "alpha_0.500": _entry(0.85, 0.05), "alpha_0.800": _entry(0.86, 0.20),
+             "adaptive": _entry(0.855, 0.10)}
+    cmp = compare_with_fixed_curve(sweep)
+    assert cmp["bracket_alphas"] == [0.5, 0.8]
+    assert cmp["curve_robust"] == pytest.approx(12.5)
+    assert cmp["above_curve"] == pytest.approx(-2.5)
+    assert cmp["clean_above_rob"] is None  # no alpha 1 entry
+
+
+def test_comparison_outside_the_curve_and_without_a_composite():
+    sweep = {"alpha_0.000": _entry(0.90, 0.0), "alpha_1.000": _entry(0.70, 0.40),
+             "adaptive": _entry(0.95, 0.5)}
+    cmp = compare_with_fixed_curve(sweep)
+    assert cmp["curve_robust"] is None and cmp["above_curve"] is None
+    with pytest.raises(ValueError, match="no 'adaptive' entry"):
+        compare_with_fixed_curve({k: v for k, v in sweep.items() if k != "adaptive"})
+
+
+def test_plot_results_writes_the_comparison(tmp_path):
+    sweep = {"alpha_0.500": _entry(0.86, 0.10), "alpha_1.000": _entry(0.70, 0.40),
+             "adaptive": _entry(0.84, 0.20)}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    (tmp_path / "adaptive" / "batches").mkdir(parents=True)
+    (tmp_path / "adaptive" / "batches" / "00000.json").write_text(
+        json.dumps({"alpha_clean": [0.6, 0.7], "alpha_adv": [0.8, 0.9]}))
+    result = CliRunner().invoke(plot_results.main, [str(tmp_path), "--output-dir",
+                                                    str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert written["above_curve"] == pytest.approx(6.25)
+    assert "+6.2 points" in result.output or "+6.3 points" in result.output

@@ -1,4 +1,5 @@
-"""Plot an alpha sweep: tradeoff.png (clean vs robust accuracy) and alpha_hist.png."""
+"""Plot an alpha sweep: tradeoff.png (clean vs robust accuracy) and alpha_hist.png; and the
+composite against the fixed-alpha curve in comparison.json."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from adaptive_smoothing.analysis import compare_with_fixed_curve
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
 
 
@@ -23,6 +26,16 @@ def main(sweep_dir: Path, output_dir: Path | None, title: str) -> None:
     plot_alpha_histogram(sweep_dir / "adaptive" / "batches", output_dir / "alpha_hist.png",
                          title=f"{title}: alpha" if title else "")
     click.echo(f"wrote {output_dir / 'tradeoff.png'} and {output_dir / 'alpha_hist.png'}")
+    if "adaptive" in sweep:
+        cmp = compare_with_fixed_curve(sweep)
+        write_text_atomic(output_dir / "comparison.json", json.dumps(cmp, indent=1) + "\n")
+        curve = ("outside the fixed curve's clean range" if cmp["curve_robust"] is None else
+                 f"fixed-alpha curve {cmp['curve_robust']:.1f}% at that clean accuracy "
+                 f"(alphas {cmp['bracket_alphas'][0]:g}-{cmp['bracket_alphas'][1]:g}): "
+                 f"{cmp['above_curve']:+.1f} points")
+        click.echo(f"composite: {cmp['clean']:.1f}% clean (SE {cmp['clean_se']:.1f}), "
+                   f"{cmp['robust']:.1f}% robust (SE {cmp['robust_se']:.1f}), n = "
+                   f"{cmp['n_examples']}; {curve}; wrote {output_dir / 'comparison.json'}")
 
 
 if __name__ == "__main__":
