@@ -673,9 +673,11 @@ class Trainer:
             return None
         from torch.utils.tensorboard import SummaryWriter
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run logged after its last checkpoint.
+        # purge_step drops events a crashed run logged after its last checkpoint. The checkpoint
+        # at step N is saved after step N's scalars (training and validation), so those stay:
+        # purging from N would erase the validation at every resume point from the curves.
         self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR),
-                                    purge_step=self.global_step or None)
+                                    purge_step=self.global_step + 1 if self.global_step else None)
         handler = logging.FileHandler(self.output_dir / LOG_FILE)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("adaptive_smoothing").addHandler(handler)

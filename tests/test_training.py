@@ -25,6 +25,7 @@ from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
 from adaptive_smoothing.models import registry
 from adaptive_smoothing.data import IterationData, augment_batch
+from adaptive_smoothing.plots import read_validation_curves
 from adaptive_smoothing.training import (Trainer, TrainingDivergedError, build_trainer,
                                          run_training)
 from synthetic import make_tiny_training_root
@@ -114,6 +115,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(
     _assert_states_close(resumed["model"], reference["model"])
     _assert_states_close(resumed["bn"], reference["bn"])
     assert resumed["scheduler"]["last_epoch"] == reference["scheduler"]["last_epoch"]
+    # The validation logged at the checkpoint's own step precedes the checkpoint: the resumed
+    # run's TensorBoard keeps it, so its curves have every validation of the uninterrupted run.
+    assert _validation_steps(tiny_root / "resumed") == _validation_steps(
+        Path(reference_run["config"].run.output_dir)) == [2, 4, 6, 8]
+
+
+def _validation_steps(run_dir: Path) -> list[int]:
+    return [step for step, _ in read_validation_curves(run_dir / "tensorboard")["val/robust_acc"]]
 
 
 def test_resume_of_a_finished_run_does_nothing(reference_run: dict) -> None:
