@@ -9,8 +9,8 @@
 #   experiment.sh pre-attack       # pre-attacked blocks for the pa recipe (runs/rn18w16/pa.pt)
 #   experiment.sh train online|pa  # a mixer training (the online / pre-attacked recipe)
 #   experiment.sh train nonadaptive # the online recipe without the attack's mixer term (w = 0)
-#   experiment.sh curves online|pa # that training's held-out validation curves (AUCs) -> $HERE/RECIPE/
-#   experiment.sh sweep online|pa  # that mixer's sweep: the fixed mixtures (reused) + composite
+#   experiment.sh curves RECIPE    # that training's held-out validation curves (AUCs) -> $HERE/RECIPE/
+#   experiment.sh sweep RECIPE     # that mixer's sweep: the fixed mixtures (reused) + composite
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
 # pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
 set -euo pipefail
@@ -20,7 +20,7 @@ CONFIG=configs/rn18w16_cifar10_cpu.yaml
 RUNS=${RUNS:-runs/rn18w16}       # trainings and pre-attacked data (large; not committed)
 EVAL=${EVAL:-$HERE/eval}          # evaluations (small; committed, so they resume anywhere)
 DATA=${DATA:-../shared/data/cifar10}
-ALPHAS=${ALPHAS:-0,0.2,0.5,0.8,0.9,0.95,1}  # more points later where the composite lands; finished ones are reused
+ALPHAS=${ALPHAS:-0,0.2,0.5,0.72,0.8,0.9,0.95,1}  # 0.72: the composites' mean alpha; finished points are reused
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1 --device cpu)
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
