@@ -101,6 +101,13 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
 
 
+def fixed_alpha_entries(sweep: dict) -> list[tuple[float, dict]]:
+    """The fixed mixtures of an alpha sweep (entries ``alpha_<alpha>``) as (alpha, entry), by
+    alpha."""
+    return sorted((float(name.split("_", 1)[1]), entry) for name, entry in sweep.items()
+                  if name.startswith("alpha_"))
+
+
 def compare_with_fixed_curve(sweep: dict) -> dict:
     """The composite of an alpha sweep (``sweep.json``) against its fixed-alpha curve.
 
@@ -112,8 +119,7 @@ def compare_with_fixed_curve(sweep: dict) -> dict:
     """
     if "adaptive" not in sweep:
         raise ValueError("the sweep has no 'adaptive' entry (the composite): nothing to compare")
-    fixed = sorted((float(name.split("_", 1)[1]), entry) for name, entry in sweep.items()
-                   if name.startswith("alpha_"))
+    fixed = fixed_alpha_entries(sweep)
     if len(fixed) < 2:
         raise ValueError(f"the sweep has {len(fixed)} fixed-alpha entries; need at least 2")
     comp = sweep["adaptive"]

@@ -11,14 +11,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def _alpha_of(name: str) -> float:
-    return float(name.split("_", 1)[1])
+from adaptive_smoothing.analysis import fixed_alpha_entries  # noqa: E402
 
 
 def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
     """Clean vs robust accuracy: the fixed-alpha curve, both bases and the adaptive composite."""
-    fixed = sorted((_alpha_of(k), v) for k, v in sweep.items() if k.startswith("alpha_"))
+    fixed = fixed_alpha_entries(sweep)
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     ax.plot([100 * v["clean_accuracy"] for _, v in fixed],
             [100 * v["robust_accuracy"] for _, v in fixed], "o-", color="tab:gray",
