@@ -90,7 +90,8 @@ class AttackResult(NamedTuple):
 
 
 # -- per-image randomness -------------------------------------------------------------------------
-_STREAMS = {"autoattack": 1, "pgd": 2, "adaptive": 3}
+_STREAMS = {"autoattack": 1, "pgd": 2, "adaptive": 3, "surrogate": 4, "transfer_rob": 5,
+            "transfer_linear": 6, "square": 7, "min_margin": 8}
 
 
 class PerImageRandom:

@@ -23,13 +23,14 @@ import torch.distributed as dist
 
 from adaptive_smoothing.attacks import Norm, PerImageRandom, adaptive_attack, apgd_cascade, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
-from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings
+from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings, NonlinearSettings
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
+from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
 from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
-from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
-                                        require_checkpoint_files)
+from adaptive_smoothing.factory import (Composite, build_composite, checkpoint_paths,
+                                        load_composite_weights, require_checkpoint_files)
 from adaptive_smoothing.losses import AttackLossName
 from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
 from adaptive_smoothing.persist import BatchStore, write_text_atomic
@@ -47,7 +48,17 @@ MANIFEST_FILE = "manifest.json"
 # Per-batch counters; every reported number is a ratio of two of these sums.
 _COUNTERS = ("n", "clean_correct", "autoattack_robust", "pgd_robust", "adaptive_robust",
              "robust", "gamma_clean_sum", "alpha_clean_sum", "gamma_adv_sum", "alpha_adv_sum",
-             "adv_n", "gamma_nonfinite")
+             "adv_n", "gamma_nonfinite", "surrogate_robust", "transfer_rob_robust",
+             "transfer_linear_robust", "square_robust", "square_n")
+# The nonlinear composite's extra attacks (docs/METHOD.md, "Evaluating a nonlinear composite"):
+# counter -> what the table calls it.
+_NONLINEAR_ATTACKS = {
+    "surrogate_robust": "APGD-CE/T steered by the surrogate's gradient",
+    "transfer_rob_robust": "APGD-CE/T examples of ROB alone, transferred",
+    "transfer_linear_robust": "APGD-CE/T examples of the linear mixture, transferred",
+}
+# Per-image outcomes kept for paired comparisons (analysis.paired_comparison): 1 = correct.
+PER_IMAGE_FILE = "per_image.json"
 
 
 class EvaluationError(RuntimeError):
@@ -88,7 +99,8 @@ _FINGERPRINT_NAMES = {"std": "the STD checkpoint's content", "rob": "the ROB che
                       "comp": "the mixer checkpoint's content",
                       "data": "the evaluated images or labels"}
 # Everything a run writes into its folder; --overwrite deletes exactly these.
-_RESULT_ENTRIES = ("batches", "adversarial", MANIFEST_FILE, RESULTS_FILE, TABLE_FILE)
+_RESULT_ENTRIES = ("batches", "adversarial", MANIFEST_FILE, RESULTS_FILE, TABLE_FILE,
+                   PER_IMAGE_FILE)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -223,13 +235,80 @@ def _use_standard_parameters(adversary: Any, apgd_iterations: int) -> None:
     adversary.apgd_targeted.n_iter = apgd_iterations
 
 
-def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
+def _autoattack(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                settings: EvaluationSettings, attacks: Sequence[str], *, device: torch.device,
+                random: PerImageRandom, seed: int, square_queries: int = 5000) -> torch.Tensor:
+    """pyautoattack's AutoAttack (``attacks``, standard parameters, per-image random starts)
+    on ``classifier``; returns its adversarial images (x where it found none)."""
+    pyautoattack = import_autoattack()
+    standard = set(attacks) == set(STANDARD_AUTOATTACK)
+    adversary = pyautoattack.AutoAttack(
+        classifier, norm=settings.norm, eps=settings.eps, seed=seed, device=device,
+        version="standard" if standard else "custom", attacks=None if standard else list(attacks))
+    _use_standard_parameters(adversary, settings.autoattack_iterations)
+    adversary.square.n_queries = square_queries
+    use_per_image_random_starts(adversary, random, x)
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
+    return x_adv.to(device)
+
+
+def _nonlinear_attacks(composite: NonlinearComposite, forward: nn.Module, x: torch.Tensor,
+                       y: torch.Tensor, settings: EvaluationSettings, nonlinear: NonlinearSettings,
+                       *, device: torch.device, dtype: torch.dtype, seed: int,
+                       ids: Sequence[int]) -> dict[str, Any]:
+    """The attacks that gradient masking cannot fool (docs/METHOD.md, "Evaluating a nonlinear
+    composite"), each judged on the true output: {counter name: (B,) bool robust}, and under
+    'square' (subset image positions, their robust flags) or None.
+
+    Hard max has no gradient and a saturated ROB map has almost none, so AutoAttack on the
+    output alone can miss adversarial examples that exist: the surrogate attack follows the
+    gradient of the differentiable linear-mixture surrogate; the transfer attacks carry over
+    examples found on ROB alone and on that linear mixture; Square needs no gradient at all.
+    """
+    def still_correct(x_adv: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return forward(x_adv).log_probs.argmax(1) == y
+
+    gradient_attacks = ("apgd-ce", "apgd-t")
+    out: dict[str, Any] = {}
+    if nonlinear.surrogate_attack:
+        classifier = AutocastModule(SurrogateGradientClassifier(composite), device, dtype)
+        out["surrogate_robust"] = still_correct(_autoattack(
+            classifier, x, y, settings, gradient_attacks, device=device, seed=seed,
+            random=PerImageRandom(seed, ids, "surrogate")))
+    if nonlinear.transfer_attacks:
+        sources = {"transfer_rob_robust": fixed_alpha_composite(composite, 1.0),
+                   "transfer_linear_robust": fixed_alpha_composite(composite,
+                                                                   composite.surrogate_alpha)}
+        for name, source in sources.items():
+            classifier = AutocastModule(LogProbClassifier(source), device, dtype)
+            out[name] = still_correct(_autoattack(
+                classifier, x, y, settings, gradient_attacks, device=device, seed=seed,
+                random=PerImageRandom(seed, ids, name.removesuffix("_robust"))))
+    out["square"] = None
+    in_subset = torch.tensor([i < nonlinear.square_examples for i in ids], device=y.device)
+    if bool(in_subset.any()):
+        positions = in_subset.nonzero().squeeze(1)
+        classifier = AutocastModule(LogProbClassifier(composite), device, dtype)
+        square_ids = [ids[i] for i in positions.tolist()]
+        x_sq = _autoattack(classifier, x[positions], y[positions], settings, ("square",),
+                           device=device, seed=seed,
+                           random=PerImageRandom(seed, square_ids, "square"),
+                           square_queries=nonlinear.square_queries)
+        with torch.no_grad():
+            robust_sq = forward(x_sq).log_probs.argmax(1) == y[positions]
+        out["square"] = (positions, robust_sq)
+    return out
+
+
+def evaluate_batch(composite: Composite, x: torch.Tensor, y: torch.Tensor,
                    settings: EvaluationSettings, *, device: torch.device, dtype: torch.dtype,
                    seed: int = 0, image_ids: Optional[Sequence[int]] = None,
-                   where: str = "this batch"
+                   where: str = "this batch", nonlinear: Optional[NonlinearSettings] = None
                    ) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """Evaluate one batch; returns its counters and the adversarial images (AutoAttack's, else
-    those of the last attack run).
+    those of the last attack run). A nonlinear composite also gets the attacks of
+    ``nonlinear`` (its config section), and its robust accuracy is the worst case over all.
 
     Every random start is drawn per image from ``(seed, image_ids[i])`` (default: positions in
     this batch), so an image's result does not depend on the batch it is evaluated in.
@@ -255,21 +334,16 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
     counters["alpha_clean"] = alpha.cpu().tolist()
     x_adv_report: Optional[torch.Tensor] = None
 
+    per_image: dict[str, list[int]] = {"clean": clean_correct.int().cpu().tolist()}
     if settings.attacks_to_run:
-        pyautoattack = import_autoattack()
         classifier = AutocastModule(LogProbClassifier(composite), device, dtype)
-        standard = set(settings.attacks_to_run) == set(STANDARD_AUTOATTACK)
-        adversary = pyautoattack.AutoAttack(
-            classifier, norm=settings.norm, eps=settings.eps, seed=seed, device=device,
-            version="standard" if standard else "custom",
-            attacks=None if standard else list(settings.attacks_to_run))
-        _use_standard_parameters(adversary, settings.autoattack_iterations)
-        use_per_image_random_starts(adversary, PerImageRandom(seed, ids, "autoattack"), x)
-        x_aa, _ = adversary.run_standard_evaluation(x, y, batch_size=len(y))
-        x_adv_report = x_aa.to(device)
+        x_adv_report = _autoattack(classifier, x, y, settings, settings.attacks_to_run,
+                                   device=device, random=PerImageRandom(seed, ids, "autoattack"),
+                                   seed=seed)
         pred_aa, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report, forward)
         aa_robust = pred_aa == y
         counters["autoattack_robust"] = int(aa_robust.sum())
+        per_image["autoattack"] = aa_robust.int().cpu().tolist()
         robust &= aa_robust
 
     if settings.pgd:
@@ -293,7 +367,28 @@ def evaluate_batch(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
         robust &= result.robust
         x_adv_report = x_adv_report if x_adv_report is not None else result.x_adv
 
+    if isinstance(composite, NonlinearComposite) and nonlinear is not None:
+        for name, attack_robust in _nonlinear_attacks(
+                composite, forward, x, y, settings, nonlinear, device=device, dtype=dtype,
+                seed=seed, ids=ids).items():
+            if name == "square":  # a subset: -1 marks the images Square did not attack
+                flags = [-1] * len(y)
+                if attack_robust is not None:
+                    positions, square_robust = attack_robust
+                    counters["square_n"] = len(positions)
+                    counters["square_robust"] = int(square_robust.sum())
+                    robust[positions] &= square_robust
+                    for i, r in zip(positions.tolist(), square_robust.tolist()):
+                        flags[i] = int(r)
+                per_image["square"] = flags
+                continue
+            counters[name] = int(attack_robust.sum())
+            per_image[name.removesuffix("_robust")] = attack_robust.int().cpu().tolist()
+            robust &= attack_robust
+
     counters["robust"] = int(robust.sum())
+    per_image["robust"] = robust.int().cpu().tolist()
+    counters["per_image"] = per_image
     if x_adv_report is not None:
         if not settings.attacks_to_run:  # the stats of AutoAttack's images are already there
             _, gamma_adv, alpha_adv = _mixing_stats(composite, x_adv_report, forward)
@@ -360,9 +455,36 @@ def validate(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor, *, eps
     return {"n": sums[0].item(), **{k: (sums[i + 1] / n).item() for i, k in enumerate(keys)}}
 
 
+def _per_image(counters: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every image's outcome per attack, in image order (1 correct, 0 fooled, -1 not
+    attacked); batches from before these were recorded leave ``complete`` false."""
+    ordered = sorted(counters, key=lambda c: c.get("start", 0))
+    complete = all("per_image" in c and "start" in c for c in ordered)
+    out: dict[str, Any] = {"complete": complete, "image_ids": [], "outcomes": {}}
+    if not complete:
+        return out
+    for batch in ordered:
+        out["image_ids"] += list(range(int(batch["start"]), int(batch["end"])))
+        for name, flags in batch["per_image"].items():
+            out["outcomes"].setdefault(name, []).extend(flags)
+    return out
+
+
+def _ran(nonlinear: Optional[NonlinearSettings], name: str) -> bool:
+    """Whether a nonlinear composite's extra attack ``name`` (a counter) was run."""
+    if nonlinear is None:
+        return False
+    return {"surrogate_robust": nonlinear.surrogate_attack,
+            "transfer_rob_robust": nonlinear.transfer_attacks,
+            "transfer_linear_robust": nonlinear.transfer_attacks,
+            "square": nonlinear.square_examples > 0}[name]
+
+
 def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings,
-              model_info: dict[str, Any]) -> dict[str, Any]:
-    """Aggregate per-batch counters into the reported numbers."""
+              model_info: dict[str, Any],
+              nonlinear: Optional[NonlinearSettings] = None) -> dict[str, Any]:
+    """Aggregate per-batch counters into the reported numbers (``nonlinear``: the section of a
+    nonlinear composite, whose extra attacks are then reported)."""
     total = {k: 0.0 for k in _COUNTERS}
     for batch in counters:
         for k in _COUNTERS:
@@ -393,13 +515,24 @@ def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings
                                      if settings.adaptive_attack else None),
         "adaptive_attack_weight": (settings.adaptive_attack_weight
                                    if settings.adaptive_attack else None),
+        **{f"{name.removesuffix('_robust')}_robust_accuracy": (
+            ratio(total[name], n) if _ran(nonlinear, name) else None)
+           for name in _NONLINEAR_ATTACKS},
+        "square_examples": int(total["square_n"]) if _ran(nonlinear, "square") else None,
+        "square_queries": nonlinear.square_queries if _ran(nonlinear, "square") else None,
+        "square_robust_accuracy": (ratio(total["square_robust"], total["square_n"])
+                                   if _ran(nonlinear, "square") else None),
         "robust_accuracy": (ratio(total["robust"], n) if adv_n else None),
         "mean_gamma_clean": ratio(total["gamma_clean_sum"], n) if gamma_ok else None,
         "mean_alpha_clean": ratio(total["alpha_clean_sum"], n),
         "mean_gamma_adv": ratio(total["gamma_adv_sum"], adv_n) if gamma_ok else None,
         "mean_alpha_adv": ratio(total["alpha_adv_sum"], adv_n),
         "model": model_info,
-        "valid": not model_info.get("unsafe_detach_mixer_inputs", False),
+        "kind": "nonlinear" if nonlinear is not None else "mixture",
+        # Output-only gradients of a nonlinear composite can be masked (hard max has none): its
+        # robust accuracy counts only with the surrogate attack.
+        "valid": not model_info.get("unsafe_detach_mixer_inputs", False) and not (
+            nonlinear is not None and settings.attacks_to_run and not nonlinear.surrogate_attack),
     }
 
 
@@ -425,6 +558,13 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary["adaptive_attack_weight"] is not None:
         rows.append((f"adaptive APGD-CE/T (w = {summary['adaptive_attack_weight']})",
                      pct(summary["adaptive_robust_accuracy"])))
+    for name, label in _NONLINEAR_ATTACKS.items():
+        value = summary.get(f"{name.removesuffix('_robust')}_robust_accuracy")
+        if value is not None:
+            rows.append((label, pct(value)))
+    if summary.get("square_examples") is not None:
+        rows.append((f"Square ({summary['square_queries']} queries; first "
+                     f"{summary['square_examples']} images)", pct(summary["square_robust_accuracy"])))
     rows += [("robust accuracy (worst case over attacks)", pct(summary["robust_accuracy"])),
              ("mean gamma clean / attacked",
               f"{num(summary['mean_gamma_clean'])} / {num(summary['mean_gamma_adv'])}"),
@@ -432,16 +572,20 @@ def format_table(summary: dict[str, Any]) -> str:
               f"{num(summary['mean_alpha_clean'])} / {num(summary['mean_alpha_adv'])}")]
     lines = ["| metric | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
     if not summary["valid"]:
-        lines.append("\n**NOT VALID**: the mixer's inputs were detached "
-                     "(unsafe_detach_mixer_inputs); robust accuracy is overstated.")
+        lines.append("\n**NOT VALID**: " + (
+            "a nonlinear composite evaluated without the surrogate attack; output-only "
+            "gradients can be masked" if summary.get("kind") == "nonlinear" else
+            "the mixer's inputs were detached (unsafe_detach_mixer_inputs)")
+            + "; robust accuracy is overstated.")
     return "\n".join(lines) + "\n"
 
 
-def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor,
+def evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
              settings: EvaluationSettings, output_dir: Path, *, device: torch.device,
              dtype: torch.dtype = torch.float32,
              model_info: Optional[dict[str, Any]] = None,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False,
+             nonlinear: Optional[NonlinearSettings] = None) -> dict[str, Any]:
     """Evaluate on ``x_all, y_all`` (already the first n examples), batch by batch, resumably.
 
     Under torchrun each process takes every world_size-th batch; rank 0 then aggregates the
@@ -456,16 +600,18 @@ def evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor
         lock.acquire()
     try:
         return _evaluate(composite, x_all, y_all, settings, output_dir, device=device,
-                         dtype=dtype, model_info=model_info, overwrite=overwrite)
+                         dtype=dtype, model_info=model_info, overwrite=overwrite,
+                         nonlinear=nonlinear if isinstance(composite, NonlinearComposite)
+                         else None)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tensor,
+def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
               settings: EvaluationSettings, output_dir: Path, *, device: torch.device,
               dtype: torch.dtype, model_info: Optional[dict[str, Any]],
-              overwrite: bool) -> dict[str, Any]:
+              overwrite: bool, nonlinear: Optional[NonlinearSettings]) -> dict[str, Any]:
     if composite.unsafe_detach_mixer_inputs:
         logger.warning("the mixer's inputs are detached: this evaluation is NOT VALID "
                        "(gradient attacks cannot see the mixing network)")
@@ -496,7 +642,7 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
             batch_counters, x_adv = evaluate_batch(
                 composite, x_all[start:end], y_all[start:end], settings, device=device,
                 dtype=dtype, seed=settings.seed, image_ids=range(start, end),
-                where=f"batch {index} (images {start}..{end - 1})")
+                where=f"batch {index} (images {start}..{end - 1})", nonlinear=nonlinear)
             if settings.save_adversarial and x_adv is not None:
                 torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
             batch_counters.update(start=start, end=end)
@@ -512,16 +658,17 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
         batch_files = [batches.path(i) for i in range(len(starts))]
         _wait_for_files(batch_files)
         counters = [_read_batch(path) for path in batch_files]
-    summary = summarize(counters, settings, model_info)
+    summary = summarize(counters, settings, model_info, nonlinear)
     if rank != 0:
         return summary
     _atomic_write_json(summary, output_dir / RESULTS_FILE)
+    _atomic_write_json(_per_image(counters), output_dir / PER_IMAGE_FILE)
     (output_dir / TABLE_FILE).write_text(format_table(summary))
     logger.info("results written to %s", output_dir / RESULTS_FILE)
     return summary
 
 
-def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor,
+def _prepare(config: Config) -> tuple[Composite, torch.Tensor, torch.Tensor,
                                       torch.device, torch.dtype, dict[str, Any]]:
     """The configured composite with its weights, the first n_examples test images, and what
     identifies the model in the results."""
@@ -530,7 +677,8 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     dtype = resolve_precision(settings.precision, device)
     require_checkpoint_files(config)
     composite = build_composite(config.forward_settings,
-                                config.dataset_settings.num_classes, device, source=config.source)
+                                config.dataset_settings.num_classes, device, source=config.source,
+                                nonlinear=config.nonlinear_settings)
     load_composite_weights(composite, config)
     prepare_model(composite, channels_last=settings.channels_last, compile=settings.compile)
     data = config.dataset_settings
@@ -547,6 +695,8 @@ def _prepare(config: Config) -> tuple[CompositeModel, torch.Tensor, torch.Tensor
     model_info = {"forward_settings": config.forward_settings.model_dump(),
                   "model_load_path": config.model_load_path.model_dump(),
                   "dataset": data.name, "fingerprints": fingerprints}
+    if config.nonlinear_settings.enabled:  # absent otherwise, so earlier manifests still match
+        model_info["nonlinear_settings"] = config.nonlinear_settings.model_dump()
     return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
 
 
@@ -558,9 +708,22 @@ def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
     with distributed_session(config.run.device) as (rank, _, _):
         composite, x, y, device, dtype, model_info = _prepare(config)
         settings = config.evaluation_settings
-        summary = evaluate(composite, x, y, settings, Path(config.run.output_dir), device=device,
-                           dtype=dtype, model_info=model_info, overwrite=overwrite)
+        summary = evaluate(composite, x, y, _settings_for(composite, settings),
+                           Path(config.run.output_dir), device=device, dtype=dtype,
+                           model_info=model_info, overwrite=overwrite,
+                           nonlinear=config.nonlinear_settings)
     return format_table(summary) if rank == 0 else None
+
+
+def _settings_for(composite: Composite, settings: EvaluationSettings) -> EvaluationSettings:
+    """A model without a mixer has no gamma for the adaptive attack's extra term to push; there
+    it would only repeat AutoAttack's cascade from other random starts, so it is not run."""
+    if settings.adaptive_attack and composite.mixer is None:
+        logger.info("no adaptive attack: the model has no mixing network for its BCE(gamma) "
+                    "term to push (a nonlinear composite gets its surrogate, transfer and Square "
+                    "attacks instead)")
+        return settings.model_copy(update={"adaptive_attack": False})
+    return settings
 
 
 def run_alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False,
@@ -576,10 +739,52 @@ def run_alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool 
     return table if rank == 0 else None
 
 
+def matched_alpha(composite: Composite, x: torch.Tensor, y: torch.Tensor, target: float, *,
+                  device: torch.device, dtype: torch.dtype, batch_size: int = 500,
+                  iterations: int = 40) -> float:
+    """The fixed alpha whose mixture of the composite's base models has clean accuracy
+    ``target`` on (x, y), by bisection (clean accuracy falls from STD's towards ROB's as alpha
+    grows); where no alpha hits it exactly, the one closest to it, the smaller on a tie. Each
+    base model runs once: the mixtures are formed from their cached log-probabilities."""
+    fixed = fixed_alpha_composite(composite, 0.5)
+    forward = AutocastModule(fixed.std_model, device, dtype), AutocastModule(fixed.rob_model,
+                                                                             device, dtype)
+    logs: list[list[torch.Tensor]] = [[], []]
+    with torch.no_grad():
+        for start in range(0, len(y), batch_size):
+            xb = x[start:start + batch_size].to(device)
+            for out, model, scale in zip(logs, forward, (fixed.std_scale, fixed.rob_scale)):
+                out.append(torch.log_softmax(model(xb).float() * scale, 1).double().cpu())
+    std_log, rob_log = torch.cat(logs[0]), torch.cat(logs[1])
+    labels = y.cpu()
+
+    def accuracy(alpha: float) -> float:
+        if alpha <= 0 or alpha >= 1:
+            pred = (std_log if alpha <= 0 else rob_log).argmax(1)
+        else:
+            pred = torch.logaddexp(math.log1p(-alpha) + std_log,
+                                   math.log(alpha) + rob_log).argmax(1)
+        return float((pred == labels).double().mean())
+
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        if accuracy(mid) > target:
+            low = mid
+        else:
+            high = mid
+    best = min((low, high), key=lambda a: (abs(accuracy(a) - target), a))
+    logger.info("fixed alpha %.6f matches clean accuracy %.4f (target %.4f)", best,
+                accuracy(best), target)
+    return round(best, 6)
+
+
 def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False,
                  with_composite: bool = True) -> str:
-    """``run.py --eval --alpha-sweep``: the adaptive composite and fixed-alpha mixtures of the
-    same base models (alpha 0 = STD, 1 = ROB), on the same images and attacks.
+    """``run.py --eval --alpha-sweep``: the composite (the trained mixer's, ``adaptive``, or the
+    nonlinear one, ``nonlinear``), fixed-alpha mixtures of the same base models (alpha 0 = STD,
+    1 = ROB), and the fixed mixture whose clean accuracy on the same images matches the
+    composite's (``matched_<name>``), all on the same images and attacks.
 
     Each model's results go to ``output_dir/<name>/`` (each resumable); the collected summaries
     to ``output_dir/sweep.json``. Returns a table, one row per model. ``with_composite``
@@ -588,26 +793,41 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     composite, x, y, device, dtype, model_info = _prepare(config)
     settings = config.evaluation_settings
     output_dir = Path(config.run.output_dir)
+    name = "nonlinear" if isinstance(composite, NonlinearComposite) else "adaptive"
     # The fixed mixtures first: an interrupted sweep then already holds the controls, which a
     # sweep of a later mixer reuses.
     models = [(f"alpha_{alpha:.3f}", fixed_alpha_composite(composite, alpha))
-              for alpha in alphas] + ([("adaptive", composite)] if with_composite else [])
+              for alpha in alphas]
     rows = {}
-    # A fixed-alpha mixture does not use the mixer, so its finished results stay valid when the
-    # mixer checkpoint changes: a sweep of a newly trained mixer reuses them.
+    # A fixed-alpha mixture uses neither the mixer nor the nonlinear map, so its finished
+    # results stay valid when those change: a sweep of a newly trained mixer reuses them.
     fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
                       fingerprints=dict(model_info["fingerprints"], comp=None))
+    fixed_info.pop("nonlinear_settings", None)
     # The adaptive attack's extra term pushes the mixer's gamma; a fixed mixture has no mixer,
     # so there it would only be AutoAttack's cascade again from other random starts. Fixed
     # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.
     fixed_settings = settings.model_copy(update={"adaptive_attack": False})
-    for name, model in models:
-        logger.info("evaluating %s", name)
-        adaptive = name == "adaptive"
-        info = dict(model_info if adaptive else fixed_info, variant=name)
-        rows[name] = evaluate(model, x, y, settings if adaptive else fixed_settings,
-                              output_dir / name, device=device, dtype=dtype, model_info=info,
-                              overwrite=overwrite)
+
+    def run(variant: str, model: nn.Module, info: dict[str, Any],
+            model_settings: EvaluationSettings) -> dict[str, Any]:
+        logger.info("evaluating %s", variant)
+        return evaluate(model, x, y, model_settings, output_dir / variant, device=device,
+                        dtype=dtype, model_info=dict(info, variant=variant), overwrite=overwrite,
+                        nonlinear=config.nonlinear_settings)
+
+    for variant, model in models:
+        rows[variant] = run(variant, model, fixed_info, fixed_settings)
+    if with_composite:
+        rows[name] = run(name, composite, model_info, _settings_for(composite, settings))
+        # The comparison that cannot flatter: fixed mixing at the composite's clean accuracy
+        # on the same images (cheap to find: clean accuracy only), attacked like the others.
+        alpha = matched_alpha(composite, x, y, rows[name]["clean_accuracy"], device=device,
+                              dtype=dtype, batch_size=settings.batch_size)
+        matched = f"matched_{name}"
+        rows[matched] = dict(run(matched, fixed_alpha_composite(composite, alpha),
+                                 dict(fixed_info, fixed_alpha=alpha), fixed_settings),
+                             fixed_alpha=alpha)
     rank, _ = distributed_rank_world()
     if rank == 0:
         _atomic_write_json(rows, output_dir / "sweep.json")
@@ -619,8 +839,8 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     def mean(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.3f}"
 
-    for name, summary in rows.items():
-        lines.append(f"| {name} | {percent(summary['clean_accuracy'])} | "
+    for variant, summary in rows.items():
+        lines.append(f"| {variant} | {percent(summary['clean_accuracy'])} | "
                      f"{percent(summary['robust_accuracy'])} | "
                      f"{mean(summary['mean_alpha_clean'])} / {mean(summary['mean_alpha_adv'])} |")
     return "\n".join(lines) + "\n"

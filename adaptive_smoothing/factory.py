@@ -7,20 +7,27 @@ from typing import Optional, Union
 
 import torch
 
-from adaptive_smoothing.config import Config, ConfigError, ForwardSettings
+from adaptive_smoothing.config import Config, ConfigError, ForwardSettings, NonlinearSettings
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
+from adaptive_smoothing.models.nonlinear import NonlinearComposite
 from adaptive_smoothing.published import std_alternative, weight_file_for
 from adaptive_smoothing.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
 
+Composite = Union[CompositeModel, NonlinearComposite]
+
+
 def build_composite(model: ForwardSettings, num_classes: int,
                     device: Union[str, torch.device] = "cpu", *,
-                    source: Optional[str] = None) -> CompositeModel:
+                    source: Optional[str] = None,
+                    nonlinear: Optional[NonlinearSettings] = None) -> Composite:
     """Base models (random weights), the mixing network and the composite that ``model`` (the
-    config's ``forward_settings``) describes, on ``device``; ``source`` names the config file in
-    errors. Weights are loaded separately by :func:`load_composite_weights`."""
+    config's ``forward_settings``) describes, on ``device``; with ``nonlinear`` enabled (the
+    config's ``nonlinear_settings``) the nonlinear composite of the same base models instead.
+    ``source`` names the config file in errors. Weights are loaded separately by
+    :func:`load_composite_weights`."""
     fwd = model
     std_kwargs = dict(fwd.std_model_kwargs)
     if fwd.std_resize is not None:
@@ -28,6 +35,17 @@ def build_composite(model: ForwardSettings, num_classes: int,
     std_model = _create("std", fwd.std_model_type, num_classes, std_kwargs, source)
     rob_model = _create("rob", fwd.rob_model_type, num_classes, dict(fwd.rob_model_kwargs),
                         source)
+    if nonlinear is not None and nonlinear.enabled:
+        nl = nonlinear
+        composite = NonlinearComposite(
+            std_model, rob_model, alpha=nl.alpha, s=nl.s, p=nl.p, c=nl.c, clamp=nl.clamp,
+            k=nl.k, std_map=nl.std_map, std_scale=fwd.std_model_scale,
+            rob_scale=fwd.rob_model_scale, surrogate_alpha=nl.surrogate_alpha,
+            surrogate_raw_share=nl.surrogate_raw_share)
+        logger.info("built nonlinear composite: STD %s (%s), ROB %s (LN-%s-power-scale s=%g "
+                    "p=%g c=%g), alpha %g", fwd.std_model_type, nl.std_map, fwd.rob_model_type,
+                    nl.clamp, nl.s, nl.p, nl.c, nl.alpha)
+        return composite.to(resolve_device(device))
 
     channels = (std_model.feature_channels[0], rob_model.feature_channels[0])
     mixer: Optional[MixingNet] = None
@@ -67,12 +85,13 @@ def _create(which: str, name: str, num_classes: int, kwargs: dict,
 
 def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:
     """The checkpoint files the composite is loaded from: std, rob, comp (None: no mixer file)."""
-    comp = config.model_path("comp") if config.forward_settings.use_policy else None
+    comp = (config.model_path("comp") if config.forward_settings.use_policy
+            and not config.nonlinear_settings.enabled else None)
     return {"std": _existing_std_path(config), "rob": config.model_path("rob"),
             "comp": comp}
 
 
-def load_composite_weights(composite: CompositeModel, config: Config) -> None:
+def load_composite_weights(composite: Composite, config: Config) -> None:
     """Load the checkpoints of ``config.model_load_path`` (relative to ``log_dir``).
 
     STD and ROB are always loaded; the mixer when ``comp`` is set and the model has one.
@@ -84,6 +103,8 @@ def load_composite_weights(composite: CompositeModel, config: Config) -> None:
     std_path = _existing_std_path(config)
     rob_path = config.model_path("rob")
     mixer_path = config.model_path("comp")
+    if config.nonlinear_settings.enabled:
+        mixer_path = None  # the nonlinear composite has no mixing network
     if mixer_path is not None and composite.mixer is None:
         logger.warning("model_load_path.comp (%s) is ignored: forward_settings.use_policy is "
                        "false, so the model has no mixing network", mixer_path)

@@ -748,7 +748,9 @@ _NOT_SHAPING_WEIGHTS = (
     "training_settings.precision", "training_settings.channels_last", "training_settings.compile",
     "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
     "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
-    "randomized_attack_settings.randomize")
+    "randomized_attack_settings.randomize",
+    # Read by evaluation only (training refuses a nonlinear composite: it has nothing to train).
+    "nonlinear_settings")
 _FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
                      "model_load_path.rob": "the ROB checkpoint's content",
                      "model_load_path.comp": "the initial mixer checkpoint's content",
@@ -841,6 +843,11 @@ def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,
     if not fwd.use_policy:
         raise ConfigError("expected true: training needs the mixing network",
                           key="forward_settings.use_policy", value=False, file=config.source)
+    if config.nonlinear_settings.enabled:
+        raise ConfigError("expected false: the nonlinear composite has no mixing network to "
+                          "train; calibrate it with scripts/calibrate.py and evaluate it with "
+                          "run.py --eval", key="nonlinear_settings.enabled", value=True,
+                          file=config.source)
     require_checkpoint_files(config)
     torch.manual_seed(config.seed)  # the mixer's initial weights follow the seed
     composite = build_composite(fwd, ds.num_classes, device, source=config.source)

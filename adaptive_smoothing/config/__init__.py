@@ -3,5 +3,5 @@ from .legacy import (ALIASES, FILLED, MOVED, apply_overrides, config_to_dict, lo
                      parse_config)
 from .schema import (AUTOATTACK_NAMES, STANDARD_AUTOATTACK, CompLossConsts, CompLossParams,
                      CompLossScale, Config, ConfigError, DatasetSettings, EvalFreq,
-                     EvaluationSettings, ForwardSettings, GammaConsts, ModelLoadPath, PgdSettings,
+                     EvaluationSettings, ForwardSettings, GammaConsts, ModelLoadPath, NonlinearSettings, PgdSettings,
                      RandomizedAttackSettings, RunSettings, TrainingSettings)

@@ -342,6 +342,39 @@ class EvaluationSettings(Section):
         return "standard" if standard else "custom"
 
 
+class NonlinearSettings(Section):
+    """The nonlinear composite (docs/METHOD.md, "Nonlinear mixing"): no mixing network; STD's
+    map and ROB's transformed softmax mixed with one alpha. `scripts/calibrate.py` writes it."""
+
+    enabled: bool = key(False, "use the nonlinear composite instead of the mixing network / "
+                        "fixed gamma of `forward_settings` (whose base models and logit scales "
+                        "it uses; its mixer keys are then ignored)")
+    std_map: Literal["hard_max", "identity"] = key(
+        "hard_max", "STD map: `hard_max` (one-hot of STD's argmax, the published choice) or "
+                    "`identity` (softmax of s_std * STD's logits)")
+    clamp: Literal["gelu", "relu", "none"] = key("gelu", "clamp of ROB's map after the shift c")
+    s: Num = key(1.0, "scale s of ROB's map", gt=0)
+    p: Num = key(1.0, "power p of ROB's map (signed power)", gt=0)
+    c: Num = key(0.0, "shift c before the clamp")
+    k: Optional[Annotated[int, Field(ge=2)]] = key(
+        None, "layer norm over the top-k logits (>= 2); None = all classes (the authors' 250)")
+    alpha: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = key(
+        0.99, "ROB's weight, in (0, 1]; ROB's decision is kept where its transformed margin is "
+              ">= (1 - alpha) / alpha")
+    surrogate_alpha: Optional[Unit] = key(
+        None, "alpha of the gradient surrogate's linear mixture (the authors': the linear "
+              "mixture calibrated for its own beta); None = `alpha`")
+    surrogate_raw_share: Unit = key(0.9, "share of ROB's raw softmax in the surrogate's ROB "
+                                    "term (the rest: the transformed softmax)")
+    surrogate_attack: bool = key(True, "evaluation: also APGD-CE/T steered by the surrogate's "
+                                 "gradient, success judged on the true output")
+    transfer_attacks: bool = key(True, "evaluation: also transfer APGD-CE/T examples found "
+                                 "against ROB alone and against the surrogate's linear mixture")
+    square_examples: int = key(200, "evaluation: Square (gradient-free, the masking check) on "
+                               "the evaluated images with index below this; 0 = off", ge=0)
+    square_queries: PosInt = key(5000, "Square's queries (5000 = AutoAttack's standard)")
+
+
 class RunSettings(Section):
     """Where and on what a run (training or evaluation) happens."""
 
@@ -368,6 +401,8 @@ class Config(Section):
         RandomizedAttackSettings(), "the randomised training attacks")
     evaluation_settings: EvaluationSettings = key(EvaluationSettings(), "the evaluation command")
     run: RunSettings = key(RunSettings(), "device, threads, output (files: evaluation_settings)")
+    nonlinear_settings: NonlinearSettings = key(NonlinearSettings(), "the nonlinear composite "
+                                                "(off unless `enabled`)")
     _source: Optional[str] = PrivateAttr(None)  # the file it was read from, for messages
 
     @property
