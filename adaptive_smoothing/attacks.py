@@ -256,7 +256,9 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
          loss: AttackLossName = "ce", y_target: Optional[torch.Tensor] = None,
          bce_weight: PerSample = 0.0, momentum: float = 0.75, rho: float = 0.75,
          random_start: bool = True, return_adversarial: bool = False,
-         generator: Optional[RandomSource] = None) -> AttackResult:
+         generator: Optional[RandomSource] = None,
+         on_iterate: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None
+         ) -> AttackResult:
     """One APGD run (Croce & Hein 2020), batched, every sample with its own eps and loss weight.
 
     Follows pyautoattack's ``APGDAttack.attack_single_run``: step size 2 * eps, halved per sample
@@ -275,6 +277,8 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
             misclassified at some iterate, the first misclassified iterate, and the highest-loss
             point for the others.
         generator: source of the random start (global RNG if None).
+        on_iterate: called as ``on_iterate(x_adv, logits)`` at every evaluated point (the start
+            and each iterate), e.g. to keep each sample's lowest-margin point (calibration.py).
 
     Returns:
         :class:`AttackResult` with ``fooled`` = misclassified at some evaluated iterate.
@@ -294,6 +298,8 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
     loss_steps = torch.zeros(n_iter, batch, device=x.device)
 
     logits, loss_indiv, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
+    if on_iterate is not None:
+        on_iterate(x_adv, logits)
     grad_best = grad.clone()
     fooled = logits.argmax(1) != y
     loss_best = loss_indiv.clone()
@@ -315,6 +321,8 @@ def apgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.
             x_adv = _project(x_adv + (x_step - x_adv) * a + grad2 * (1 - a), x, eps_v, norm)
 
         logits, loss_indiv, grad = _loss_and_grad(target, x_adv, y, w, loss, y_target)
+        if on_iterate is not None:
+            on_iterate(x_adv, logits)
 
         # torch.where, not boolean-mask indexing: a mask index is a nonzero(), which waits for
         # the GPU; the values are the same.

@@ -4,6 +4,7 @@ mixer training (its TensorBoard folder)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -124,4 +125,37 @@ def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Pat
     fig.suptitle(title or "held-out validation during mixer training")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_calibration(best: Any, margins: dict, path: Path) -> None:
+    """The calibration's objective over (s, p) at the chosen c, and ROB's transformed margins
+    of its robust points (atk_corr) and clean mistakes (cln_incorr) with the cutoff."""
+    import numpy as np
+
+    grid = best.grid
+    c_index = grid["c"].index(best.c)
+    objective = 100 * np.asarray(grid["objective"])[:, c_index, :]  # (s, p)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.3))
+    image = left.imshow(objective, origin="lower", aspect="auto", cmap="viridis")
+    left.set_xticks(range(len(grid["p"])), [f"{v:.2g}" for v in grid["p"]], fontsize=7)
+    left.set_yticks(range(len(grid["s"])), [f"{v:.2g}" for v in grid["s"]], fontsize=7)
+    left.set_xlabel("power p")
+    left.set_ylabel("scale s")
+    left.set_title(f"clean mistakes kept (%) at c = {best.c:.3g}", fontsize=9)
+    fig.colorbar(image, ax=left)
+    bins = np.linspace(0, 1, 51)
+    for name, color in (("atk_corr", "tab:green"), ("cln_incorr", "tab:red")):
+        values = margins[name].cpu().numpy()
+        right.hist(values, bins=bins, alpha=0.6, color=color,
+                   label=f"{name} (n = {len(values)})", density=True)
+    right.axvline(best.cutoff, color="black", linestyle="--",
+                  label=f"cutoff {best.cutoff:.3g} = (1 - alpha) / alpha")
+    right.set_xlabel("ROB's transformed probability margin (top-1 minus top-2)")
+    right.set_ylabel("density")
+    right.set_title(f"s {best.s:.3g}, p {best.p:.3g}, c {best.c:.3g}, alpha {best.alpha:.5f}",
+                    fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
     plt.close(fig)
