@@ -5,8 +5,12 @@
   its attacked points that stay correct ("atk_corr") and on its clean mistakes ("cln_incorr"),
   and search a grid of ROB maps (:func:`grid_search`): for each, the cutoff is the
   (100 - beta) percentile of atk_corr's transformed margins (so that a share beta of ROB's
-  robust points keeps its decision) and the objective is the share of cln_incorr whose margin
+  robust points keeps its decision) and the objective is the share of cln_incorr whose gap
   clears the cutoff (clean mistakes that STD then cannot fix); alpha = 1 / (1 + cutoff).
+  The margins are taken at the label (:func:`label_margins`): a robust point whose transform
+  changes ROB's decision counts as lost, and a mistake is unfixable when the wrong class leads
+  the true one by the cutoff (the authors take top-1 minus top-2 for both, which is the same
+  where the transform keeps ROB's decision and the true class is the runner-up).
 - The fixed linear mixture's alpha for a target beta (:func:`linear_alpha`): the same cutoff
   for ROB's plain softmax.
 - A trained mixer's alpha range for a target clean accuracy (:func:`mixer_alpha_bias`).
@@ -28,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, PerImageRandom, apgd
-from adaptive_smoothing.models.nonlinear import Clamp, transformed_margins
+from adaptive_smoothing.models.nonlinear import Clamp, rob_map
 from adaptive_smoothing.persist import BatchStore, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -99,10 +103,12 @@ def min_margin_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
 @dataclass(frozen=True)
 class MarginData:
     """ROB's logits on its robust points at their lowest-margin attacked iterate (atk_corr) and
-    on its clean mistakes (cln_incorr), over ``n`` held-out images."""
+    on its clean mistakes (cln_incorr), with their labels, over ``n`` held-out images."""
 
     atk_corr: torch.Tensor
+    atk_labels: torch.Tensor
     cln_incorr: torch.Tensor
+    cln_labels: torch.Tensor
     n: int
     clean_correct: int
 
@@ -181,11 +187,31 @@ def collect_margin_data(rob: nn.Module, x: torch.Tensor, y: torch.Tensor, image_
     # A robust point: correct on the clean image and at every attacked iterate (the kept one
     # included, which is checked again here on the stored logits).
     robust = correct & ~fooled & (attacked.argmax(1) == labels)
-    return MarginData(atk_corr=attacked[robust].double(), cln_incorr=clean[~correct].double(),
+    return MarginData(atk_corr=attacked[robust].double(), atk_labels=labels[robust],
+                      cln_incorr=clean[~correct].double(), cln_labels=labels[~correct],
                       n=len(labels), clean_correct=int(correct.sum()))
 
 
 # -- choosing the constants -----------------------------------------------------------------------
+def label_margins(logits: torch.Tensor, labels: torch.Tensor, **transform: Any) -> torch.Tensor:
+    """q(y) - max_{j != y} q(j) for q = softmax(T(logits)) (``transform``: the arguments of
+    ``rob_map``): ROB's transformed margin at the label, negative where it is wrong. The
+    mixture keeps a robust point whatever STD says iff it is >= (1 - alpha) / alpha, and STD
+    can fix a mistake iff minus it is < (1 - alpha) / alpha."""
+    return _margin_at_label(torch.softmax(rob_map(logits, **transform), dim=1), labels)
+
+
+def _margin_at_label(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    true = probs.gather(1, labels[:, None]).squeeze(1)
+    return true - probs.scatter(1, labels[:, None], -math.inf).max(1).values
+
+
+def raw_label_margins(logits: torch.Tensor, labels: torch.Tensor,
+                      rob_scale: float = 1.0) -> torch.Tensor:
+    """The same margins for the linear mixture's ROB term, softmax(s_rob * h)."""
+    return _margin_at_label(torch.softmax(logits * rob_scale, dim=1), labels)
+
+
 # The smallest cutoff (about 1 - alpha) accepted: far above float32's resolution (6e-8) of the
 # log-probabilities, so that STD's share of the mixture survives in the output.
 MIN_CUTOFF = 1e-4
@@ -247,15 +273,13 @@ def grid_search(data: MarginData, beta: float, *, s_values: Sequence[float],
         for j, c in enumerate(c_values):
             for m, p in enumerate(p_values):
                 transform = {"s": s, "p": p, "c": c, "clamp": clamp, "k": k}
-                cutoff = _cutoff(transformed_margins(data.atk_corr, **transform), beta)
+                cutoff = _cutoff(label_margins(data.atk_corr, data.atk_labels, **transform), beta)
                 cutoffs[i, j, m] = cutoff
-                # A cutoff of 1 (every kept margin saturated) would make alpha 1/2 meaningless
-                # and the objective 0 by round-off: the authors cap it just below 1.
+                # A cutoff of 1 (every kept margin saturated) would make the objective 0 by
+                # round-off: the authors cap it just below 1.
                 cutoff = min(cutoff, 1 - 1e-9)
-                incorr = (transformed_margins(data.cln_incorr, **transform)
-                          if len(data.cln_incorr) else torch.zeros(0))
-                objective[i, j, m] = float((incorr >= cutoff).double().mean()) if len(
-                    incorr) else 0.0
+                gaps = -label_margins(data.cln_incorr, data.cln_labels, **transform)
+                objective[i, j, m] = float((gaps >= cutoff).double().mean()) if len(gaps) else 0.0
     feasible = [ix for ix in np.ndindex(*shape) if cutoffs[ix] >= MIN_CUTOFF]
     if not feasible:
         raise CalibrationError(f"every (s, p, c) of the grid gives a cutoff below {MIN_CUTOFF} "
@@ -275,9 +299,8 @@ def linear_alpha(data: MarginData, beta: float, rob_scale: float = 1.0) -> float
     """The fixed linear mixture's alpha that keeps ROB's decision on a share ``beta`` (percent)
     of its robust points: 1 / (1 + cutoff) for the margins of softmax(s_rob * h)."""
     _check_data(data)
-    probs = torch.softmax(data.atk_corr * rob_scale, dim=1)
-    top2 = probs.topk(2, dim=1).values
-    return 1.0 / (1.0 + _cutoff(top2[:, 0] - top2[:, 1], beta))
+    return 1.0 / (1.0 + _cutoff(raw_label_margins(data.atk_corr, data.atk_labels, rob_scale),
+                                beta))
 
 
 def margin_summary(values: torch.Tensor) -> dict[str, float]:
@@ -414,7 +437,12 @@ def run_calibration(config: Any, options: CalibrationOptions) -> dict[str, Any]:
         surrogate_alpha = linear_alpha(data, options.surrogate_beta, rob_scale)
         transform = {"s": best.s, "p": best.p, "c": best.c, "clamp": options.clamp,
                      "k": options.k}
-        raw = {"s": rob_scale, "p": 1.0, "c": 0.0, "clamp": "none", "k": options.k}
+        # Robust points: their margin at the label; mistakes: by how much the wrong class leads.
+        transformed = {"atk_corr": label_margins(data.atk_corr, data.atk_labels, **transform),
+                       "cln_incorr": -label_margins(data.cln_incorr, data.cln_labels,
+                                                    **transform)}
+        raw = {"atk_corr": raw_label_margins(data.atk_corr, data.atk_labels, rob_scale),
+               "cln_incorr": -raw_label_margins(data.cln_incorr, data.cln_labels, rob_scale)}
         record: dict[str, Any] = {
             "images": {"split": options.split, "first": ids[0], "last": ids[-1],
                        "n": data.n},
@@ -429,16 +457,14 @@ def run_calibration(config: Any, options: CalibrationOptions) -> dict[str, Any]:
             "linear_alpha": {"beta": options.beta,
                              "alpha": linear_alpha(data, options.beta, rob_scale)},
             "surrogate_alpha": {"beta": options.surrogate_beta, "alpha": surrogate_alpha},
-            "margins": {name: {"transformed": margin_summary(transformed_margins(v, **transform)),
-                               "raw_softmax": margin_summary(transformed_margins(v, **raw))}
-                        for name, v in (("atk_corr", data.atk_corr),
-                                        ("cln_incorr", data.cln_incorr))},
+            "margins": {"definition": "atk_corr: q(y) - max_{j != y} q(j); cln_incorr: "
+                                      "max_{j != y} q(j) - q(y); q = ROB's (transformed) softmax",
+                        "transformed": {k: margin_summary(v) for k, v in transformed.items()},
+                        "raw_softmax": {k: margin_summary(v) for k, v in raw.items()}},
         }
         if options.target_clean_accuracy is not None:
             record["mixer_alpha_range"] = _calibrate_mixer(composite, x, y, options, device)
-        plot_calibration(best, {n: transformed_margins(v, **transform) for n, v in
-                                (("atk_corr", data.atk_corr), ("cln_incorr", data.cln_incorr))},
-                         output_dir / "calibration.png")
+        plot_calibration(best, transformed, output_dir / "calibration.png")
         if options.write_config is not None:
             tree = config_to_dict(config)
             tree["nonlinear_settings"] = dict(

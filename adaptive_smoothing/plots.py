@@ -130,7 +130,8 @@ def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Pat
 
 def plot_calibration(best: Any, margins: dict, path: Path) -> None:
     """The calibration's objective over (s, p) at the chosen c, and ROB's transformed margins
-    of its robust points (atk_corr) and clean mistakes (cln_incorr) with the cutoff."""
+    of its robust points (atk_corr) and the leads of the wrong class over the true one on its
+    clean mistakes (cln_incorr), with the cutoff (calibration.label_margins)."""
     import numpy as np
 
     grid = best.grid
@@ -144,14 +145,15 @@ def plot_calibration(best: Any, margins: dict, path: Path) -> None:
     left.set_ylabel("scale s")
     left.set_title(f"clean mistakes kept (%) at c = {best.c:.3g}", fontsize=9)
     fig.colorbar(image, ax=left)
-    bins = np.linspace(0, 1, 51)
+    bins = np.linspace(-1, 1, 81)
     for name, color in (("atk_corr", "tab:green"), ("cln_incorr", "tab:red")):
         values = margins[name].cpu().numpy()
         right.hist(values, bins=bins, alpha=0.6, color=color,
                    label=f"{name} (n = {len(values)})", density=True)
     right.axvline(best.cutoff, color="black", linestyle="--",
                   label=f"cutoff {best.cutoff:.3g} = (1 - alpha) / alpha")
-    right.set_xlabel("ROB's transformed probability margin (top-1 minus top-2)")
+    right.set_xlabel("ROB's transformed margin: robust points at the label; mistakes, the lead "
+                     "of the wrong class", fontsize=8)
     right.set_ylabel("density")
     right.set_title(f"s {best.s:.3g}, p {best.p:.3g}, c {best.c:.3g}, alpha {best.alpha:.5f}",
                     fontsize=9)
