@@ -10,8 +10,10 @@ fixed-alpha mixtures show how much it does keep.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -108,21 +110,26 @@ def fixed_alpha_entries(sweep: dict) -> list[tuple[float, dict]]:
                   if name.startswith("alpha_"))
 
 
-def compare_with_fixed_curve(sweep: dict) -> dict:
-    """The composite of an alpha sweep (``sweep.json``) against its fixed-alpha curve.
+COMPOSITES = ("adaptive", "nonlinear")  # the sweep entries of composites (evaluation.py)
+
+
+def compare_with_fixed_curve(sweep: dict, name: str = "adaptive") -> dict:
+    """The composite ``name`` of an alpha sweep (``sweep.json``) against its fixed-alpha curve.
 
     The curve's robust accuracy at the composite's clean accuracy is the linear interpolation
     between two fixed mixtures adjacent in alpha whose clean accuracies bracket the composite's
     (the highest such value where several pairs bracket it, so the composite is judged against
     the best the curve offers). Accuracies in points (%), with binomial standard errors.
-    ``curve_robust`` is None where no pair brackets the composite's clean accuracy.
+    ``curve_robust`` is None where no pair brackets the composite's clean accuracy. The curve
+    is concave, so sparse points understate it: the paired comparison with the matched fixed
+    alpha (:func:`paired_comparison`) is the one to judge by.
     """
-    if "adaptive" not in sweep:
-        raise ValueError("the sweep has no 'adaptive' entry (the composite): nothing to compare")
+    if name not in sweep:
+        raise ValueError(f"the sweep has no {name!r} entry (the composite): nothing to compare")
     fixed = fixed_alpha_entries(sweep)
     if len(fixed) < 2:
         raise ValueError(f"the sweep has {len(fixed)} fixed-alpha entries; need at least 2")
-    comp = sweep["adaptive"]
+    comp = sweep[name]
     n = int(comp["n_examples"])
     clean, robust = 100 * comp["clean_accuracy"], 100 * comp["robust_accuracy"]
     best: Optional[tuple[float, float, float]] = None
@@ -145,3 +152,65 @@ def compare_with_fixed_curve(sweep: dict) -> dict:
         "above_curve": None if best is None else robust - best[0],
         "clean_above_rob": None if rob is None else clean - 100 * rob["clean_accuracy"],
     }
+
+
+def mcnemar_p(a_only: int, b_only: int) -> float:
+    """Exact two-sided McNemar test: the binomial probability, under no difference, of a split
+    of the discordant pairs at least this uneven."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(a: Sequence[int], b: Sequence[int]) -> dict:
+    """Model A against model B on the same images (1 = robust/correct, 0 = not): the paired
+    difference of accuracy in points with its standard error, the discordant counts and the
+    exact McNemar p-value."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired outcomes of different or no images: {len(a)} and {len(b)}")
+    n = len(a)
+    diffs = [int(x) - int(y) for x, y in zip(a, b)]
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
+    a_only, b_only = diffs.count(1), diffs.count(-1)
+    return {"n": n, "difference": 100 * mean, "difference_se": 100 * math.sqrt(var / n),
+            "a_only": a_only, "b_only": b_only, "mcnemar_p": mcnemar_p(a_only, b_only)}
+
+
+def compare_with_matched(sweep_dir: Path, sweep: dict, name: str) -> Optional[dict]:
+    """The composite ``name`` against ``matched_<name>``, the fixed mixture at its clean
+    accuracy, image by image (their per_image.json files); None where the sweep has no match
+    or the per-image outcomes are incomplete."""
+    matched = f"matched_{name}"
+    if matched not in sweep:
+        return None
+    files = [json.loads((sweep_dir / entry / "per_image.json").read_text())
+             for entry in (name, matched)]
+    if not all(f.get("complete") for f in files) or files[0]["image_ids"] != files[1]["image_ids"]:
+        return None
+    comp, fixed = (f["outcomes"] for f in files)
+    entry = sweep[matched]
+    n = int(entry["n_examples"])
+    return {"fixed_alpha": entry.get("fixed_alpha"),
+            "clean": 100 * entry["clean_accuracy"],
+            "clean_se": 100 * binomial_se(entry["clean_accuracy"], n),
+            "robust": 100 * entry["robust_accuracy"],
+            "robust_se": 100 * binomial_se(entry["robust_accuracy"], n),
+            "robust_paired": paired_comparison(comp["robust"], fixed["robust"]),
+            "clean_paired": paired_comparison(comp["clean"], fixed["clean"])}
+
+
+def compare_sweep(sweep_dir: Path) -> dict:
+    """comparison.json of a sweep folder: per composite, the fixed curve and the matched fixed
+    mixture (paired)."""
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    out = {}
+    for name in COMPOSITES:
+        if name in sweep:
+            out[name] = dict(compare_with_fixed_curve(sweep, name),
+                             matched=compare_with_matched(sweep_dir, sweep, name))
+    if not out:
+        raise ValueError(f"{sweep_dir / 'sweep.json'} has no composite ({', '.join(COMPOSITES)})")
+    return out

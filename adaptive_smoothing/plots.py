@@ -15,31 +15,62 @@ import matplotlib.pyplot as plt  # noqa: E402
 from adaptive_smoothing.analysis import fixed_alpha_entries  # noqa: E402
 
 
+def _attack_label(entry: dict) -> str:
+    """What 'robust' means in a sweep: the attacks, their iterations and n."""
+    attacks = ", ".join(entry.get("autoattack") or []) or "no attack"
+    iterations = entry.get("autoattack_iterations")
+    return (f"robust accuracy (%): worst case of {attacks}"
+            + (f", {iterations} it." if iterations else "") + " (+ the composites' own attacks)")
+
+
 def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
-    """Clean vs robust accuracy: the fixed-alpha curve, both bases and the adaptive composite."""
-    fixed = fixed_alpha_entries(sweep)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    ax.plot([100 * v["clean_accuracy"] for _, v in fixed],
-            [100 * v["robust_accuracy"] for _, v in fixed], "o-", color="tab:gray",
-            label="fixed alpha (mixture)")
-    for alpha, v in fixed:
-        ax.annotate(f"{alpha:g}", (100 * v["clean_accuracy"], 100 * v["robust_accuracy"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:gray")
-    marks = {0.0: ("STD (alpha 0)", "tab:blue", "s"), 1.0: ("ROB (alpha 1)", "tab:green", "s")}
+    """Clean vs robust accuracy with binomial standard-error bars: the fixed-alpha curve, both
+    bases, each composite (trained mixer, nonlinear) and its fixed mixture at matched clean
+    accuracy."""
+    from adaptive_smoothing.analysis import binomial_se
+
+    def point(entry: dict) -> tuple[float, float, float, float]:
+        n = int(entry["n_examples"])
+        c, r = entry["clean_accuracy"], entry["robust_accuracy"]
+        return 100 * c, 100 * r, 100 * binomial_se(c, n), 100 * binomial_se(r, n)
+
+    fixed = [(a, v) for a, v in fixed_alpha_entries(sweep) if v.get("robust_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    if fixed:
+        pts = [point(v) for _, v in fixed]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[2] for p in pts],
+                    yerr=[p[3] for p in pts], fmt="o-", color="tab:gray", capsize=2,
+                    label="fixed alpha (linear mixture)")
+        # Labels alternate above and below the curve so that close points do not collide.
+        for k, ((alpha, _), p) in enumerate(zip(fixed, pts)):
+            ax.annotate(f"{alpha:g}", (p[0], p[1]), textcoords="offset points",
+                        xytext=(5, 6 if k % 2 == 0 else -12), fontsize=7, color="tab:gray")
+    marks = {0.0: ("STD (alpha 0)", "tab:blue"), 1.0: ("ROB (alpha 1)", "tab:green")}
     for alpha, v in fixed:
         if alpha in marks:
-            label, color, marker = marks[alpha]
-            ax.plot(100 * v["clean_accuracy"], 100 * v["robust_accuracy"], marker, color=color,
-                    markersize=9, label=label)
-    if "adaptive" in sweep:
-        v = sweep["adaptive"]
-        ax.plot(100 * v["clean_accuracy"], 100 * v["robust_accuracy"], "*", color="tab:red",
-                markersize=15, label="adaptive smoothing")
-    ax.set_xlabel("clean accuracy (%)")
-    ax.set_ylabel("robust accuracy (%)")
-    ax.set_title(title or "accuracy-robustness trade-off")
+            label, color = marks[alpha]
+            ax.plot(*point(v)[:2], "s", color=color, markersize=9, label=label)
+    kinds = {"adaptive": ("adaptive smoothing (trained mixer)", "tab:red", "*"),
+             "nonlinear": ("nonlinear mixing (MixedNUTS)", "tab:purple", "D")}
+    for name, (label, color, marker) in kinds.items():
+        if name not in sweep:
+            continue
+        c, r, ce, re = point(sweep[name])
+        ax.errorbar(c, r, xerr=ce, yerr=re, fmt=marker, color=color, markersize=11,
+                    capsize=3, label=f"{label}: {c:.1f} / {r:.1f}")
+        matched = sweep.get(f"matched_{name}")
+        if matched is not None and matched.get("robust_accuracy") is not None:
+            mc, mr, mce, mre = point(matched)
+            ax.errorbar(mc, mr, xerr=mce, yerr=mre, fmt=marker, color=color, mfc="none",
+                        markersize=11, capsize=3,
+                        label=f"fixed alpha {matched.get('fixed_alpha', float('nan')):.3f} at "
+                              f"its clean accuracy: {mc:.1f} / {mr:.1f}")
+    reference = next(iter(sweep.values()))
+    ax.set_xlabel(f"clean accuracy (%), n = {reference.get('n_examples')} images")
+    ax.set_ylabel(_attack_label(reference), fontsize=8)
+    ax.set_title(title or "accuracy-robustness trade-off", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,50 @@ def test_plot_results_writes_the_comparison(tmp_path):
     result = CliRunner().invoke(plot_results.main, [str(tmp_path), "--output-dir",
                                                     str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    written = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    written = json.loads((tmp_path / "out" / "comparison.json").read_text())["adaptive"]
     assert written["above_curve"] == pytest.approx(6.25)
+    assert written["matched"] is None  # the sweep has no matched fixed alpha
     assert "+6.2 points" in result.output or "+6.3 points" in result.output
+
+
+def test_mcnemar_and_paired_difference_have_their_textbook_values():
+    from adaptive_smoothing.analysis import mcnemar_p, paired_comparison
+
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 5) == 1.0
+    assert mcnemar_p(0, 6) == pytest.approx(2 / 64)  # all 6 discordant pairs one way
+    assert mcnemar_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    a = [1] * 30 + [0] * 10 + [1] * 5 + [0] * 55   # A robust on 35, B on 40; 5 vs 10 discordant
+    b = [1] * 30 + [1] * 10 + [0] * 5 + [0] * 55
+    paired = paired_comparison(a, b)
+    assert paired["difference"] == pytest.approx(-5.0)
+    assert (paired["a_only"], paired["b_only"]) == (5, 10)
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / 100
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 99 / 100)
+    assert paired["difference_se"] == pytest.approx(100 * se)
+    assert paired["mcnemar_p"] == pytest.approx(mcnemar_p(5, 10))
+    with pytest.raises(ValueError, match="different or no images"):
+        paired_comparison([1, 0], [1])
+
+
+def test_comparison_pairs_the_composite_with_its_matched_fixed_alpha(tmp_path):
+    from adaptive_smoothing.analysis import compare_sweep
+
+    sweep = {"alpha_0.500": _entry(0.86, 0.10), "alpha_1.000": _entry(0.70, 0.40),
+             "nonlinear": _entry(0.80, 0.30), "matched_nonlinear": dict(_entry(0.80, 0.25),
+                                                                        fixed_alpha=0.7)}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    n = sweep["nonlinear"]["n_examples"]
+    outcomes = {"nonlinear": [1] * int(0.3 * n) + [0] * (n - int(0.3 * n)),
+                "matched_nonlinear": [0] * 10 + [1] * int(0.25 * n) + [0] * (n - 10 - int(0.25 * n))}
+    for name, robust in outcomes.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_image.json").write_text(json.dumps({
+            "complete": True, "image_ids": list(range(n)),
+            "outcomes": {"robust": robust, "clean": [1] * n}}))
+    matched = compare_sweep(tmp_path)["nonlinear"]["matched"]
+    assert matched["fixed_alpha"] == 0.7
+    paired = matched["robust_paired"]
+    assert paired["difference"] == pytest.approx(5.0)
+    assert paired["a_only"] - paired["b_only"] == int(0.3 * n) - int(0.25 * n)

@@ -11,6 +11,9 @@
 #   experiment.sh train nonadaptive # the online recipe without the attack's mixer term (w = 0)
 #   experiment.sh curves RECIPE    # that training's held-out validation curves (AUCs) -> $HERE/RECIPE/
 #   experiment.sh sweep RECIPE     # that mixer's sweep: the fixed mixtures (reused) + composite
+#   experiment.sh calibrate        # the nonlinear composite's constants, on test images 5000..6999
+#                                  # -> $HERE/nonlinear/calibration/, configs/rn18w16_nonlinear_cpu.yaml
+#   experiment.sh nonlinear        # its sweep: fixed mixtures (reused) + nonlinear + matched alpha
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
 # pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
 set -euo pipefail
@@ -26,7 +29,7 @@ RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
     --set dataset_settings.blocks=8)
 
-case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE or sweep RECIPE}" in
+case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, calibrate or nonlinear}" in
   clean)
     "${RUN[@]}" --eval --alpha-sweep 0,1 --fixed-alphas-only --n-examples 10000 --no-adaptive \
       --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$EVAL/clean" ;;
@@ -61,5 +64,20 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE or sweep RECIPE
     cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"  # the acceptance file of issue 11
     python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/$RECIPE" \
       --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
+  calibrate)
+    # Held-out: test images from val_start (5000) on, never the 1,000 evaluated ones.
+    nice -n 19 python3 -m adaptive_smoothing.cli.calibrate --config "$CONFIG" --data-dir "$DATA" \
+      --threads 1 --device cpu --n-images 2000 --output-dir "$HERE/nonlinear/calibration" \
+      --write-config configs/rn18w16_nonlinear_cpu.yaml ;;
+  nonlinear)
+    OUT="$EVAL/nonlinear"
+    mkdir -p "$OUT" "$HERE/nonlinear"
+    shopt -s nullglob
+    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    nice -n 19 python3 run.py --config configs/rn18w16_nonlinear_cpu.yaml --data-dir "$DATA" \
+      --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --output-dir "$OUT"
+    cp "$OUT/sweep.json" "$HERE/nonlinear/sweep.json"
+    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/nonlinear" \
+      --title "ResNet-18 (width 16), CIFAR-10: nonlinear mixing" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
