@@ -770,8 +770,9 @@ def matched_alpha(composite: Composite, x: torch.Tensor, y: torch.Tensor, target
 
     alphas = [i / grid for i in range(grid + 1)]
     good = [a for a in alphas if accuracy(a) >= target]
-    if not good:  # more accurate than every mixture, STD included: the closest is STD's side
-        return 0.0
+    if not good:  # more accurate than every fixed mixture: the most accurate one is closest
+        best = max(accuracy(a) for a in alphas)
+        return max(a for a in alphas if accuracy(a) == best)
     low = max(good)
     if low >= 1.0:
         return 1.0

@@ -221,3 +221,30 @@ def test_calibrate_command_writes_a_record_a_plot_and_a_config_that_evaluates(tm
     assert result.exit_code == 1
     assert "inside the 16 images an evaluation reports" in result.output
     assert "Traceback" not in result.output
+
+
+def test_alpha_sweep_of_a_nonlinear_composite_adds_the_matched_fixed_alpha(tmp_path,
+                                                                         shared_cifar10):
+    import run
+    from adaptive_smoothing.cli import plot_results
+
+    config = _tiny_config(tmp_path, shared_cifar10)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(run.main, [
+        "--eval", "--config", str(config), "--output-dir", str(out), "--device", "cpu",
+        "--n-examples", "16", "--alpha-sweep", "0,1",
+        "--set", "nonlinear_settings={enabled: true, s: 2.0, p: 2.0, c: -0.5, alpha: 0.9, "
+                 "transfer_attacks: false, square_examples: 0}"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sorted(sweep) == ["alpha_0.000", "alpha_1.000", "matched_nonlinear", "nonlinear"]
+    matched = sweep["matched_nonlinear"]
+    assert 0 <= matched["fixed_alpha"] <= 1
+    assert matched["clean_accuracy"] >= sweep["nonlinear"]["clean_accuracy"]
+    assert matched["surrogate_robust_accuracy"] is None  # a fixed mixture: AutoAttack only
+    assert sweep["nonlinear"]["surrogate_robust_accuracy"] is not None
+    result = CliRunner().invoke(plot_results.main, [str(out)])
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())["nonlinear"]
+    assert comparison["matched"]["robust_paired"]["n"] == 16
+    assert "McNemar" in result.output

@@ -84,7 +84,9 @@ def test_alpha_sweep_and_plots(tmp_path, shared_cifar10):
         "--alpha-sweep", "0,0.5,1", "--output-dir", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     sweep = json.loads((out / "sweep.json").read_text())
-    assert sorted(sweep) == ["adaptive", "alpha_0.000", "alpha_0.500", "alpha_1.000"]
+    assert sorted(sweep) == ["adaptive", "alpha_0.000", "alpha_0.500", "alpha_1.000",
+                             "matched_adaptive"]
+    assert 0 <= sweep["matched_adaptive"]["fixed_alpha"] <= 1
     assert sweep["alpha_0.000"]["mean_alpha_clean"] == 0.0
     assert sweep["alpha_1.000"]["mean_alpha_clean"] == 1.0
     assert sweep["alpha_0.500"]["mean_alpha_clean"] == pytest.approx(0.5)
@@ -105,9 +107,11 @@ def test_alpha_sweep_runs_the_adaptive_attack_on_the_composite_only_and_last(tmp
         "--alpha-sweep", "0,1", "--output-dir", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     sweep = json.loads((out / "sweep.json").read_text())
-    assert sorted(sweep) == ["adaptive", "alpha_0.000", "alpha_1.000"]
+    assert sorted(sweep) == ["adaptive", "alpha_0.000", "alpha_1.000", "matched_adaptive"]
     started = {name: (out / name / "manifest.json").stat().st_mtime_ns for name in sweep}
     assert started["adaptive"] > max(started["alpha_0.000"], started["alpha_1.000"])
+    assert started["matched_adaptive"] > started["adaptive"]  # found from the composite's
+    assert sweep["matched_adaptive"]["adaptive_robust_accuracy"] is None
     assert sweep["adaptive"]["adaptive_robust_accuracy"] is not None
     assert sweep["adaptive"]["robust_accuracy"] <= sweep["adaptive"]["adaptive_robust_accuracy"]
     for fixed in ("alpha_0.000", "alpha_1.000"):
