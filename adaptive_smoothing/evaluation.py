@@ -220,17 +220,16 @@ def _sum_finite(values: torch.Tensor) -> tuple[float, int]:
 
 
 def _use_standard_parameters(adversary: Any, apgd_iterations: int) -> None:
-    """Give every attack of a custom list the parameters of AutoAttack's standard version.
+    """Give every attack of a custom list the parameters of AutoAttack's standard version,
+    taken from pyautoattack itself (its ``_set_version('standard')``: one restart of APGD and
+    FAB, 9 target classes, Square's 5,000 queries), and ``apgd_iterations`` APGD iterations.
 
     pyautoattack's 'custom' version otherwise keeps its constructor defaults (5 restarts of
     APGD and FAB), which is neither the standard evaluation nor what a subset of it should mean.
     """
-    adversary.apgd.n_restarts = 1
-    adversary.apgd_targeted.n_restarts = 1
-    adversary.apgd_targeted.n_target_classes = 9
-    adversary.fab.n_restarts = 1
-    adversary.fab.n_target_classes = 9
-    adversary.square.n_queries = 5000
+    attacks = list(adversary.attacks_to_run)
+    adversary._set_version("standard")  # pyautoattack 0.2.0's name; it resets the attack list
+    adversary.attacks_to_run = attacks
     adversary.apgd.n_iter = apgd_iterations
     adversary.apgd_targeted.n_iter = apgd_iterations
 
