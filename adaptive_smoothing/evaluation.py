@@ -32,7 +32,7 @@ from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_
                                         require_checkpoint_files)
 from adaptive_smoothing.losses import AttackLossName
 from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
-from adaptive_smoothing.persist import BatchStore, write_text_atomic
+from adaptive_smoothing.persist import BatchStore, write_atomic, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, autocast_context, barrier,
                                         distributed_rank_world, distributed_session,
@@ -498,7 +498,9 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
                 dtype=dtype, seed=settings.seed, image_ids=range(start, end),
                 where=f"batch {index} (images {start}..{end - 1})")
             if settings.save_adversarial and x_adv is not None:
-                torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
+                adversarial = x_adv.cpu()
+                write_atomic(output_dir / "adversarial" / f"{index:05d}.pt",
+                             lambda file: torch.save(adversarial, file))
             batch_counters.update(start=start, end=end)
             batches.save(index, batch_counters)
         counters.append(batch_counters)
@@ -516,7 +518,7 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
     if rank != 0:
         return summary
     _atomic_write_json(summary, output_dir / RESULTS_FILE)
-    (output_dir / TABLE_FILE).write_text(format_table(summary))
+    write_text_atomic(output_dir / TABLE_FILE, format_table(summary))
     logger.info("results written to %s", output_dir / RESULTS_FILE)
     return summary
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.analysis import compare_with_fixed_curve
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
@@ -17,6 +18,7 @@ from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None,
               help="Where the PNGs go (default: SWEEP_DIR).")
 @click.option("--title", default="", help="Title prefix of both figures.")
+@one_line_errors
 def main(sweep_dir: Path, output_dir: Path | None, title: str) -> None:
     """SWEEP_DIR is the output folder of `run.py --eval --alpha-sweep ...` (holds sweep.json)."""
     output_dir = output_dir or sweep_dir

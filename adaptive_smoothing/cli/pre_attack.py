@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import threads_option
 from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
@@ -42,6 +43,7 @@ def _gammas(text: str) -> tuple[float, ...]:
 @click.option("--step-size", default=None, type=float, help="PGD step [eps / 4].")
 @click.option("--batch-size", default=256, type=int)
 @threads_option()
+@one_line_errors
 def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
          n_images: int | None, iterations: int, step_size: float | None, batch_size: int,
          threads: int | None) -> None:

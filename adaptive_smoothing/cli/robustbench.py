@@ -13,6 +13,7 @@ from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.benchmark import published_model_or_error, run_benchmark
 from adaptive_smoothing.cli.options import PRECISION_HELP, speed_options
 from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
@@ -37,6 +38,7 @@ from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--output_dir", default="outputs/robustbench", type=click.Path(path_type=Path),
               help="Result JSON and AutoAttack state (an interrupted run resumes from it).")
+@one_line_errors
 def main(root_dir: Path, dataset: str, model_name: str, n_examples: int, fp16: bool,
          precision: Optional[str], channels_last: bool, compile_model: bool,
          threads: Optional[int], batch_size: int, data_dir: Path, device: str,
