@@ -329,8 +329,8 @@ def _find_npz(path: Path, name: str, split: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(f"offline {name} {split} set not found: looked for "
-                    f"{', '.join(str(c) for c in [path, *candidates])} (give a .npz file or a "
-                    "directory holding train.npz/test.npz)")
+                    f"{', '.join(str(c.absolute()) for c in [path, *candidates])} (give a .npz "
+                    "file or a directory holding train.npz/test.npz)")
 
 
 # ----------------------------------------------------------------------------- ImageFolder
@@ -508,7 +508,9 @@ def build_dataset(name: str, split: str, format: str = "torchvision",
         raise DataError(f"dataset format {fmt!r} needs a path")
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"dataset path {path} does not exist")
+        relative = ("" if path.is_absolute()
+                    else f" (relative to the working directory {Path.cwd()})")
+        raise DataError(f"dataset path {path.absolute()} does not exist{relative}")
     if fmt == "npz":
         file = _find_npz(path, name, split)
         dataset = NpzImageDataset(file, _tensor_transform(augment), NUM_CLASSES[name])

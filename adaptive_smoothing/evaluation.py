@@ -488,6 +488,11 @@ def _evaluate(composite: CompositeModel, x_all: torch.Tensor, y_all: torch.Tenso
     batches = BatchStore(batches_dir, ".json", read=_read_batch,
                          write=lambda value, file: file.write(_json_text(value).encode()))
     counters: list[dict[str, float]] = []
+    finished = [i for i, _ in mine if batches.path(i).exists()]
+    if finished:  # say so: a resumed run's numbers partly come from an earlier process
+        logger.info("%s: resuming, reusing %d of %d finished batches from an earlier run; "
+                    "evaluating the other %d", output_dir, len(finished), len(mine),
+                    len(mine) - len(finished))
     bar = tqdm(mine, desc="evaluating", unit="batch", disable=rank != 0)
     for index, start in bar:
         batch_counters = batches.load(index)

@@ -235,3 +235,92 @@ def test_other_clis_report_a_truncated_checkpoint_in_one_line(tmp_path):
         "--output", str(tmp_path / "m.json"), "--data-format", "npz",
         "--data-dir", str(REPO_ROOT / "demo"), "--n-examples", "4"])
     assert f"{bad}: unreadable" in _one_line_error(result)
+
+
+# -- item 5: threads, resume, paths, shape hints, log lines ---------------------------------------
+def test_threads_above_the_cores_warn_once_and_say_what_it_costs(monkeypatch, caplog):
+    from adaptive_smoothing import runtime
+
+    set_to: list[int] = []
+    monkeypatch.setattr(runtime.torch, "set_num_threads", set_to.append)  # 999 real threads: no
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    runtime._warn_oversubscribed.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="adaptive_smoothing.runtime"):
+        assert runtime.configure_threads(999) == 999
+        runtime.configure_threads(999)
+        runtime.configure_threads(2)
+    warnings = [r.getMessage() for r in caplog.records if "core(s) available" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "999 torch threads but only 2 core(s)" in warnings[0]
+    assert "many times slower" in warnings[0] and "--threads 2 or fewer" in warnings[0]
+    assert set_to == [999, 999, 2]  # a warning, not a refusal
+
+
+def test_resumed_evaluation_logs_how_many_batches_it_reused(tmp_path, caplog):
+    out = tmp_path / "eval"
+    first = CliRunner().invoke(run.main, _demo_eval_args(out))
+    assert first.exit_code == 0, first.output
+    (out / "batches" / "00001.json").unlink()  # as if killed during the second batch
+    with caplog.at_level(logging.INFO, logger="adaptive_smoothing.evaluation"):
+        second = CliRunner().invoke(run.main, _demo_eval_args(out))
+    assert second.exit_code == 0, second.output
+    assert any(f"{out}: resuming, reusing 1 of 2 finished batches" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_missing_checkpoint_from_another_directory_names_the_full_path_and_its_base(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs/demo.yaml's log_dir 'demo' is relative
+    result = CliRunner().invoke(run.main, [
+        "--eval", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), "--device", "cpu",
+        "--output-dir", str(tmp_path / "out")])
+    message = _one_line_error(result)
+    assert f"checkpoint file not found: {tmp_path / 'demo' / 'std_rn18_w8.pt'}" in message
+    assert "relative to log_dir 'demo'" in message
+    assert f"relative to the working directory {tmp_path}" in message
+
+
+def test_missing_data_folder_names_the_full_path_and_its_base(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(run.main, [
+        "--eval", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), "--device", "cpu",
+        "--set", f"log_dir={REPO_ROOT / 'demo'}", "--data-dir", "nowhere", "--data-format",
+        "npz", "--output-dir", str(tmp_path / "out")])
+    message = _one_line_error(result)
+    assert (f"dataset path {tmp_path / 'nowhere'} does not exist (relative to the working "
+            f"directory {tmp_path})") in message
+
+
+def test_download_retry_lines_are_printed_once(monkeypatch):
+    import io
+
+    import huggingface_hub.utils.logging  # noqa: F401  (installs its own stderr handler)
+
+    from adaptive_smoothing import download
+
+    stream = io.StringIO()
+    library = logging.getLogger("huggingface_hub")
+    for own in library.handlers:  # huggingface_hub's stderr handler, made visible
+        monkeypatch.setattr(own, "stream", stream)
+    monkeypatch.setattr(library, "handlers", list(library.handlers))  # restored afterwards
+    root = logging.getLogger()
+    handler = logging.StreamHandler(stream)  # what logging.basicConfig installs
+    root.addHandler(handler)
+    try:
+        download.route_library_logs()
+        logging.getLogger("huggingface_hub.utils._http").warning(
+            "Retrying in 1s [Retry 1/5].")
+    finally:
+        root.removeHandler(handler)
+    assert stream.getvalue().count("Retrying in 1s [Retry 1/5].") == 1, stream.getvalue()
+
+
+def test_download_command_routes_the_library_logs(tmp_path, monkeypatch):
+    from adaptive_smoothing import download
+    from adaptive_smoothing.cli import download_models
+
+    called = []
+    monkeypatch.setattr(download, "route_library_logs", lambda: called.append(True))
+    result = CliRunner().invoke(download_models.main, ["--list"])
+    assert result.exit_code == 0, result.output
+    assert called == [True]

@@ -30,6 +30,7 @@ def main(root_dir: Path, names: tuple[str, ...], dataset: Optional[str], model: 
          force: bool, list_only: bool, no_progress: bool) -> None:
     """Download the published checkpoints into ROOT_DIR/Base and ROOT_DIR/CompModel."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    download.route_library_logs()
     try:
         sources = download.select_sources(names or None, dataset, model)
     except ValueError as exc:
