@@ -291,6 +291,23 @@ def test_missing_data_folder_names_the_full_path_and_its_base(tmp_path, monkeypa
             f"directory {tmp_path})") in message
 
 
+def test_100_class_checkpoint_in_a_10_class_resnet18_names_resnet_not_bit(tmp_path):
+    from adaptive_smoothing.checkpoints import CheckpointError, load_authors_checkpoints
+
+    torch.manual_seed(0)
+    wrong = create_model("resnet18", num_classes=100, width=2)
+    torch.save({"model": wrong.state_dict()}, tmp_path / "std.pt")
+    torch.save({"model": create_model("resnet18", width=2).state_dict()}, tmp_path / "rob.pt")
+    composite = CompositeModel(create_model("resnet18", width=2),
+                               create_model("resnet18", width=2), None)
+    with pytest.raises(CheckpointError) as err:
+        load_authors_checkpoints(composite, tmp_path / "std.pt", tmp_path / "rob.pt", None)
+    message = str(err.value)
+    assert "does not match ResNet (expected STD checkpoint" in message
+    assert "ResNet state_dict" in message and "BiT" not in message
+    assert "the file has 100 classes, the model 10" in message
+
+
 def test_download_retry_lines_are_printed_once(monkeypatch):
     import io
 
@@ -324,3 +341,62 @@ def test_download_command_routes_the_library_logs(tmp_path, monkeypatch):
     result = CliRunner().invoke(download_models.main, ["--list"])
     assert result.exit_code == 0, result.output
     assert called == [True]
+
+
+# -- item 2: base models identify themselves ---------------------------------------------------
+def _swapped_demo_args(out: Path) -> list[str]:
+    # The demo's checkpoints record their training (train_base.py): STD 'standard', ROB 'fgsm'.
+    return _demo_eval_args(out) + ["--set", "model_load_path.std=rob_rn18_w8_fgsm.pt",
+                                   "--set", "model_load_path.rob=std_rn18_w8.pt"]
+
+
+def test_swapped_std_and_rob_checkpoints_are_refused_with_the_evidence(tmp_path):
+    result = CliRunner().invoke(run.main, _swapped_demo_args(tmp_path / "eval"))
+    message = _one_line_error(result)
+    assert "STD and ROB look swapped" in message
+    assert f"STD checkpoint {REPO_ROOT / 'demo' / 'rob_rn18_w8_fgsm.pt'}" in message
+    assert "method 'fgsm'" in message and "method 'standard'" in message
+    assert "--allow-swapped-bases" in message
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_allow_swapped_bases_evaluates_them_anyway_with_a_warning(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="adaptive_smoothing.checkpoints"):
+        result = CliRunner().invoke(run.main, _swapped_demo_args(tmp_path / "eval")
+                                    + ["--allow-swapped-bases"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval" / "results.json").exists()
+    assert any("look swapped" in r.getMessage() for r in caplog.records)
+
+
+def test_correctly_ordered_demo_bases_load_without_a_word(tmp_path, caplog):
+    from adaptive_smoothing.checkpoints import check_base_roles
+
+    std = torch.load(REPO_ROOT / "demo" / "std_rn18_w8.pt", weights_only=True)
+    rob = torch.load(REPO_ROOT / "demo" / "rob_rn18_w8_fgsm.pt", weights_only=True)
+    with caplog.at_level(logging.WARNING, logger="adaptive_smoothing.checkpoints"):
+        check_base_roles(std, rob, "std.pt", "rob.pt")
+        check_base_roles({"model": {}}, {"model_state_dict": {}}, "a", "b")  # nothing recorded
+    assert caplog.records == []
+
+
+def test_run_robustbench_refuses_swapped_bases_too(tmp_path, monkeypatch):
+    from adaptive_smoothing import published
+
+    def demo_sized(*args, **kwargs) -> CompositeModel:
+        return CompositeModel(create_model("resnet18", width=8), create_model("resnet18", width=8),
+                              MixingNet((8, 8), version=3))
+
+    monkeypatch.setattr(published, "_build_for_loading", demo_sized)
+    root = tmp_path / "models"
+    (root / "Base").mkdir(parents=True)
+    (root / "CompModel").mkdir()
+    demo = REPO_ROOT / "demo"
+    (root / "Base" / "cifar10_bit_rn152.tar").write_bytes((demo / "rob_rn18_w8_fgsm.pt").read_bytes())
+    (root / "Base" / "cifar10_linf_edm_wrn70-16.pt").write_bytes((demo / "std_rn18_w8.pt").read_bytes())
+    (root / "CompModel" / "cifar10_edm_best.pt").write_bytes((demo / "mixer_rn18_w8.pt").read_bytes())
+    result = CliRunner().invoke(run_robustbench.main, [
+        "--root_dir", str(root), "--dataset", "cifar10", "--model_name", "edm", "--device",
+        "cpu", "--output_dir", str(tmp_path / "rb")])
+    message = _one_line_error(result)
+    assert "STD and ROB look swapped" in message and "--allow-swapped-bases" in message

@@ -15,6 +15,7 @@ from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import threads_option
 from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
+from adaptive_smoothing.checkpoints import swapped_bases_allowed
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.pre_attack import (DEFAULT_GAMMAS, PreAttackedError, generate_blocks,
                                           save_blocks)
@@ -43,10 +44,13 @@ def _gammas(text: str) -> tuple[float, ...]:
 @click.option("--step-size", default=None, type=float, help="PGD step [eps / 4].")
 @click.option("--batch-size", default=256, type=int)
 @threads_option()
+@click.option("--allow-swapped-bases", is_flag=True,
+              help="Load the base models although their checkpoints record that STD was "
+                   "adversarially trained and ROB was not (refused otherwise).")
 @one_line_errors
 def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
          n_images: int | None, iterations: int, step_size: float | None, batch_size: int,
-         threads: int | None) -> None:
+         threads: int | None, allow_swapped_bases: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_threads(threads)
     try:
@@ -64,7 +68,8 @@ def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
     device = resolve_device(config.run.device)
     composite = build_composite(config.forward_settings, config.dataset_settings.num_classes,
                                 device, source=config.source)
-    load_composite_weights(composite, config)
+    with swapped_bases_allowed(allow_swapped_bases):
+        load_composite_weights(composite, config)
     train = build_dataset(ds.name, "train", ds.format, ds.path, augment=False)
     x, y = load_tensors(train, n_images)
     import torch
