@@ -459,6 +459,8 @@ def _check_cifar_arrays(dataset: Any, folder: Path, num_classes: int) -> None:
     """torchvision's CIFAR arrays are what its __getitem__ assumes: uint8 (N, 32, 32, 3) and N
     labels in range (a replaced batch file of floats or 16-bit pixels would be misread)."""
     pixels = getattr(dataset, "data", None)
+    if pixels is None:  # not torchvision's class (a stand-in): nothing to check
+        return
     labels = np.asarray(getattr(dataset, "targets", []))
     expected = f"uint8 pixels of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:

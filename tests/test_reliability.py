@@ -139,6 +139,21 @@ def test_full_disk_during_base_training_is_one_line(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_full_disk_during_mixer_training_is_one_line_and_leaves_no_partial_checkpoint(
+        tmp_path, monkeypatch):
+    _fill_disk_for(monkeypatch, "last.pt")
+    out = tmp_path / "train"
+    result = CliRunner().invoke(run.main, [
+        "--training", "--config", str(REPO_ROOT / "configs" / "demo.yaml"), "--device", "cpu",
+        "--set", f"log_dir={REPO_ROOT / 'demo'}", "--data-dir", str(REPO_ROOT / "demo"),
+        "--output-dir", str(out), "--debug"])
+    message = _one_line_error(result)
+    assert "No space left on device in" in message and "while writing last.pt" in message
+    checkpoints = out / "debug" / "checkpoints"
+    assert not any(p.name.endswith(".tmp") or p.name == "last.pt"
+                   for p in checkpoints.rglob("*")), list(checkpoints.rglob("*"))
+
+
 _WRITER = """
 import sys, time
 from adaptive_smoothing.persist import write_atomic
