@@ -142,7 +142,13 @@ def _robustbench_autoattack_module() -> ModuleType:
                 write=torch.save,
                 read=lambda path: torch.load(path, map_location="cpu", weights_only=True))
             x_parts, y_parts = [], []
-            for index, start in enumerate(range(0, len(y_orig), bs)):
+            starts = range(0, len(y_orig), bs)
+            finished = sum(batches.path(i).exists() for i in range(len(starts)))
+            if finished:  # say so: part of the result comes from an earlier process
+                logging.getLogger(__name__).info(
+                    "%s: resuming, reusing %d of %d finished AutoAttack batches",
+                    batches.directory, finished, len(starts))
+            for index, start in enumerate(starts):
                 part = batches.load(index)
                 if part is None:
                     x_adv, y_adv = super().run_standard_evaluation(
