@@ -295,6 +295,14 @@ def test_missing_checkpoint_from_another_directory_names_the_full_path_and_its_b
     assert f"relative to the working directory {tmp_path}" in message
 
 
+def test_missing_config_from_another_directory_names_the_full_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(run.main, ["--eval", "--config", "configs/demo.yaml"])
+    message = _one_line_error(result)
+    assert (f"configs/demo.yaml: file not found (looked for {tmp_path / 'configs' / 'demo.yaml'}"
+            ", relative to the working directory)") in message
+
+
 def test_missing_data_folder_names_the_full_path_and_its_base(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(run.main, [
