@@ -33,6 +33,9 @@ class DiskFullError(OSError):
     """A write found no space left (ENOSPC / EDQUOT). The message names the folder, the file and
     the space needed; the files already there are intact (every write is atomic)."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
 
 def is_disk_full(err: BaseException) -> bool:
     """Whether ``err`` is an OSError meaning the disk (or the quota) is full."""
