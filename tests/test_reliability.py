@@ -423,3 +423,15 @@ def test_run_robustbench_refuses_swapped_bases_too(tmp_path, monkeypatch):
         "cpu", "--output_dir", str(tmp_path / "rb")])
     message = _one_line_error(result)
     assert "STD and ROB look swapped" in message and "--allow-swapped-bases" in message
+
+
+def test_analyze_margins_refuses_swapped_bases_too(tmp_path):
+    from adaptive_smoothing.cli import analyze_margins
+
+    result = CliRunner().invoke(analyze_margins.main, [
+        "--std", str(REPO_ROOT / "demo" / "rob_rn18_w8_fgsm.pt"),
+        "--rob", str(REPO_ROOT / "demo" / "std_rn18_w8.pt"),
+        "--output", str(tmp_path / "m.json"), "--data-format", "npz",
+        "--data-dir", str(REPO_ROOT / "demo"), "--n-examples", "4"])
+    message = _one_line_error(result)
+    assert "STD and ROB look swapped" in message and "method 'fgsm'" in message
