@@ -10,9 +10,10 @@ from typing import Optional
 
 
 from adaptive_smoothing.compat import import_robustbench
+from adaptive_smoothing.persist import remove_stale_temporaries, write_text_atomic
 from adaptive_smoothing.published import load_published_model, published_model
-from adaptive_smoothing.runtime import (AutocastModule, prepare_model, resolve_precision,
-                                        select_device)
+from adaptive_smoothing.runtime import (AutocastModule, RuntimeSettingsError, prepare_model,
+                                        resolve_precision, select_device)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: 
     """
     published_model(dataset, model_name)  # refuses unknown pairs (cifar10 + trades) first
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
+        raise RuntimeSettingsError(
             "run_robustbench.py runs in one process: RobustBench's benchmark() is not "
             "distributed, so under torchrun every process would attack the same images on the "
             "same GPU and share one AutoAttack state file. Start it with python (choose the GPU "
@@ -53,6 +54,7 @@ def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: 
     classifier = AutocastModule(model, torch_device, dtype).eval()
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)  # what a killed run's atomic writes left behind
     stem = f"{dataset}_{model_name}_n{n_examples}_{precision}"
     state_path = output_dir / f"{stem}.aa_state.json"
     if state_path.exists():
@@ -63,7 +65,7 @@ def run_benchmark(root_dir: Path, dataset: str, model_name: str, *, n_examples: 
         aa_state_path=state_path)
     result = BenchmarkResult(dataset, model_name, n_examples, float(clean), float(robust),
                              precision)
-    (output_dir / f"{stem}.json").write_text(json.dumps(result.__dict__, indent=2))
+    write_text_atomic(output_dir / f"{stem}.json", json.dumps(result.__dict__, indent=2))
     logger.info("%s/%s: clean %.2f%%, AutoAttack %.2f%% (%d examples)", dataset, model_name,
                 100 * result.clean_accuracy, 100 * result.robust_accuracy, n_examples)
     return result

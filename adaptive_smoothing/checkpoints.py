@@ -20,12 +20,14 @@ changes nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -55,6 +57,30 @@ BASE_TRAINING_FORMAT = ("base-training checkpoint (scripts/train_base.py): a tor
                         "'model' (state_dict), 'arch' and 'num_classes'")
 MIXER_FORMAT = ("mixer checkpoint: a torch file with entries 'model' (mixing-network state_dict) "
                 "and 'bn' (gamma BatchNorm state)")
+
+
+# How scripts/train_base.py records its training method ("method" entry): which are adversarial.
+STANDARD_METHODS = ("standard",)
+ADVERSARIAL_METHODS = ("pgd", "fgsm")
+
+
+def std_format(module: nn.Module) -> str:
+    """STD_FORMAT naming ``module``'s architecture (a ResNet-18 STD is no BiT state_dict)."""
+    if isinstance(module, ResNetV2):
+        return STD_FORMAT
+    arch = type(module).__name__
+    return (f"STD checkpoint: a torch file whose 'model' entry is the {arch} state_dict "
+            f"('module.' prefix allowed), or a plain {arch} state_dict")
+
+
+def rob_format(module: nn.Module) -> str:
+    """ROB_FORMAT naming ``module``'s architecture."""
+    arch = type(module).__name__
+    if arch == "WideResNet":
+        return ROB_FORMAT
+    return (f"ROB checkpoint: a torch file whose 'model_state_dict' or 'model' entry is the "
+            f"{arch} state_dict ('module.' / 'module.0.' prefixes allowed), or a plain {arch} "
+            "state_dict")
 
 
 class CheckpointError(Exception):
@@ -286,16 +312,30 @@ def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
 
 
 def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_path: PathLike,
-                             mixer_path: Optional[PathLike]) -> None:
+                             mixer_path: Optional[PathLike], *,
+                             allow_swapped_bases: Optional[bool] = None) -> None:
     """Load the authors' three files (STD, ROB, mixer; docs/METHOD.md, "Published models") into
     ``composite``.
 
-    ``mixer_path`` None loads the base models only. All files are checked before any is loaded.
+    ``mixer_path`` None loads the base models only. All files are checked before any is loaded,
+    the base models' recorded training too (:func:`check_base_roles`; ``allow_swapped_bases``
+    None: as :func:`swapped_bases_allowed` set it).
     """
-    std = composite.std_model
-    parts = [(std, read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None),
-              std_path, STD_FORMAT),
-             (composite.rob_model, read_rob_state_dict(rob_path), rob_path, ROB_FORMAT)]
+    std, rob = composite.std_model, composite.rob_model
+    std_expected, rob_expected = std_format(std), rob_format(rob)
+    if Path(std_path).suffix == ".npz":
+        std_obj: Any = None
+        std_state = read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None)
+    else:
+        std_obj = read_checkpoint(std_path, std_expected)
+        std_state = extract_state_dict(std_obj, std_path, entries=("model", "state_dict"),
+                                       prefixes=("module.",), expected=std_expected)
+    rob_obj = read_checkpoint(rob_path, rob_expected)
+    rob_state = extract_state_dict(rob_obj, rob_path,
+                                   entries=("model_state_dict", "state_dict", "model"),
+                                   prefixes=("module.", "0."), expected=rob_expected)
+    check_base_roles(std_obj, rob_obj, std_path, rob_path, allow_swapped=allow_swapped_bases)
+    parts = [(std, std_state, std_path, std_expected), (rob, rob_state, rob_path, rob_expected)]
     if mixer_path is not None:
         mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
         parts += [(_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'",
@@ -303,6 +343,62 @@ def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_
                   (composite.gamma_bn, bn_state, f"{mixer_path} entry 'bn'", MIXER_FORMAT)]
     _load_parts(parts)
     logger.info("loaded STD %s, ROB %s, mixer %s", std_path, rob_path, mixer_path)
+
+
+# The command-line override (--allow-swapped-bases) reaches the loader through this context, so
+# that the evaluation's and the training's call chains need no new parameter.
+_SWAPPED_BASES_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "allow_swapped_bases", default=False)
+
+
+@contextlib.contextmanager
+def swapped_bases_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within the block, :func:`check_base_roles` warns instead of refusing swapped bases."""
+    token = _SWAPPED_BASES_ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _SWAPPED_BASES_ALLOWED.reset(token)
+
+
+def recorded_method(obj: Any) -> Optional[str]:
+    """The training method a checkpoint records (scripts/train_base.py's ``"method"`` entry:
+    'standard', 'pgd', 'fgsm'), or None where it records none (the published files)."""
+    method = obj.get("method") if isinstance(obj, Mapping) else None
+    return method if isinstance(method, str) else None
+
+
+def check_base_roles(std_obj: Any, rob_obj: Any, std_path: PathLike, rob_path: PathLike, *,
+                     allow_swapped: Optional[bool] = None) -> None:
+    """Refuse a composite whose STD checkpoint records adversarial training and whose ROB
+    records standard training: the two are swapped in the config (the composite then reports
+    STD's robustness as ROB's, e.g. 65.6% clean / 0.0% robust instead of 75.0% / 9.4%).
+
+    With ``allow_swapped`` (None: :func:`swapped_bases_allowed`) it only warns. One side alone
+    contradicting its role is a warning. Checkpoints that record nothing are not judged.
+    """
+    allowed = _SWAPPED_BASES_ALLOWED.get() if allow_swapped is None else allow_swapped
+    std_method, rob_method = recorded_method(std_obj), recorded_method(rob_obj)
+    std_robust = std_method in ADVERSARIAL_METHODS
+    rob_standard = rob_method in STANDARD_METHODS
+    if std_robust and rob_standard:
+        evidence = (f"the STD checkpoint {std_path} records adversarial training (method "
+                    f"{std_method!r}) and the ROB checkpoint {rob_path} standard training "
+                    f"(method {rob_method!r})")
+        if not allowed:
+            raise CheckpointError(
+                f"STD and ROB look swapped: {evidence}; STD is the accurate, standard model and "
+                "ROB the robust one: swap model_load_path.std and model_load_path.rob, or pass "
+                "--allow-swapped-bases to mix them this way")
+        logger.warning("STD and ROB look swapped (%s); going on as --allow-swapped-bases asks",
+                       evidence)
+    elif std_robust:
+        logger.warning("the STD checkpoint %s records adversarial training (method %r); STD is "
+                       "meant to be the accurate, standard model", std_path, std_method)
+    elif rob_standard:
+        logger.warning("the ROB checkpoint %s records standard training (method %r): the "
+                       "composite's robustness comes from ROB, so it will have little",
+                       rob_path, rob_method)
 
 
 def load_robustbench_checkpoints(composite: CompositeModel, paths: Sequence[PathLike]) -> None:

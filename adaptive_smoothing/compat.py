@@ -26,6 +26,9 @@ pyautoattack's own formula, only the noise source changes, so no attack is weake
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import logging
 import sys
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from adaptive_smoothing.persist import BatchStore
+from adaptive_smoothing.persist import BatchStore, write_text_atomic
 
 _AUTOATTACK_LOGGER = "auto-attack"
 
@@ -92,6 +95,23 @@ def _robustbench_autoattack_module() -> ModuleType:
     pyautoattack = import_autoattack()
     from pyautoattack import state as aa_state
 
+    class AtomicState(aa_state.EvaluationState):
+        """pyautoattack's state, written through ``persist.write_atomic``: its own ``to_disk``
+        rewrites the file in place, which a kill or a full disk leaves truncated."""
+
+        def to_disk(self, force: bool = False) -> None:
+            if self.path is None:
+                return
+            since = (datetime.datetime.now() - self._last_saved).total_seconds()
+            if since < self._SAVE_TIMEOUT and not force:
+                return
+            self._last_saved = datetime.datetime.now()
+            data = dataclasses.asdict(self)
+            if self._robust_flags is not None:
+                data["_robust_flags"] = self._robust_flags.cpu().tolist()
+            data["_run_attacks"] = list(self._run_attacks)
+            write_text_atomic(self.path, json.dumps(data, default=str))
+
     class AutoAttack(pyautoattack.AutoAttack):
         """pyautoattack's AutoAttack with the original ``autoattack`` call conventions."""
 
@@ -122,7 +142,13 @@ def _robustbench_autoattack_module() -> ModuleType:
                 write=torch.save,
                 read=lambda path: torch.load(path, map_location="cpu", weights_only=True))
             x_parts, y_parts = [], []
-            for index, start in enumerate(range(0, len(y_orig), bs)):
+            starts = range(0, len(y_orig), bs)
+            finished = sum(batches.path(i).exists() for i in range(len(starts)))
+            if finished:  # say so: part of the result comes from an earlier process
+                logging.getLogger(__name__).info(
+                    "%s: resuming, reusing %d of %d finished AutoAttack batches",
+                    batches.directory, finished, len(starts))
+            for index, start in enumerate(starts):
                 part = batches.load(index)
                 if part is None:
                     x_adv, y_adv = super().run_standard_evaluation(
@@ -132,12 +158,12 @@ def _robustbench_autoattack_module() -> ModuleType:
                 x_parts.append(part["x_adv"])
                 y_parts.append(part["y_adv"])
             x_adv, y_adv = torch.cat(x_parts), torch.cat(y_parts)
-            state = aa_state.EvaluationState(set(self.attacks_to_run), path=state_path)
+            state = AtomicState(set(self.attacks_to_run), path=state_path)
             state.clean_accuracy = float("nan")  # robustbench reports its own clean pass
             state.robust_flags = y_adv.eq(y_orig.cpu())  # writes the file
             return x_adv, y_adv
 
-    class EvaluationState(aa_state.EvaluationState):
+    class EvaluationState(AtomicState):
         """pyautoattack's state, whose flags robustbench can average (it reads, never writes)."""
 
         @property

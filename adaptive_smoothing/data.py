@@ -2,7 +2,15 @@
 copy, ImageFolder.
 
 Every dataset yields ``(image, label)`` with ``image`` a float CHW tensor in [0, 1] (the models
-normalise internally) and ``label`` an int. Training augmentation is the standard CIFAR one:
+normalise internally) and ``label`` an int.
+
+Images are checked where they are decoded, in every format, because a wrong pixel format does
+not fail on its own: it gives meaningless accuracies (16-bit PNGs read as all white, float TIFFs
+in [0, 1] as all black). Accepted: 8 bits per channel, RGB, 32x32; grayscale (8-bit) is expanded
+to RGB by repeating its channel, with one warning per dataset; a palette image is converted to
+its RGB colours (exact); an alpha channel is dropped only where every pixel is opaque.
+Everything else (16-bit or float pixels, 1-bit, CMYK and other colour spaces, transparency,
+another size) is refused with a one-line :class:`DataError` naming the file and what was found. Training augmentation is the standard CIFAR one:
 RandomCrop(32, padding=4) + RandomHorizontalFlip; test images are left untouched.
 
 Training (the mixer's and the base models') holds its data as tensors and augments whole batches
@@ -111,6 +119,71 @@ def _pil_transform(augment: bool) -> Transform:
     return transforms.Compose(steps)
 
 
+# ----------------------------------------------------------------------------- pixel checks
+
+# PIL modes of 8 bits per channel that convert to RGB exactly (with the checks below).
+_GRAY_MODES = ("L", "LA")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_DESCRIBED_MODES = {
+    "1": "1-bit black and white", "I;16": "16-bit grayscale", "I;16L": "16-bit grayscale",
+    "I;16B": "16-bit grayscale", "I;16N": "16-bit grayscale", "I": "32-bit integer grayscale",
+    "F": "32-bit float grayscale", "CMYK": "CMYK colour", "YCbCr": "YCbCr colour",
+    "LAB": "Lab colour", "HSV": "HSV colour",
+}
+
+
+def _pixel_format_problem(image: Any) -> Optional[str]:
+    """What is wrong with a (not yet loaded) PIL image's pixel format, or None if it is 8-bit
+    RGB, grayscale or palette."""
+    # Pillow opens a 16-bit RGB PNG as mode "RGB" and keeps the bit depth only in the decoder's
+    # raw mode (e.g. "RGB;16B"); that conversion is not ours to choose, so it is refused too.
+    raw = [tile.args if isinstance(tile.args, str) else (tile.args or ("",))[0]
+           for tile in getattr(image, "tile", []) or []]
+    deep = next((r for r in raw if isinstance(r, str) and ";16" in r), None)
+    if deep is not None:
+        return f"16 bits per channel (mode {image.mode}, raw {deep})"
+    if image.mode in ("RGB", "P", "PA") + _GRAY_MODES + _ALPHA_MODES:
+        return None
+    what = _DESCRIBED_MODES.get(image.mode, f"PIL mode {image.mode}")
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        low, high = image.getextrema()
+        what += f", values {low:g}..{high:g}"
+    return what
+
+
+def image_to_rgb8(image: Any, where: str) -> tuple[np.ndarray, bool]:
+    """``(H, W, 3) uint8`` pixels of a PIL image, and whether it was grayscale (expanded).
+
+    Raises DataError naming ``where`` for anything but 8-bit RGB, grayscale or palette pixels
+    (see the module docstring); the caller checks the size and warns about grayscale.
+    """
+    problem = _pixel_format_problem(image)
+    if problem is not None:
+        raise DataError(f"{where}: found {problem}; expected 8-bit RGB or grayscale pixels "
+                        "(0-255); convert the images to 8-bit PNG or JPEG first (converted "
+                        "silently, 16-bit pixels would read as white and floats in [0, 1] as "
+                        "black)")
+    gray = image.mode in _GRAY_MODES
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        alpha = np.asarray(image.getchannel("A"))
+        if alpha.min() < 255:
+            raise DataError(f"{where}: the image has transparent pixels (alpha down to "
+                            f"{int(alpha.min())} of 255); expected opaque RGB or grayscale "
+                            "images: flatten them onto a background first")
+    return np.asarray(image.convert("RGB")), gray
+
+
+def _warn_grayscale(source: Any, example: str, count: Optional[int] = None) -> None:
+    many = f"{count} images are" if count is not None else "images are"
+    logger.warning("%s: %s grayscale (e.g. %s); expanded to RGB by repeating the channel, "
+                   "which models trained on colour CIFAR images may classify worse", source,
+                   many, example)
+
+
 # ----------------------------------------------------------------------------- offline .npz
 
 
@@ -190,10 +263,20 @@ def _decode_all(path: Path, jpeg: np.ndarray, offsets: np.ndarray) -> torch.Tens
     images = _decode_torchvision(path, chunks, offsets)
     if images is None:
         images = [_decode_pil(path, i, chunk, offsets) for i, chunk in enumerate(chunks)]
+    gray = []
     for i, image in enumerate(images):
+        if image.ndim == 3 and image.shape[0] == 1:  # grayscale JPEG: expanded, with a warning
+            images[i] = image = image.expand(3, -1, -1)
+            gray.append(i)
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise DataError(f"{path}: image {i} (key 'jpeg', bytes {int(offsets[i])}:"
+                            f"{int(offsets[i + 1])}) has {image.shape[0]} channels; expected "
+                            "RGB (3) or grayscale (1), e.g. not CMYK")
         if tuple(image.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
             raise DataError(f"{path}: image {i} decodes to shape {tuple(image.shape)}, "
                             f"expected (3, {IMAGE_SIZE}, {IMAGE_SIZE})")
+    if gray:
+        _warn_grayscale(path, f"image {gray[0]}", len(gray))
     return torch.stack(images)
 
 
@@ -214,7 +297,9 @@ def _decode_torchvision(path: Path, chunks: list[np.ndarray], offsets: np.ndarra
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB))
+            # UNCHANGED, not RGB: the channel count is checked (grayscale expanded with a
+            # warning, CMYK refused) instead of converted silently.
+            return list(decode_jpeg(tensors, mode=ImageReadMode.UNCHANGED))
     except RuntimeError:
         # The batched decoder does not say which image is bad: PIL finds and names it.
         return None
@@ -223,13 +308,17 @@ def _decode_torchvision(path: Path, chunks: list[np.ndarray], offsets: np.ndarra
 def _decode_pil(path: Path, index: int, chunk: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
+    where = (f"{path}: image {index} (key 'jpeg', bytes {int(offsets[index])}:"
+             f"{int(offsets[index + 1])})")
     try:
         with Image.open(io.BytesIO(chunk.tobytes())) as image:
-            array = np.asarray(image.convert("RGB"))
+            array, gray = image_to_rgb8(image, where)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: image {index} (key 'jpeg', bytes {int(offsets[index])}:"
-                        f"{int(offsets[index + 1])}) is not a valid JPEG ({exc})") from exc
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        raise DataError(f"{where} is not a valid JPEG ({exc})") from exc
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return tensor[:1] if gray else tensor  # _decode_all expands it and warns once
 
 
 def _find_npz(path: Path, name: str, split: str) -> Path:
@@ -240,8 +329,8 @@ def _find_npz(path: Path, name: str, split: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(f"offline {name} {split} set not found: looked for "
-                    f"{', '.join(str(c) for c in [path, *candidates])} (give a .npz file or a "
-                    "directory holding train.npz/test.npz)")
+                    f"{', '.join(str(c.absolute()) for c in [path, *candidates])} (give a .npz "
+                    "file or a directory holding train.npz/test.npz)")
 
 
 # ----------------------------------------------------------------------------- ImageFolder
@@ -273,17 +362,42 @@ def _image_folder_class(name: str) -> type:
                         directory, name)
             return classes, {c: i for i, c in enumerate(classes)}
 
+        _warned_gray = False
+
         def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
             file, target = self.samples[index]
-            image = self.loader(file)
-            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected "
-                                f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize the folder beforehand)")
+            image = _load_image_file(file)
+            if image.mode == "L":  # an 8-bit grayscale file, already checked
+                if not type(self)._warned_gray:
+                    type(self)._warned_gray = True
+                    _warn_grayscale(self.root, file)
+                image = image.convert("RGB")
             if self.transform is not None:
                 image = self.transform(image)
             return image, target
 
     return CifarImageFolder
+
+
+def _load_image_file(file: str) -> Any:
+    """A checked image file as a PIL image: RGB, or L for 8-bit grayscale (the caller warns).
+
+    torchvision's default loader converts anything to RGB: a 16-bit PNG saturates to white, a
+    float TIFF in [0, 1] rounds to black, without a word.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DataError(f"{file}: image is {image.size[0]}x{image.size[1]}, expected "
+                                f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize the folder beforehand)")
+            array, gray = image_to_rgb8(image, file)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{file}: cannot be read as an image ({exc})") from exc
+    return Image.fromarray(array[:, :, 0] if gray else array)
 
 
 def _find_image_folder(path: Path, split: str) -> Path:
@@ -309,8 +423,8 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
         created = not root.exists()
         try:
             root.mkdir(parents=True, exist_ok=True)
-            return cls(str(root), train=split == "train", download=download_here,
-                       transform=_pil_transform(augment))
+            dataset = cls(str(root), train=split == "train", download=download_here,
+                          transform=_pil_transform(augment))
         except (urllib.error.URLError, OSError, RuntimeError) as exc:
             if created and root.is_dir() and not any(root.iterdir()):
                 root.rmdir()  # a failed download leaves no empty folder behind
@@ -319,6 +433,8 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
                 f"network, put {archive} (or its extracted folder {folder}/) into {root}, or use "
                 "an offline copy in the .npz format: --data-dir ../shared/data/cifar10 (a "
                 "folder with test.npz; CIFAR-10 only)") from exc
+        _check_cifar_arrays(dataset, root / folder, NUM_CLASSES[name])
+        return dataset
 
     rank, world = distributed_rank_world()
     if world == 1 or not download:
@@ -337,6 +453,30 @@ def _torchvision_dataset(name: str, split: str, root: Path, augment: bool,
     if error is not None:
         raise error
     return dataset if dataset is not None else load(False)
+
+
+def _check_cifar_arrays(dataset: Any, folder: Path, num_classes: int) -> None:
+    """torchvision's CIFAR arrays are what its __getitem__ assumes: uint8 (N, 32, 32, 3) and N
+    labels in range (a replaced batch file of floats or 16-bit pixels would be misread)."""
+    pixels = getattr(dataset, "data", None)
+    if pixels is None:  # not torchvision's class (a stand-in): nothing to check
+        return
+    labels = np.asarray(getattr(dataset, "targets", []))
+    expected = f"uint8 pixels of shape (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)"
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+        found = (f"{pixels.dtype} pixels, values {pixels.min():g}..{pixels.max():g}"
+                 if isinstance(pixels, np.ndarray) and pixels.size else type(pixels).__name__)
+        raise DataError(f"{folder}: the CIFAR batch files hold {found}; expected {expected} "
+                        "(8-bit): delete the folder to download it again")
+    if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise DataError(f"{folder}: the CIFAR batch files hold pixels of shape "
+                        f"{tuple(pixels.shape)}; expected {expected}")
+    if len(labels) != len(pixels) or (len(labels) and (labels.min() < 0
+                                                       or labels.max() >= num_classes)):
+        raise DataError(f"{folder}: the CIFAR batch files hold {len(labels)} labels in "
+                        f"[{labels.min() if len(labels) else '-'}, "
+                        f"{labels.max() if len(labels) else '-'}] for {len(pixels)} images; "
+                        f"expected one label in [0, {num_classes}) per image")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -370,7 +510,9 @@ def build_dataset(name: str, split: str, format: str = "torchvision",
         raise DataError(f"dataset format {fmt!r} needs a path")
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"dataset path {path} does not exist")
+        relative = ("" if path.is_absolute()
+                    else f" (relative to the working directory {Path.cwd()})")
+        raise DataError(f"dataset path {path.absolute()} does not exist{relative}")
     if fmt == "npz":
         file = _find_npz(path, name, split)
         dataset = NpzImageDataset(file, _tensor_transform(augment), NUM_CLASSES[name])

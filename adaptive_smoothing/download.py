@@ -45,6 +45,21 @@ class DownloadError(RuntimeError):
     """A checkpoint could not be fetched or verified; the message names the URL and target."""
 
 
+def route_library_logs() -> None:
+    """Print huggingface_hub's log lines (its "Retrying in 1s [Retry 1/5]") once, through the
+    root logger's handler: at import it installs a stderr handler of its own and also
+    propagates to the root logger, so a command that configured logging printed each twice.
+    Call it after ``logging.basicConfig``."""
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401  (installs the handler, once)
+    except ImportError:
+        return
+    library = logging.getLogger("huggingface_hub")
+    for handler in list(library.handlers):
+        library.removeHandler(handler)
+    library.propagate = True
+
+
 def select_sources(names: Optional[Iterable[str]] = None, dataset: Optional[str] = None,
                    model: Optional[str] = None,
                    sources: Sequence[WeightFile] = SOURCES) -> list[WeightFile]:

@@ -33,7 +33,7 @@ from adaptive_smoothing.factory import (Composite, build_composite, checkpoint_p
                                         load_composite_weights, require_checkpoint_files)
 from adaptive_smoothing.losses import AttackLossName
 from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
-from adaptive_smoothing.persist import BatchStore, write_text_atomic
+from adaptive_smoothing.persist import BatchStore, write_atomic, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, autocast_context, barrier,
                                         distributed_rank_world, distributed_session,
@@ -633,6 +633,11 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
     batches = BatchStore(batches_dir, ".json", read=_read_batch,
                          write=lambda value, file: file.write(_json_text(value).encode()))
     counters: list[dict[str, float]] = []
+    finished = [i for i, _ in mine if batches.path(i).exists()]
+    if finished:  # say so: a resumed run's numbers partly come from an earlier process
+        logger.info("%s: resuming, reusing %d of %d finished batches from an earlier run; "
+                    "evaluating the other %d", output_dir, len(finished), len(mine),
+                    len(mine) - len(finished))
     bar = tqdm(mine, desc="evaluating", unit="batch", disable=rank != 0)
     for index, start in bar:
         batch_counters = batches.load(index)
@@ -643,7 +648,9 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
                 dtype=dtype, seed=settings.seed, image_ids=range(start, end),
                 where=f"batch {index} (images {start}..{end - 1})", nonlinear=nonlinear)
             if settings.save_adversarial and x_adv is not None:
-                torch.save(x_adv.cpu(), output_dir / "adversarial" / f"{index:05d}.pt")
+                adversarial = x_adv.cpu()
+                write_atomic(output_dir / "adversarial" / f"{index:05d}.pt",
+                             lambda file: torch.save(adversarial, file))
             batch_counters.update(start=start, end=end)
             batches.save(index, batch_counters)
         counters.append(batch_counters)
@@ -662,7 +669,7 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
         return summary
     _atomic_write_json(summary, output_dir / RESULTS_FILE)
     _atomic_write_json(_per_image(counters), output_dir / PER_IMAGE_FILE)
-    (output_dir / TABLE_FILE).write_text(format_table(summary))
+    write_text_atomic(output_dir / TABLE_FILE, format_table(summary))
     logger.info("results written to %s", output_dir / RESULTS_FILE)
     return summary
 

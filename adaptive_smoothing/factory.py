@@ -122,9 +122,14 @@ def require_checkpoint_files(config: Config) -> None:
 
     for which, path in checkpoint_paths(config).items():
         if path is not None and not path.is_file():
+            # The full path, and what a relative log_dir resolves against: run from another
+            # folder, "demo/std.pt" alone does not say where it was looked for.
+            cwd = ("" if Path(config.log_dir).is_absolute()
+                   else f", itself relative to the working directory {Path.cwd()}")
             raise CheckpointNotFoundError(
-                f"checkpoint file not found: {path} (model_load_path.{which} of "
-                f"{config.source or 'the config'}, relative to log_dir {config.log_dir!r}); "
+                f"checkpoint file not found: {path.absolute()} (model_load_path.{which} = "
+                f"{getattr(config.model_load_path, which)!r} of {config.source or 'the config'}"
+                f", relative to log_dir {config.log_dir!r}{cwd}); "
                 f"{_how_to_make(config, which, path)}")
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from adaptive_smoothing.config import Config, EvaluationSettings, apply_overrides, load_config
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import resolve_device
 from adaptive_smoothing import speed
 
@@ -182,7 +183,7 @@ def run_check(kind: str, name: str, out_dir: Path, options: CheckOptions) -> dic
                       traceback=traceback.format_exc())
     record["seconds"] = time.perf_counter() - start
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     logger.info("check %s: %s in %.1f s -> %s", name, "ok" if record["ok"] else "FAILED",
                 record["seconds"], path)
     return record
@@ -201,5 +202,5 @@ def summarize(out_dir: Path, expected: Optional[list[str]] = None) -> dict[str, 
     missing = [name for name in expected or [] if name not in records]
     summary = {"checks": records, "missing": missing,
                "all_ok": bool(records) and not missing and all(r["ok"] for r in records.values())}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -13,6 +13,14 @@ matplotlib.use("Agg")  # files only; no display on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from adaptive_smoothing.analysis import fixed_alpha_entries  # noqa: E402
+from adaptive_smoothing.persist import write_atomic  # noqa: E402
+
+
+def _save_figure(fig: "plt.Figure", path: Path) -> None:
+    # Through the atomic writer like every output: a full disk keeps the previous image whole.
+    # The format is named because a file object has no suffix for matplotlib to go by.
+    write_atomic(path, lambda file: fig.savefig(file, dpi=150,
+                                                format=Path(path).suffix.lstrip(".") or "png"))
 
 
 def _attack_label(entry: dict) -> str:
@@ -72,7 +80,7 @@ def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -96,7 +104,7 @@ def plot_alpha_histogram(batches_dir: Path, path: Path, title: str = "") -> None
     ax.set_title(title or "alpha on clean vs attacked inputs")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -155,7 +163,7 @@ def plot_validation_curves(curves: dict[str, list[tuple[int, float]]], path: Pat
         ax.legend(fontsize=8)
     fig.suptitle(title or "held-out validation during mixer training")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save_figure(fig, path)
     plt.close(fig)
 
 
@@ -190,5 +198,5 @@ def plot_calibration(best: Any, margins: dict, path: Path) -> None:
                     fontsize=9)
     right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    _save_figure(fig, path)
     plt.close(fig)

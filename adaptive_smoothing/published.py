@@ -273,13 +273,19 @@ def published_paths(root_dir: PathLike, dataset: str, model_name: str) -> tuple[
     for label, candidates in parts:
         present = next((path for path in candidates if path.is_file()), None)
         found.append(present)
-        status = f"found {present}" if present else "MISSING"
-        lines.append(f"  {label}: {' or '.join(str(p) for p in candidates)} -- {status}")
+        status = f"found {present.absolute()}" if present else "MISSING"
+        lines.append(f"{label}: {' or '.join(str(p.absolute()) for p in candidates)} -- "
+                     f"{status}")
     if any(path is None for path in found):
+        # One line (as every user error), absolute paths and what a relative root is relative
+        # to: from another working directory "models/Base/..." alone does not say where it looked.
+        relative = ("" if root.is_absolute()
+                    else f", relative to the working directory {Path.cwd()}")
         raise CheckpointNotFoundError(
             f"published model {spec.dataset}/{spec.name}: checkpoint files missing under "
-            f"{root} (expected layout below; see docs/METHOD.md, 'Published models'):\n"
-            + "\n".join(lines))
+            f"{root.absolute()}{relative} (layout: docs/METHOD.md, 'Published models'): "
+            + "; ".join(lines) + f"; download them with python3 scripts/download_models.py "
+            f"--root-dir {root} --dataset {spec.dataset} --model {spec.name}")
     return found[0], found[1], found[2]
 
 

@@ -32,6 +32,7 @@ from torch.utils.data import TensorDataset
 
 from adaptive_smoothing.attacks import apgd
 from adaptive_smoothing.models import CompositeModel, MixingNet, create_model
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import AutocastModule
 
 __all__ = ["CHECKS", "run_checks"]
@@ -241,7 +242,7 @@ def _tiny_training_config(root: Path, precision: str, max_steps: int, device: to
              "randomized_attack_settings: {iters_df: 2, iters_const: 0}",
              f"evaluation_settings: {{device: '{device}'}}"]
     path = root / f"{precision}.yaml"
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return load_config(path)
 
 
@@ -396,6 +397,6 @@ def run_checks(names: list[str], out_dir: Path, device: torch.device, *, smoke: 
                       "traceback": traceback.format_exc(limit=8)}
         result.update(seconds=round(time.perf_counter() - start, 3), machine=machine)
         results[name] = result
-        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=2, sort_keys=True,
-                                                         default=str))
+        write_text_atomic(out_dir / f"{name}.json", json.dumps(result, indent=2, sort_keys=True,
+                                                               default=str))
     return results

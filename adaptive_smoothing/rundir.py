@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional, Type, Union
 
+from adaptive_smoothing.persist import remove_stale_temporaries
+
 LOCK_FILE = ".lock"
 
 
@@ -76,6 +78,8 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         os.fsync(fd)
         self._fd = fd
+        # Holding the lock, this run owns the folder: temporaries of a killed run are garbage.
+        remove_stale_temporaries(self.directory)
         return self
 
     def _holder(self) -> str:

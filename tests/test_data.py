@@ -240,3 +240,160 @@ def test_pil_fallback_decodes_the_same(small_npz_dir: Path,
     monkeypatch.setattr(data, "_decode_torchvision", lambda *args: None)
     slow = build_dataset("cifar10", "test", "npz", small_npz_dir)
     assert torch.equal(fast.images, slow.images)
+
+
+# ----------------------------------------------------------------------------- pixel formats
+# Issue 25: a wrong pixel format used to be read without a word (16-bit PNGs as white, float
+# TIFFs in [0, 1] as black, grayscale silently expanded). Each format checks where it decodes.
+
+
+def _png(path: Path, pixels: np.ndarray, bit_depth: int, colour_type: int) -> Path:
+    """A PNG written by hand: Pillow cannot write 16-bit RGB PNGs."""
+    import struct
+    import zlib
+
+    height = pixels.shape[0]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    raw = b"".join(b"\x00" + pixels[i].astype(dtype).tobytes() for i in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", pixels.shape[1], height, bit_depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def _folder_with(tmp_path: Path, name: str, save) -> tuple[Path, Path]:
+    folder = tmp_path / "test" / "cat"
+    folder.mkdir(parents=True)
+    file = folder / name
+    save(file)
+    return tmp_path, file
+
+
+def _read_folder(root: Path):
+    return load_tensors(build_dataset("cifar10", "test", "imagefolder", root))
+
+
+def test_16bit_png_is_refused_not_read_as_white(tmp_path: Path) -> None:
+    gray16 = (np.random.default_rng(0).random((32, 32)) * 65535).astype(np.uint16)
+    root, file = _folder_with(tmp_path, "a.png", lambda f: Image.fromarray(gray16).save(f))
+    with pytest.raises(DataError, match=rf"{file}: found 16 bits per channel .*expected 8-bit"):
+        _read_folder(root)
+
+
+def test_16bit_rgb_png_is_refused_not_truncated_to_8_bits(tmp_path: Path) -> None:
+    rgb16 = (np.random.default_rng(0).random((32, 32, 3)) * 65535).astype(np.uint16)
+    root, file = _folder_with(tmp_path, "a.png", lambda f: _png(f, rgb16, 16, 2))
+    with pytest.raises(DataError, match=rf"{file}: found 16 bits per channel \(mode RGB"):
+        _read_folder(root)
+
+
+def test_float_tiff_in_0_1_is_refused_not_read_as_black(tmp_path: Path) -> None:
+    floats = np.random.default_rng(0).random((32, 32)).astype(np.float32)
+    root, file = _folder_with(tmp_path, "a.tif", lambda f: Image.fromarray(floats).save(f))
+    with pytest.raises(DataError, match=rf"{file}: found 32-bit float grayscale, values 0\.\d+"
+                                        r"\.\.0\.\d+; expected 8-bit"):
+        _read_folder(root)
+
+
+def test_grayscale_png_is_expanded_to_rgb_with_one_warning(tmp_path: Path, caplog) -> None:
+    gray = (np.random.default_rng(0).random((32, 32)) * 255).astype(np.uint8)
+    root, file = _folder_with(tmp_path, "a.png", lambda f: Image.fromarray(gray).save(f))
+    Image.fromarray(gray).save(file.with_name("b.png"))
+    with caplog.at_level("WARNING", logger="adaptive_smoothing.data"):
+        x, _ = _read_folder(root)
+    assert x.shape == (2, 3, 32, 32)
+    assert torch.equal(x[0, 0], x[0, 1]) and torch.equal(x[0, 0], x[0, 2])
+    assert torch.equal((x[0, 0] * 255).round().to(torch.uint8), torch.from_numpy(gray))
+    warnings = [r.getMessage() for r in caplog.records if "grayscale" in r.getMessage()]
+    assert len(warnings) == 1 and "expanded to RGB" in warnings[0]
+
+
+def test_transparent_png_is_refused_and_an_opaque_alpha_channel_dropped(tmp_path: Path) -> None:
+    rgba = (np.random.default_rng(0).random((32, 32, 4)) * 255).astype(np.uint8)
+    root, file = _folder_with(tmp_path, "a.png", lambda f: Image.fromarray(rgba).save(f))
+    with pytest.raises(DataError, match=rf"{file}: the image has transparent pixels"):
+        _read_folder(root)
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(file)
+    x, _ = _read_folder(root)
+    assert torch.equal((x[0] * 255).round().to(torch.uint8),
+                       torch.from_numpy(rgba[..., :3]).permute(2, 0, 1))
+
+
+def test_one_bit_and_cmyk_images_in_a_folder_are_refused(tmp_path: Path) -> None:
+    bits = np.random.default_rng(0).random((32, 32)) > 0.5
+    root, file = _folder_with(tmp_path, "a.png", lambda f: Image.fromarray(bits).save(f))
+    with pytest.raises(DataError, match=rf"{file}: found 1-bit black and white"):
+        _read_folder(root)
+    file.unlink()
+    cmyk = Image.fromarray(_images(1)[0]).convert("CMYK")
+    cmyk.save(file.with_suffix(".jpg"))
+    with pytest.raises(DataError, match=r"a\.jpg: found CMYK colour"):
+        _read_folder(root)
+
+
+def _jpeg_npz(path: Path, images: list) -> Path:
+    blobs = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)
+        blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets,
+             labels=np.zeros(len(images), dtype=np.int64))
+    return path
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_grayscale_jpeg_in_npz_is_expanded_with_a_warning_not_silently(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, decoder: str) -> None:
+    if decoder == "pil":
+        monkeypatch.setattr(data, "_decode_torchvision", lambda *args: None)
+    colour = [Image.fromarray(image) for image in _images(3)]
+    _jpeg_npz(tmp_path / "test.npz", [colour[0], colour[1].convert("L"), colour[2].convert("L")])
+    with caplog.at_level("WARNING", logger="adaptive_smoothing.data"):
+        dataset = build_dataset("cifar10", "test", "npz", tmp_path)
+    assert dataset.images.shape == (3, 3, 32, 32)
+    assert torch.equal(dataset.images[1, 0], dataset.images[1, 2])
+    assert any("2 images are grayscale (e.g. image 1)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_cmyk_jpeg_in_npz_is_refused_naming_the_image(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      decoder: str) -> None:
+    if decoder == "pil":
+        monkeypatch.setattr(data, "_decode_torchvision", lambda *args: None)
+    colour = [Image.fromarray(image) for image in _images(2)]
+    path = _jpeg_npz(tmp_path / "test.npz", [colour[0], colour[1].convert("CMYK")])
+    with pytest.raises(DataError, match=rf"{path}: image 1 \(key 'jpeg', bytes \d+:\d+\)"
+                                        r"(: found CMYK colour| has 4 channels)"):
+        build_dataset("cifar10", "test", "npz", tmp_path)
+
+
+@pytest.mark.parametrize("pixels, pattern", [
+    (np.zeros((4, 3072), dtype=np.float32), r"hold float32 pixels, values 0\.\.0; expected uint8"),
+    (np.zeros((4, 3072), dtype=np.uint16), r"hold uint16 pixels"),
+])
+def test_torchvision_cifar_files_of_other_pixel_types_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pixels: np.ndarray,
+        pattern: str) -> None:
+    import pickle
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "test_batch", "wb") as file:
+        pickle.dump({"data": pixels, "labels": [0, 1, 2, 3]}, file)
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": list(data.CIFAR10_CLASSES)}, file)
+    # The files are not the real ones (their md5 differs); what is tested is the check after.
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    with pytest.raises(DataError, match=rf"{folder}: the CIFAR batch files {pattern}"):
+        build_dataset("cifar10", "test", "torchvision", tmp_path, download=False)

@@ -158,6 +158,6 @@ def test_the_cli_refuses_finished_blocks_of_other_settings_in_one_line(tmp_path:
                                            "--gammas=-inf,inf", "--n-images", "2",
                                            "--iterations", "1", "--threads", "1"])
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.exception
-    assert "error: " in result.output and "00000.pt: a finished block made with another gamma" \
+    assert "Error: " in result.output and "00000.pt: a finished block made with another gamma" \
         in result.output
     assert not output.exists()

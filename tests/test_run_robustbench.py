@@ -36,7 +36,7 @@ def small_world(monkeypatch):
     return calls, composite
 
 
-def test_benchmark_runs_end_to_end_and_resumes(small_world, tmp_path, monkeypatch):
+def test_benchmark_runs_end_to_end_and_resumes(small_world, tmp_path, monkeypatch, caplog):
     calls, composite = small_world
     args = ["--root_dir", str(tmp_path / "models"), "--dataset", "cifar10", "--model_name",
             "edm", "--n_examples", "24", "--batch_size", "12", "--device", "cpu",
@@ -61,9 +61,13 @@ def test_benchmark_runs_end_to_end_and_resumes(small_world, tmp_path, monkeypatc
     # Restarted, it attacks only the unfinished second batch.
     attacked.clear()
     crash_at[0] = -1
-    result = CliRunner().invoke(run_robustbench.main, args)
+    with caplog.at_level("INFO", logger="adaptive_smoothing.compat"):
+        result = CliRunner().invoke(run_robustbench.main, args)
     assert result.exit_code == 0, result.output
     assert attacked == [12]
+    # and says so (issue 25: a resumed evaluation said nothing)
+    assert any("resuming, reusing 1 of 2 finished AutoAttack batches" in r.getMessage()
+               for r in caplog.records)
     assert calls["models"][-1] == (str(tmp_path / "models"), "cifar10", "edm", "cpu")
     assert calls["data"][0][:2][1] == 24
 

@@ -13,8 +13,11 @@ import click
 
 from adaptive_smoothing.analysis import fixed_mixture_accuracy, rob_margin_report
 from adaptive_smoothing.base_training import load_base_model
+from adaptive_smoothing.checkpoints import BASE_TRAINING_FORMAT, check_base_roles, read_entries
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.models import CompositeModel
+from adaptive_smoothing.persist import write_text_atomic
 
 logger = logging.getLogger("analyze_margins")
 
@@ -42,12 +45,20 @@ def _floats(text: str) -> list[float]:
 @click.option("--n-iter", type=int, default=20, help="APGD-CE iterations (Linf 8/255).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="JSON file for the results.")
+@click.option("--allow-swapped-bases", is_flag=True,
+              help="Analyse although the checkpoints record that STD was adversarially trained "
+                   "and ROB was not (refused otherwise).")
+@one_line_errors
 def main(std_path: str, rob_path: str, dataset: str, data_format: str, data_dir: str,
          n_examples: int, alphas: str, rob_scales: str, std_scale: float, n_iter: int,
-         output: Path) -> None:
+         output: Path, allow_swapped_bases: bool) -> None:
     """Report ROB's margins at its adversarial points and the fixed mixtures' accuracies."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     alpha_list, scale_list = _floats(alphas), _floats(rob_scales)
+    # The same check of the recorded training as the composite's loader (checkpoints.py).
+    check_base_roles(*(read_entries(path, ("model",), BASE_TRAINING_FORMAT)
+                       for path in (std_path, rob_path)), std_path, rob_path,
+                     allow_swapped=allow_swapped_bases)
     std, rob = load_base_model(Path(std_path)), load_base_model(Path(rob_path))
     x, y = load_tensors(build_dataset(dataset, "test", data_format, data_dir, augment=False),
                         n_examples)
@@ -64,8 +75,7 @@ def main(std_path: str, rob_path: str, dataset: str, data_format: str, data_dir:
                         s_rob, alpha, clean, robust)
             mixtures.append({"std_scale": std_scale, "rob_scale": s_rob, "alpha": alpha,
                              "clean_accuracy": clean, "robust_accuracy": robust})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps({
+    write_text_atomic(output, json.dumps({
         "command": " ".join(sys.argv), "n_examples": len(y), "attack": f"APGD-CE {n_iter} it, "
         "Linf 8/255 (adaptive_smoothing.attacks.apgd)", "rob": dataclasses.asdict(report),
         "fixed_mixtures": mixtures}, indent=2))

@@ -15,6 +15,7 @@ from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import parse_set_items, speed_options
 from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
 from adaptive_smoothing.runtime import (RuntimeSettingsError, configure_threads,
@@ -52,6 +53,7 @@ logger = logging.getLogger("benchmark")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Append this run's record to the JSON file's 'runs' list.")
 @click.option("--label", default=None, help="A name for this run in the JSON file.")
+@one_line_errors
 def main(config_path: Path, mode: str, batch_size: int, precision: str, channels_last: bool,
          compile_model: bool, threads: Optional[int], iters: int, warmup: int, rounds: int,
          compare: bool, n_examples: int, device: str, overrides: tuple[str, ...],

@@ -13,6 +13,7 @@ from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.speed import (NEIGHBOURS, append_record, machine_info,
                                       time_beside_busy)
 
@@ -40,6 +41,7 @@ POLICIES = {
 @click.option("--policies", default=",".join(str(i) for i in range(len(POLICIES))),
               help="Comma-separated indices into: " + "; ".join(
                   f"{i}: {name}" for i, name in enumerate(POLICIES)))
+@one_line_errors
 def main(command: tuple[str, ...], json_path: Path, label: str, repeats: int, neighbours: str,
          policies: Optional[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

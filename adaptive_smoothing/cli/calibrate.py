@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import parse_set_items, threads_option
-from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
+from adaptive_smoothing.config import apply_overrides, load_config
 
 logger = logging.getLogger("calibrate")
-
-
-def _fail(err: Exception) -> NoReturn:
-    logger.debug("traceback of the error below", exc_info=err)
-    raise click.ClickException(str(err)) from None
 
 
 def _pair(text: Optional[str]) -> Optional[tuple[float, float]]:
@@ -87,6 +83,7 @@ def _pair(text: Optional[str]) -> Optional[tuple[float, float]]:
 @threads_option()
 @click.option("--log-level", default="INFO",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@one_line_errors
 def main(config_path: Path, set_items: tuple[str, ...], data_dir: Optional[str],
          output_dir: Path, write_config: Optional[Path], split: str, start: Optional[int],
          n_images: int, beta: float, surrogate_beta: float, grid_size: int,
@@ -97,20 +94,13 @@ def main(config_path: Path, set_items: tuple[str, ...], data_dir: Optional[str],
     """Calibrate the nonlinear composite (and the linear mixture's alpha) on held-out images."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ranges = [_pair(s_range), _pair(p_range), _pair(c_range)]
-    try:
-        config = load_config(config_path)
-        config = apply_overrides(config, **parse_set_items(set_items))
-        config = apply_overrides(config, **{"dataset_settings.path": data_dir,
-                                            "evaluation_settings.device": device,
-                                            "evaluation_settings.threads": threads})
-    except ConfigError as err:
-        _fail(err)
-    from adaptive_smoothing.calibration import (CalibrationError, CalibrationOptions,
-                                                run_calibration)
-    from adaptive_smoothing.checkpoints import CheckpointError
-    from adaptive_smoothing.data import DataError
-    from adaptive_smoothing.rundir import RunDirError
-    from adaptive_smoothing.runtime import DeviceError, configure_threads
+    config = load_config(config_path)
+    config = apply_overrides(config, **parse_set_items(set_items))
+    config = apply_overrides(config, **{"dataset_settings.path": data_dir,
+                                        "evaluation_settings.device": device,
+                                        "evaluation_settings.threads": threads})
+    from adaptive_smoothing.calibration import CalibrationOptions, run_calibration
+    from adaptive_smoothing.runtime import configure_threads
     configure_threads(config.run.threads)
     options = CalibrationOptions(
         output_dir=output_dir, n_images=n_images, start=start, split=split, beta=beta,
@@ -118,11 +108,7 @@ def main(config_path: Path, set_items: tuple[str, ...], data_dir: Optional[str],
         p_range=ranges[1], c_range=ranges[2], clamp=clamp, k=k,  # type: ignore[arg-type]
         n_iter=iterations, n_target=targets, batch_size=batch_size,
         target_clean_accuracy=target_clean_accuracy, write_config=write_config)
-    try:
-        record = run_calibration(config, options)
-    except (CalibrationError, CheckpointError, ConfigError, DataError, DeviceError,
-            RunDirError) as err:
-        _fail(err)
+    record = run_calibration(config, options)
     best = record["nonlinear"]
     click.echo(f"nonlinear: s {best['s']:.4g}, p {best['p']:.4g}, c {best['c']:.4g}, alpha "
                f"{best['alpha']:.6f} (clean mistakes kept {100 * best['objective']:.1f}%); "

@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing import download
 
 
@@ -24,10 +25,12 @@ from adaptive_smoothing import download
 @click.option("--force", is_flag=True, help="Download again even where the file exists.")
 @click.option("--list", "list_only", is_flag=True, help="List the entries and exit.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@one_line_errors
 def main(root_dir: Path, names: tuple[str, ...], dataset: Optional[str], model: Optional[str],
          force: bool, list_only: bool, no_progress: bool) -> None:
     """Download the published checkpoints into ROOT_DIR/Base and ROOT_DIR/CompModel."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    download.route_library_logs()
     try:
         sources = download.select_sources(names or None, dataset, model)
     except ValueError as exc:

@@ -15,8 +15,10 @@ import click
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.config import ALIASES, MOVED, Config
 from adaptive_smoothing.config.legacy import LAYOUT
+from adaptive_smoothing.persist import write_text_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "docs" / "CONFIG.template.md"
@@ -111,6 +113,7 @@ def render() -> str:
 
 @click.command()
 @click.option("--check", is_flag=True, help="Exit 1 if docs/CONFIG.md is stale; write nothing.")
+@one_line_errors
 def main(check: bool) -> None:
     """Write docs/CONFIG.md from docs/CONFIG.template.md and the config schema."""
     text = render()
@@ -119,4 +122,4 @@ def main(check: bool) -> None:
             click.echo(f"{OUTPUT} is stale: run python3 scripts/gen_config_docs.py", err=True)
             sys.exit(1)
         return
-    OUTPUT.write_text(text)
+    write_text_atomic(OUTPUT, text)

@@ -10,6 +10,7 @@ from typing import Optional
 import click
 import yaml
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import parse_set_items, speed_options
 from adaptive_smoothing.gpu_check import CHECKS, CheckOptions, run_check, summarize
 from adaptive_smoothing.runtime import configure_threads
@@ -49,6 +50,7 @@ def eval_fraction(text: str) -> float:
               help="Comma-separated Linf radii; 'auto': the radius where about half the points "
                    "stay robust in fp32.")
 @click.option("--expect", default="", help="summary: comma-separated record names expected.")
+@one_line_errors
 def main(check: str, out_dir: Path, name: Optional[str], config: str, overrides: tuple[str, ...],
          device: str, precision: str, channels_last: bool, compile_model: bool,
          batch_sizes: str, iters: int, warmup: int, n_examples: int, attack_iters: int,

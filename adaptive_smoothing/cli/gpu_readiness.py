@@ -12,6 +12,7 @@ from typing import Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.readiness import CHECKS, run_checks
 from adaptive_smoothing.runtime import select_device
 
@@ -25,6 +26,7 @@ from adaptive_smoothing.runtime import select_device
 @click.option("--smoke", is_flag=True, help="Tiny sizes (seconds on a CPU).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="CIFAR-10 .npz folder (test.npz); noise images without it.")
+@one_line_errors
 def main(out_dir: Path, checks: str, device: str, smoke: bool, data_dir: Optional[Path]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [c.strip() for c in checks.split(",") if c.strip()]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
+from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.plots import plot_validation_curves, read_validation_curves
 
 
@@ -14,6 +16,7 @@ from adaptive_smoothing.plots import plot_validation_curves, read_validation_cur
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None,
               help="Where validation.png and validation.json go (default: RUN_DIR).")
 @click.option("--title", default="", help="Title of the figure.")
+@one_line_errors
 def main(run_dir: Path, output_dir: Path | None, title: str) -> None:
     """RUN_DIR is the output folder of `run.py --training` (holds tensorboard/).
 
@@ -23,7 +26,7 @@ def main(run_dir: Path, output_dir: Path | None, title: str) -> None:
     output_dir = output_dir or run_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = read_validation_curves(run_dir / "tensorboard")
-    (output_dir / "validation.json").write_text(json.dumps(curves, indent=1) + "\n")
+    write_text_atomic(output_dir / "validation.json", json.dumps(curves, indent=1) + "\n")
     plot_validation_curves(curves, output_dir / "validation.png", title=title)
     auc = curves.get("val/auc_adaptive")
     if auc:

@@ -14,8 +14,10 @@ from typing import Optional
 import click
 
 from adaptive_smoothing.benchmark import published_model_or_error, run_benchmark
+from adaptive_smoothing.checkpoints import swapped_bases_allowed
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import PRECISION_HELP, speed_options
-from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
+from adaptive_smoothing.runtime import configure_threads
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -37,10 +39,14 @@ from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--output_dir", default="outputs/robustbench", type=click.Path(path_type=Path),
               help="Result JSON and AutoAttack state (an interrupted run resumes from it).")
+@click.option("--allow-swapped-bases", is_flag=True,
+              help="Load the base models although their checkpoints record that STD was "
+                   "adversarially trained and ROB was not (refused otherwise).")
+@one_line_errors
 def main(root_dir: Path, dataset: str, model_name: str, n_examples: int, fp16: bool,
          precision: Optional[str], channels_last: bool, compile_model: bool,
          threads: Optional[int], batch_size: int, data_dir: Path, device: str,
-         output_dir: Path) -> None:
+         output_dir: Path, allow_swapped_bases: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     reason = published_model_or_error(dataset, model_name)
     if reason is not None:
@@ -49,14 +55,13 @@ def main(root_dir: Path, dataset: str, model_name: str, n_examples: int, fp16: b
         raise click.BadParameter(f"--fp16 contradicts --precision {precision}",
                                  param_hint="--precision")
     configure_threads(threads)
-    try:
+    # The same check of the base models' recorded training as run.py's (checkpoints.py).
+    with swapped_bases_allowed(allow_swapped_bases):
         result = run_benchmark(root_dir, dataset, model_name, n_examples=n_examples,
                                precision=precision or ("fp16" if fp16 else "fp32"),
                                batch_size=batch_size, data_dir=data_dir, device=device,
                                output_dir=output_dir, channels_last=channels_last,
                                compile=compile_model)
-    except RuntimeSettingsError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"{dataset} {model_name}: clean accuracy {100 * result.clean_accuracy:.2f}%, "
                f"AutoAttack robust accuracy {100 * result.robust_accuracy:.2f}% "
                f"({result.n_examples} examples)")

@@ -15,6 +15,7 @@ from typing import NoReturn, Optional
 
 import click
 
+from adaptive_smoothing.cli.errors import fail, one_line_errors
 from adaptive_smoothing.cli.options import PRECISION_HELP, parse_set_items, speed_options
 from adaptive_smoothing.config import AUTOATTACK_NAMES, ConfigError, apply_overrides, load_config
 
@@ -23,8 +24,7 @@ logger = logging.getLogger("run")
 
 def _fail(err: Exception) -> NoReturn:
     """One line for the user; the traceback only at --log-level DEBUG (for bug reports)."""
-    logger.debug("traceback of the error below", exc_info=err)
-    raise click.ClickException(str(err)) from None
+    raise fail(err) from None
 
 
 def _attack_list(value: Optional[str]) -> Optional[list[str]]:
@@ -99,9 +99,14 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
 @click.option("--allow-config-change", default=None, metavar="KEY[,KEY]",
               help="Training: resume although these config keys changed since the checkpoint "
                    "(e.g. training_settings.lr); the change is applied and recorded.")
+@click.option("--allow-swapped-bases", is_flag=True,
+              help="Load the base models although their checkpoints record that STD was "
+                   "adversarially trained and ROB was not (refused otherwise: swapped in the "
+                   "config).")
 @click.option("--debug", is_flag=True, help="Training: two iterations end to end, then stop.")
 @click.option("--log-level", default="INFO",
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+@one_line_errors
 def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tuple[str, ...],
          n_examples: Optional[int],
          batch_size: Optional[int], device: Optional[str], precision: Optional[str],
@@ -112,7 +117,8 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
          save_adversarial: Optional[bool], autoattack_iterations: Optional[int],
          alpha_sweep: Optional[str], fixed_alphas_only: bool, seed: Optional[int],
          overwrite: bool, resume: bool,
-         allow_config_change: Optional[str], debug: bool, log_level: str) -> None:
+         allow_config_change: Optional[str], allow_swapped_bases: bool, debug: bool,
+         log_level: str) -> None:
     # Under torchrun only rank 0 logs progress; the others report warnings and errors.
     if int(os.environ.get("RANK", "0")) != 0 and logging.getLevelName(log_level) < logging.WARNING:
         log_level = "WARNING"
@@ -169,14 +175,14 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
         raise click.ClickException("--fixed-alphas-only needs --alpha-sweep (and --eval)")
     allowed = [k.strip() for k in (allow_config_change or "").split(",") if k.strip()]
     # Imported here, not at the top, so that --help does not wait for torch and AutoAttack.
-    from adaptive_smoothing.checkpoints import CheckpointError
-    from adaptive_smoothing.data import DataError
-    from adaptive_smoothing.evaluation import EvaluationError, run_alpha_sweep, run_evaluation
-    from adaptive_smoothing.rundir import RunDirError
-    from adaptive_smoothing.runtime import DeviceError, RuntimeSettingsError, configure_threads
-    from adaptive_smoothing.training import TrainingDivergedError, TrainingResumeError, run_training
+    from adaptive_smoothing.checkpoints import swapped_bases_allowed
+    from adaptive_smoothing.evaluation import run_alpha_sweep, run_evaluation
+    from adaptive_smoothing.runtime import configure_threads
+    from adaptive_smoothing.training import run_training
+    # Errors about the user's files and settings (and a full disk) become one line in
+    # one_line_errors: the message says what to fix, and a traceback would only bury it.
     configure_threads(config.run.threads)
-    try:
+    with swapped_bases_allowed(allow_swapped_bases):
         if mode == "eval":
             table = (run_alpha_sweep(config, alphas, overwrite=overwrite,
                                      with_composite=not fixed_alphas_only)
@@ -185,11 +191,6 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
                 click.echo(table)
         else:
             run_training(config, resume=resume, debug=debug, allow_config_change=allowed)
-    except (CheckpointError, ConfigError, DataError, DeviceError, EvaluationError, RunDirError,
-            RuntimeSettingsError, TrainingDivergedError, TrainingResumeError) as err:
-        # Errors about the user's files and settings: the message says what to fix, and a
-        # traceback would only bury it.
-        _fail(err)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.base_training import METHODS, BaseTrainingSettings, train_base_model
 from adaptive_smoothing.cli.options import PRECISIONS, speed_options
 from adaptive_smoothing.data import FORMATS, build_dataset, take_first
@@ -41,6 +42,7 @@ from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
 @click.option("--output", required=True, type=click.Path(path_type=Path),
               help="Checkpoint file; an existing one is resumed unless --no-resume.")
 @click.option("--resume/--no-resume", default=True)
+@one_line_errors
 def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: Path,
          n_train: int | None, method: str, epochs: int, batch_size: int, lr: float,
          weight_decay: float, eps: float, pgd_steps: int, pgd_step_size: float, precision: str,

@@ -231,6 +231,8 @@ def load_config(path: Union[str, os.PathLike]) -> Config:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except (OSError, UnicodeDecodeError) as err:
         problem = "file not found" if isinstance(err, FileNotFoundError) else f"cannot read: {err}"
+        if not Path(path).is_absolute():  # run from another folder, the bare name misleads
+            problem += f" (looked for {Path(path).absolute()}, relative to the working directory)"
         raise ConfigError(problem, file=source) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
