@@ -21,14 +21,9 @@ from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
 @click.command(context_settings={"show_default": True})
 @click.argument("sweep_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--output-dir", type=click.Path(path_type=Path), default=None,
-<<<<<<< HEAD
               help="Where the PNGs and comparison.json go (default: SWEEP_DIR).")
 @click.option("--title", default="", help="Title prefix of the figures.")
-=======
-              help="Where the PNGs go (default: SWEEP_DIR).")
-@click.option("--title", default="", help="Title prefix of both figures.")
 @one_line_errors
->>>>>>> issue25
 def main(sweep_dir: Path, output_dir: Path | None, title: str) -> None:
     """SWEEP_DIR is the output folder of `run.py --eval --alpha-sweep ...` (holds sweep.json)."""
     output_dir = output_dir or sweep_dir
