@@ -8,12 +8,8 @@ from pathlib import Path
 
 import click
 
-<<<<<<< HEAD
 from adaptive_smoothing.analysis import compare_sweep
-=======
 from adaptive_smoothing.cli.errors import one_line_errors
-from adaptive_smoothing.analysis import compare_with_fixed_curve
->>>>>>> issue25
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.plots import plot_alpha_histogram, plot_tradeoff
 
