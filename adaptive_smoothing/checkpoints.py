@@ -285,17 +285,23 @@ def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
                  (composite.gamma_bn, bn_state, f"{path} entry 'bn'", MIXER_FORMAT)])
 
 
-def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_path: PathLike,
-                             mixer_path: Optional[PathLike]) -> None:
+def load_authors_checkpoints(composite: CompositeModel, std_path: Optional[PathLike],
+                             rob_path: Optional[PathLike], mixer_path: Optional[PathLike]) -> None:
     """Load the authors' three files (STD, ROB, mixer; docs/METHOD.md, "Published models") into
     ``composite``.
 
-    ``mixer_path`` None loads the base models only. All files are checked before any is loaded.
+    A path None skips that part (``mixer_path`` None: the base models only; a base model None:
+    one that came with its weights, a RobustBench zoo model). All files are checked before any
+    is loaded.
     """
     std = composite.std_model
-    parts = [(std, read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None),
-              std_path, STD_FORMAT),
-             (composite.rob_model, read_rob_state_dict(rob_path), rob_path, ROB_FORMAT)]
+    parts = []
+    if std_path is not None:
+        parts.append((std, read_std_state_dict(std_path,
+                                               std if isinstance(std, ResNetV2) else None),
+                      std_path, STD_FORMAT))
+    if rob_path is not None:
+        parts.append((composite.rob_model, read_rob_state_dict(rob_path), rob_path, ROB_FORMAT))
     if mixer_path is not None:
         mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
         parts += [(_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'",

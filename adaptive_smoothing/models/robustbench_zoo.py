@@ -35,7 +35,7 @@ ROBUSTBENCH_REQUIREMENT = "robustbench==1.1.1"
 # Module names (relative to the architecture's root) whose outputs are the two feature maps: the
 # first and second stage, at 1/1 and 1/2 of the input resolution, like the project's own
 # WideResNet and ResNet (and, with them, the channel plans of the mixing network). Keyed by the
-# class name of robustbench's module.
+# class name of robustbench's module (or of a class it derives from).
 FEATURE_MODULES: dict[str, tuple[str, str]] = {
     "DMWideResNet": ("layer.0", "layer.1"),           # dm_wide_resnet (DeepMind WRN)
     "NormalizedWideResNet": ("layer.0", "layer.1"),   # robustarch_wide_resnet (RaWideResNet)
@@ -78,7 +78,9 @@ def _feature_modules(module: nn.Module) -> Optional[tuple[str, str]]:
     class is a known family, so that zoo wrappers (e.g. a normalisation in front) are looked
     through; None for an unknown architecture."""
     for prefix, sub in module.named_modules():
-        names = FEATURE_MODULES.get(type(sub).__name__)
+        # Subclasses count (robustbench's Wong2020FastNet is a PreActResNet).
+        names = next((FEATURE_MODULES[c.__name__] for c in type(sub).__mro__
+                      if c.__name__ in FEATURE_MODULES), None)
         if names is None:
             continue
         full = tuple(f"{prefix}.{n}" if prefix else n for n in names)
