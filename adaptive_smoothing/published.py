@@ -1,8 +1,9 @@
-"""The three published adaptive-smoothing models (docs/METHOD.md, "Published models"; RobustBench
-Bai2023Improving_*): the one table of their facts, and loading them.
+"""The published models (docs/METHOD.md, "Published models"): the three adaptive-smoothing
+composites (RobustBench Bai2023Improving_*) and the two MixedNUTS nonlinear mixtures (RobustBench
+Bai2024MixedNUTS, "mixednuts"); the one table of their facts, and loading them.
 
 Like timm's ``default_cfgs``, each model's weight facts sit beside its architecture: one
-:class:`PublishedModel` holds the architectures, the constants and its three
+:class:`PublishedModel` holds the architectures, the constants and its
 :class:`WeightFile` entries (the file name in the authors' layout, the other names accepted, and
 where the file is downloaded from). The downloader (download.py), the factory's hints and the
 shipped configs' test (tests/test_published.py) read this table.
@@ -14,6 +15,8 @@ the authors' checkpoint files from the layout their README asks for::
                                                      {dataset}_std_rn152.pt are accepted too)
     {root_dir}/Base/{dataset}_linf_{name}_wrn70-16.pt ROB
     {root_dir}/CompModel/{dataset}_{name}_best.pt     mixer network + gamma BN
+    {root_dir}/Base/Peng2023Robust.pt                 ROB of the CIFAR-10 MixedNUTS mixture
+                                                      (CIFAR-100: the EDM ROB; no mixer file)
 
 ``load_robustbench_files`` does the same from RobustBench's three files.
 """
