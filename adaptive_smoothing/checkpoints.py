@@ -197,9 +197,11 @@ def read_std_state_dict(path: PathLike, model: Optional[ResNetV2] = None) -> Sta
 
 def read_rob_state_dict(path: PathLike) -> StateDict:
     """The ROB (DeepMind WRN) weights: EDM's ``model_state_dict`` or a plain state dict."""
+    # "model.": RobustBench's load_model strips it too (its single-file zoo entries, e.g. the
+    # MixedNUTS ROB Peng2023Robust.pt, may carry it).
     return extract_state_dict(read_checkpoint(path, ROB_FORMAT), path,
                               entries=("model_state_dict", "state_dict", "model"),
-                              prefixes=("module.", "0."), expected=ROB_FORMAT)
+                              prefixes=("module.", "0.", "model."), expected=ROB_FORMAT)
 
 
 def read_mixer_state_dicts(path: PathLike) -> tuple[StateDict, StateDict]:

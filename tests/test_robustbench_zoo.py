@@ -231,3 +231,23 @@ def test_ra_wrn_70_16_has_robustbench_s_state_dict():
         k: v.shape for k, v in theirs.state_dict().items()}
     with pytest.raises(ValueError, match="10 classes"):
         create_model("ra_wrn_70_16", num_classes=100)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: s,                                                    # RobustBench's plain file
+    lambda s: {"state_dict": {"module." + k: v for k, v in s.items()}},   # DataParallel
+    lambda s: {"state_dict": {"module.model." + k: v for k, v in s.items()}},
+])
+def test_rob_file_wrappers_robustbench_strips_are_read(tmp_path, wrap):
+    """The ROB reader accepts what robustbench's load_model accepts for a single-file entry
+    (a 'state_dict' entry, 'module.' and 'model.' prefixes), e.g. Peng2023Robust.pt."""
+    from adaptive_smoothing.checkpoints import read_rob_state_dict
+
+    model = RobustBenchClassifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(),
+                                                nn.LazyLinear(10)), 10, "toy")
+    model(torch.rand(1, 3, 32, 32))
+    state = model.state_dict()
+    torch.save(wrap(state), tmp_path / "rob.pt")
+    read = read_rob_state_dict(tmp_path / "rob.pt")
+    assert list(read) == list(state)
+    model.load_state_dict(read, strict=True)
