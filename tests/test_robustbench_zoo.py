@@ -17,6 +17,7 @@ from torch import nn
 
 import run
 from adaptive_smoothing import compat
+from adaptive_smoothing.checkpoints import mixer_checkpoint, save_checkpoint
 from adaptive_smoothing.config import ConfigError, load_config
 from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
 from adaptive_smoothing.models import CompositeModel, create_model
@@ -162,15 +163,17 @@ def test_zoo_models_as_bases_end_to_end(tmp_path, case):
         if name.startswith("robustbench:"):  # fingerprinted: robustbench's file
             root = Path(model_dir) if model_dir else Path(config.log_dir) / "robustbench"
             assert paths[which] == root / "cifar10" / "Linf" / f"{name.split(':')[1]}.pt"
+    attacks = ["--attacks", "none"]
     if not nonlinear:
         assert composite.mixer.in_planes == (64, 64)
         x = torch.rand(2, 3, 32, 32, requires_grad=True)
         out = composite(x)
         out.log_probs[:, 0].sum().backward()  # through the hooked features and the mixer
         assert x.grad is not None and x.grad.abs().sum() > 0
-
-    attacks = ["--attacks", "none"] if nonlinear else ["--attacks", "apgd-ce",
-                                                        "--autoattack-iterations", "2"]
+        # A (here: untrained) mixer checkpoint for these zoo bases loads and is attacked.
+        save_checkpoint(mixer_checkpoint(composite), Path(config.log_dir) / "mixer.pt")
+        attacks = ["--attacks", "apgd-ce", "--autoattack-iterations", "2",
+                   "--mixer-checkpoint", "mixer.pt"]
     out_dir = tmp_path / "out"
     result = CliRunner().invoke(run.main, [
         "--eval", "--config", str(path), "--data-dir", str(_npz(tmp_path / "d")),
@@ -178,6 +181,11 @@ def test_zoo_models_as_bases_end_to_end(tmp_path, case):
     assert result.exit_code == 0, result.output
     summary = json.loads((out_dir / "results.json").read_text())
     assert summary["n_examples"] == 4
+    # The evaluation fingerprints what it loaded: robustbench's files for the zoo sides, the
+    # mixer checkpoint where there is one.
+    prints = json.loads((out_dir / "manifest.json").read_text())["model"]["fingerprints"]
+    assert prints["std"] and prints["rob"]
+    assert bool(prints["comp"]) == (not nonlinear)
 
 
 def test_unknown_zoo_name_is_a_one_line_config_error(tmp_path):
