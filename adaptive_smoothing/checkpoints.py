@@ -223,9 +223,11 @@ def read_std_state_dict(path: PathLike, model: Optional[ResNetV2] = None) -> Sta
 
 def read_rob_state_dict(path: PathLike) -> StateDict:
     """The ROB (DeepMind WRN) weights: EDM's ``model_state_dict`` or a plain state dict."""
+    # "model.": RobustBench's load_model strips it too (its single-file zoo entries, e.g. the
+    # MixedNUTS ROB Peng2023Robust.pt, may carry it).
     return extract_state_dict(read_checkpoint(path, ROB_FORMAT), path,
                               entries=("model_state_dict", "state_dict", "model"),
-                              prefixes=("module.", "0."), expected=ROB_FORMAT)
+                              prefixes=("module.", "0.", "model."), expected=ROB_FORMAT)
 
 
 def read_mixer_state_dicts(path: PathLike) -> tuple[StateDict, StateDict]:
@@ -311,31 +313,41 @@ def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
                  (composite.gamma_bn, bn_state, f"{path} entry 'bn'", MIXER_FORMAT)])
 
 
-def load_authors_checkpoints(composite: CompositeModel, std_path: PathLike, rob_path: PathLike,
-                             mixer_path: Optional[PathLike], *,
+def load_authors_checkpoints(composite: CompositeModel, std_path: Optional[PathLike],
+                             rob_path: Optional[PathLike], mixer_path: Optional[PathLike], *,
                              allow_swapped_bases: Optional[bool] = None) -> None:
     """Load the authors' three files (STD, ROB, mixer; docs/METHOD.md, "Published models") into
     ``composite``.
 
-    ``mixer_path`` None loads the base models only. All files are checked before any is loaded,
-    the base models' recorded training too (:func:`check_base_roles`; ``allow_swapped_bases``
-    None: as :func:`swapped_bases_allowed` set it).
+    A path None skips that part (``mixer_path`` None: the base models only; a base model None:
+    one that came with its weights, a RobustBench zoo model). All files are checked before any
+    is loaded, the base models' recorded training too (:func:`check_base_roles`;
+    ``allow_swapped_bases`` None: as :func:`swapped_bases_allowed` set it).
     """
     std, rob = composite.std_model, composite.rob_model
-    std_expected, rob_expected = std_format(std), rob_format(rob)
-    if Path(std_path).suffix == ".npz":
-        std_obj: Any = None
-        std_state = read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None)
-    else:
-        std_obj = read_checkpoint(std_path, std_expected)
-        std_state = extract_state_dict(std_obj, std_path, entries=("model", "state_dict"),
-                                       prefixes=("module.",), expected=std_expected)
-    rob_obj = read_checkpoint(rob_path, rob_expected)
-    rob_state = extract_state_dict(rob_obj, rob_path,
-                                   entries=("model_state_dict", "state_dict", "model"),
-                                   prefixes=("module.", "0."), expected=rob_expected)
-    check_base_roles(std_obj, rob_obj, std_path, rob_path, allow_swapped=allow_swapped_bases)
-    parts = [(std, std_state, std_path, std_expected), (rob, rob_state, rob_path, rob_expected)]
+    parts = []
+    std_obj: Any = None
+    rob_obj: Any = None
+    if std_path is not None:
+        std_expected = std_format(std)
+        if Path(std_path).suffix == ".npz":
+            std_state = read_std_state_dict(std_path, std if isinstance(std, ResNetV2) else None)
+        else:
+            std_obj = read_checkpoint(std_path, std_expected)
+            std_state = extract_state_dict(std_obj, std_path, entries=("model", "state_dict"),
+                                           prefixes=("module.",), expected=std_expected)
+        parts.append((std, std_state, std_path, std_expected))
+    if rob_path is not None:
+        rob_expected = rob_format(rob)
+        rob_obj = read_checkpoint(rob_path, rob_expected)
+        # "model.": RobustBench's load_model strips it too (see read_rob_state_dict).
+        rob_state = extract_state_dict(rob_obj, rob_path,
+                                       entries=("model_state_dict", "state_dict", "model"),
+                                       prefixes=("module.", "0.", "model."),
+                                       expected=rob_expected)
+        parts.append((rob, rob_state, rob_path, rob_expected))
+    if std_path is not None and rob_path is not None:
+        check_base_roles(std_obj, rob_obj, std_path, rob_path, allow_swapped=allow_swapped_bases)
     if mixer_path is not None:
         mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
         parts += [(_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'",

@@ -29,8 +29,8 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from adaptive_smoothing.published import (DEFAULT_BASE_URLS, WEIGHT_FILES, WeightFile,
-                                          resolve_base_urls)
+from adaptive_smoothing.published import (DEFAULT_BASE_URLS, PUBLISHED_MODELS, WEIGHT_FILES,
+                                          WeightFile, resolve_base_urls)
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def route_library_logs() -> None:
 def select_sources(names: Optional[Iterable[str]] = None, dataset: Optional[str] = None,
                    model: Optional[str] = None,
                    sources: Sequence[WeightFile] = SOURCES) -> list[WeightFile]:
-    """Entries by name and/or dataset; ``model`` ('edm'/'trades') picks the three files that
-    published model needs (its STD, ROB and mixer)."""
+    """Entries by name and/or dataset; ``model`` ('edm', 'trades', 'mixednuts') picks the
+    files that published model needs (its STD, ROB and mixer, for each dataset it has)."""
     chosen = list(sources)
     if names:
         wanted = list(dict.fromkeys(names))
@@ -80,7 +80,10 @@ def select_sources(names: Optional[Iterable[str]] = None, dataset: Optional[str]
             raise ValueError(f"unknown dataset {dataset!r}; expected cifar10 or cifar100")
         chosen = [s for s in chosen if s.dataset == ds]
     if model is not None:
-        chosen = [s for s in chosen if s.model in (model, "std")]
+        # From the table: a file can serve several models (the CIFAR-100 EDM ROB is MixedNUTS's).
+        needed = {f.name for spec in PUBLISHED_MODELS.values() if spec.name == model
+                  for f in spec.files}
+        chosen = [s for s in chosen if s.name in needed]
     return chosen
 
 

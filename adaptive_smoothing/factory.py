@@ -10,6 +10,8 @@ import torch
 from adaptive_smoothing.config import Config, ConfigError, ForwardSettings, NonlinearSettings
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
 from adaptive_smoothing.models.nonlinear import NonlinearComposite
+from adaptive_smoothing.models.robustbench_zoo import (DATASET_BY_CLASSES, ZOO_THREAT_MODEL,
+                                                       is_zoo_name, zoo_model_name)
 from adaptive_smoothing.published import std_alternative, weight_file_for
 from adaptive_smoothing.runtime import resolve_device
 
@@ -32,9 +34,12 @@ def build_composite(model: ForwardSettings, num_classes: int,
     std_kwargs = dict(fwd.std_model_kwargs)
     if fwd.std_resize is not None:
         std_kwargs["resize_to"] = fwd.std_resize
+    rob_kwargs = dict(fwd.rob_model_kwargs)
+    for name, kwargs in ((fwd.std_model_type, std_kwargs), (fwd.rob_model_type, rob_kwargs)):
+        if is_zoo_name(name):
+            kwargs.setdefault("model_dir", robustbench_model_dir(fwd))
     std_model = _create("std", fwd.std_model_type, num_classes, std_kwargs, source)
-    rob_model = _create("rob", fwd.rob_model_type, num_classes, dict(fwd.rob_model_kwargs),
-                        source)
+    rob_model = _create("rob", fwd.rob_model_type, num_classes, rob_kwargs, source)
     if nonlinear is not None and nonlinear.enabled:
         nl = nonlinear
         composite = NonlinearComposite(
@@ -47,9 +52,11 @@ def build_composite(model: ForwardSettings, num_classes: int,
                     nl.clamp, nl.s, nl.p, nl.c, nl.alpha)
         return composite.to(resolve_device(device))
 
-    channels = (std_model.feature_channels[0], rob_model.feature_channels[0])
     mixer: Optional[MixingNet] = None
+    channels: Optional[tuple[int, int]] = None
     if fwd.use_policy:
+        # Only a mixer reads features (a RobustBench model may have none).
+        channels = _first_feature_channels(std_model, rob_model, source)
         if fwd.in_planes is not None and tuple(fwd.in_planes) != channels:
             raise ConfigError(f"expected the first-feature channels of the base models "
                               f"{channels} (or None to read them from the models)",
@@ -72,11 +79,44 @@ def build_composite(model: ForwardSettings, num_classes: int,
     return composite.to(resolve_device(device))
 
 
+def robustbench_model_dir(fwd: ForwardSettings) -> Path:
+    """robustbench's local model folder for ``robustbench:<Name>`` base models (the derived
+    default is ``log_dir/robustbench``; robustbench's own ``models`` where none is set)."""
+    return Path(fwd.robustbench_model_dir or "models")
+
+
+def zoo_file(fwd: ForwardSettings, which: str, num_classes: int) -> Optional[Path]:
+    """Where robustbench keeps the weights of a ``robustbench:<Name>`` STD/ROB (``which``),
+    ``<model_dir>/<dataset>/Linf/<Name>.pt``; None for a registry architecture."""
+    name = getattr(fwd, f"{which}_model_type")
+    if not is_zoo_name(name):
+        return None
+    return (robustbench_model_dir(fwd) / DATASET_BY_CLASSES.get(num_classes, "unknown")
+            / ZOO_THREAT_MODEL / f"{zoo_model_name(name)}.pt")
+
+
+def _first_feature_channels(std_model: BaseClassifier, rob_model: BaseClassifier,
+                            source: Optional[str]) -> tuple[int, int]:
+    try:
+        return (std_model.feature_channels[0], rob_model.feature_channels[0])
+    except ValueError as err:  # a RobustBench architecture without known feature modules
+        raise ConfigError(str(err), key="forward_settings.use_policy", value=True,
+                          file=source) from None
+
+
 def _create(which: str, name: str, num_classes: int, kwargs: dict,
             source: Optional[str]) -> BaseClassifier:
     try:
         return create_model(name, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (ValueError, ImportError) as err:
+        if is_zoo_name(name) or isinstance(err, ImportError):
+            # An unknown zoo name, or robustbench missing: the model type is at fault.
+            raise ConfigError(str(err), key=f"forward_settings.{which}_model_type", value=name,
+                              file=source) from None
+        raise ConfigError(f"cannot build {name!r} with these arguments: {err}",
+                          key=f"forward_settings.{which}_model_kwargs", value=kwargs,
+                          file=source) from None
+    except TypeError as err:
         # Bad architecture arguments come from the config's *_model_kwargs (or std_resize).
         raise ConfigError(f"cannot build {name!r} with these arguments: {err}",
                           key=f"forward_settings.{which}_model_kwargs", value=kwargs,
@@ -87,8 +127,11 @@ def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:
     """The checkpoint files the composite is loaded from: std, rob, comp (None: no mixer file)."""
     comp = (config.model_path("comp") if config.forward_settings.use_policy
             and not config.nonlinear_settings.enabled else None)
-    return {"std": _existing_std_path(config), "rob": config.model_path("rob"),
-            "comp": comp}
+    classes = config.dataset_settings.num_classes
+    # A RobustBench base model's weights are robustbench's file, not model_load_path's.
+    std = zoo_file(config.forward_settings, "std", classes) or _existing_std_path(config)
+    rob = zoo_file(config.forward_settings, "rob", classes) or config.model_path("rob")
+    return {"std": std, "rob": rob, "comp": comp}
 
 
 def load_composite_weights(composite: Composite, config: Config) -> None:
@@ -100,8 +143,13 @@ def load_composite_weights(composite: Composite, config: Config) -> None:
     from adaptive_smoothing.checkpoints import load_authors_checkpoints
 
     require_checkpoint_files(config)
-    std_path = _existing_std_path(config)
-    rob_path = config.model_path("rob")
+    fwd, classes = config.forward_settings, config.dataset_settings.num_classes
+    # RobustBench base models came with their weights (robustbench's load_model).
+    std_path = None if zoo_file(fwd, "std", classes) else _existing_std_path(config)
+    rob_path = None if zoo_file(fwd, "rob", classes) else config.model_path("rob")
+    for which, zoo in (("std", fwd.std_model_type), ("rob", fwd.rob_model_type)):
+        if is_zoo_name(zoo):
+            logger.info("model_load_path.%s is ignored: %s has robustbench's weights", which, zoo)
     mixer_path = config.model_path("comp")
     if config.nonlinear_settings.enabled:
         mixer_path = None  # the nonlinear composite has no mixing network
@@ -120,7 +168,10 @@ def require_checkpoint_files(config: Config) -> None:
     first checkpoint of ``model_load_path`` that does not exist (before building large models)."""
     from adaptive_smoothing.checkpoints import CheckpointNotFoundError
 
+    fwd = config.forward_settings
     for which, path in checkpoint_paths(config).items():
+        if which != "comp" and is_zoo_name(getattr(fwd, f"{which}_model_type")):
+            continue  # robustbench downloads a missing zoo file itself
         if path is not None and not path.is_file():
             # The full path, and what a relative log_dir resolves against: run from another
             # folder, "demo/std.pt" alone does not say where it was looked for.

@@ -1,8 +1,9 @@
-"""The three published adaptive-smoothing models (docs/METHOD.md, "Published models"; RobustBench
-Bai2023Improving_*): the one table of their facts, and loading them.
+"""The published models (docs/METHOD.md, "Published models"): the three adaptive-smoothing
+composites (RobustBench Bai2023Improving_*) and the two MixedNUTS nonlinear mixtures (RobustBench
+Bai2024MixedNUTS, "mixednuts"); the one table of their facts, and loading them.
 
 Like timm's ``default_cfgs``, each model's weight facts sit beside its architecture: one
-:class:`PublishedModel` holds the architectures, the constants and its three
+:class:`PublishedModel` holds the architectures, the constants and its
 :class:`WeightFile` entries (the file name in the authors' layout, the other names accepted, and
 where the file is downloaded from). The downloader (download.py), the factory's hints and the
 shipped configs' test (tests/test_published.py) read this table.
@@ -14,6 +15,8 @@ the authors' checkpoint files from the layout their README asks for::
                                                      {dataset}_std_rn152.pt are accepted too)
     {root_dir}/Base/{dataset}_linf_{name}_wrn70-16.pt ROB
     {root_dir}/CompModel/{dataset}_{name}_best.pt     mixer network + gamma BN
+    {root_dir}/Base/Peng2023Robust.pt                 ROB of the CIFAR-10 MixedNUTS mixture
+                                                      (CIFAR-100: the EDM ROB; no mixer file)
 
 ``load_robustbench_files`` does the same from RobustBench's three files.
 """
@@ -24,7 +27,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -33,6 +36,7 @@ from adaptive_smoothing.checkpoints import (CheckpointNotFoundError, PathLike,
                                             load_authors_checkpoints, load_robustbench_checkpoints)
 from adaptive_smoothing.models import (CompositeConstants, CompositeModel, LogProbClassifier,
                                        MixingNet, create_model)
+from adaptive_smoothing.models.nonlinear import NonlinearComposite, NonlinearConstants
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class WeightFile:
 
     name: str              # download entry, e.g. cifar10_std
     dataset: str           # cifar10 | cifar100
-    model: str             # edm | trades | std (the BiT model shared by both mixers)
+    model: str             # edm | trades | mixednuts | std (the BiT model of every entry)
     kind: str              # std | rob | mixer
     target: str            # relative to the model root (log_dir / --root-dir)
     host: str              # key of DEFAULT_BASE_URLS
@@ -130,27 +134,41 @@ _CIFAR100_STD = _std_file("cifar100", "12Z63xr4bQwdIvR2w8xvpUnXG1fnUpy5B")
 
 @dataclass(frozen=True)
 class PublishedModel:
-    """One published composite: architectures, constants and its three weight files."""
+    """One published composite: architectures, constants and its weight files.
+
+    ``kind`` 'mixer': adaptive smoothing (a mixing network; ``constants`` and ``mixer`` set);
+    'nonlinear': a MixedNUTS mixture (docs/METHOD.md, "Nonlinear mixing"; ``nonlinear`` set, no
+    mixer file).
+    """
 
     dataset: str
     name: str
     robustbench_name: str
     num_classes: int
-    rob_arch: str                 # registry name of the ROB WideResNet
-    constants: CompositeConstants
+    rob_arch: str                 # registry name of the ROB model
     clean_accuracy: float         # reported, percent
     autoattack_accuracy: float    # reported, percent, Linf eps 8/255
     std: WeightFile
     rob: WeightFile
-    mixer: WeightFile
+    kind: str = "mixer"           # mixer | nonlinear
+    constants: Optional[CompositeConstants] = None   # kind 'mixer'
+    mixer: Optional[WeightFile] = None               # kind 'mixer'
+    nonlinear: Optional[NonlinearConstants] = None   # kind 'nonlinear'
     std_arch: str = "bit_m_r152x2"
     std_resize: int = 128
     mixer_in_planes: tuple[int, int] = (512, 256)
     mixer_version: int = 4
 
+    def __post_init__(self) -> None:
+        mixer = self.constants is not None and self.mixer is not None
+        if (self.kind, mixer, self.nonlinear is not None) not in (
+                ("mixer", True, False), ("nonlinear", False, True)):
+            raise ValueError(f"{self.dataset}/{self.name}: a 'mixer' model has constants and a "
+                             f"mixer file, a 'nonlinear' one nonlinear constants only")
+
     @property
-    def files(self) -> tuple[WeightFile, WeightFile, WeightFile]:
-        return (self.std, self.rob, self.mixer)
+    def files(self) -> tuple[WeightFile, ...]:
+        return tuple(f for f in (self.std, self.rob, self.mixer) if f is not None)
 
     def std_candidates(self, root_dir: Path) -> tuple[Path, ...]:
         return self.std.candidates(root_dir)
@@ -159,8 +177,21 @@ class PublishedModel:
         return self.rob.candidates(root_dir)
 
     def mixer_candidates(self, root_dir: Path) -> tuple[Path, ...]:
-        return self.mixer.candidates(root_dir)
+        return () if self.mixer is None else self.mixer.candidates(root_dir)
 
+
+# The MixedNUTS constants are robustbench's optimal_spca.yaml (its 'gelu' entry at the default
+# beta 98.5 for the true output; its 'none' entry, the linear mixture at beta 95.0 / 93.5, for the
+# gradient surrogate), as get_nonlin_mixed_classifier reads them; ln_k 250 means all classes.
+_CIFAR10_STD = _std_file("cifar10", "1-5EwY_5tQZudo9idwXiUGr3P4OUUGaQN")
+_CIFAR100_EDM_ROB = WeightFile("cifar100_edm_rob", "cifar100", "edm", "rob",
+                               "Base/cifar100_linf_edm_wrn70-16.pt", "huggingface",
+                               hf_repo=_DM_IMPROVES_AT, path="checkpoint/cifar100_linf_wrn70-16.pt")
+# RobustBench's Peng2023Robust file (its model_zoo/cifar10.py entry, also file 1 of its CIFAR-10
+# Bai2024MixedNUTS entry), under its RobustBench name.
+_PENG2023_ROB = WeightFile("cifar10_peng2023robust_rob", "cifar10", "mixednuts", "rob",
+                           "Base/Peng2023Robust.pt", "gdrive",
+                           drive_id="1-6M8KHZdPmgqYkBSkdZQ2fLwp86ZQ9VU")
 
 PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
     ("cifar10", "edm"): PublishedModel(
@@ -169,7 +200,7 @@ PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
         constants=CompositeConstants(std_scale=1.2, rob_scale=0.3, eval_gamma=(2.0, 1.05),
                                      alpha_scale=0.04, alpha_bias=0.96),
         clean_accuracy=95.23, autoattack_accuracy=68.06,
-        std=_std_file("cifar10", "1-5EwY_5tQZudo9idwXiUGr3P4OUUGaQN"),
+        std=_CIFAR10_STD,
         rob=WeightFile("cifar10_edm_rob", "cifar10", "edm", "rob",
                        "Base/cifar10_linf_edm_wrn70-16.pt", "huggingface",
                        hf_repo=_DM_IMPROVES_AT, path="checkpoint/cifar10_linf_wrn70-16.pt"),
@@ -181,9 +212,7 @@ PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
                                      alpha_scale=0.15, alpha_bias=0.84),
         clean_accuracy=85.21, autoattack_accuracy=38.72,
         std=_CIFAR100_STD,
-        rob=WeightFile("cifar100_edm_rob", "cifar100", "edm", "rob",
-                       "Base/cifar100_linf_edm_wrn70-16.pt", "huggingface",
-                       hf_repo=_DM_IMPROVES_AT, path="checkpoint/cifar100_linf_wrn70-16.pt"),
+        rob=_CIFAR100_EDM_ROB,
         mixer=_mixer_file("cifar100", "edm", "1--8Jd82Q9ZLlVS_6c1iPrBxqy9sbdAkx")),
     ("cifar100", "trades"): PublishedModel(
         dataset="cifar100", name="trades", robustbench_name="Bai2023Improving_trades",
@@ -196,7 +225,30 @@ PUBLISHED_MODELS: Mapping[tuple[str, str], PublishedModel] = MappingProxyType({
                        "Base/cifar100_linf_trades_wrn70-16.pt", "gcs",
                        path="dm-adversarial-robustness/cifar100_linf_wrn70-16_with.pt"),
         mixer=_mixer_file("cifar100", "trades", "1-0Sffx4gCIydJc16n1H0k6FYE4kHRnGm")),
+    ("cifar10", "mixednuts"): PublishedModel(
+        dataset="cifar10", name="mixednuts", robustbench_name="Bai2024MixedNUTS",
+        num_classes=10, kind="nonlinear",
+        rob_arch="ra_wrn_70_16",  # Peng2023Robust: robustbench's RaWideResNet-70-16
+        nonlinear=NonlinearConstants(alpha=0.9987500602493457, s=5.0, p=4.0, c=-1.1,
+                                     clamp="gelu", k=250, std_map="hard_max",
+                                     surrogate_alpha=0.9570535356459247),
+        clean_accuracy=95.19, autoattack_accuracy=70.08,
+        std=_CIFAR10_STD, rob=_PENG2023_ROB),
+    ("cifar100", "mixednuts"): PublishedModel(
+        dataset="cifar100", name="mixednuts", robustbench_name="Bai2024MixedNUTS",
+        num_classes=100, kind="nonlinear",
+        # Wang2023Better_WRN-70-16 is DM-Improves-AT's CIFAR-100 WRN-70-16 SiLU, the EDM ROB.
+        rob_arch="dm_wrn_70_16_silu",
+        nonlinear=NonlinearConstants(alpha=0.9860300534207915, s=0.6115753843212784,
+                                     p=3.571428571428571, c=-2.142857142857143, clamp="gelu",
+                                     k=250, std_map="hard_max",
+                                     surrogate_alpha=0.9706995384302841),
+        clean_accuracy=83.08, autoattack_accuracy=41.91,
+        std=_CIFAR100_STD, rob=_CIFAR100_EDM_ROB),
 })
+
+# The published model names, for the command lines' choices.
+PUBLISHED_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for _, name in PUBLISHED_MODELS))
 
 # Every published file once, in table order (the CIFAR-100 STD serves both CIFAR-100 models).
 WEIGHT_FILES: tuple[WeightFile, ...] = tuple(
@@ -220,14 +272,19 @@ def published_model(dataset: str, model_name: str) -> PublishedModel:
     return PUBLISHED_MODELS[key]
 
 
-def build_published_composite(dataset: str, model_name: str) -> CompositeModel:
-    """The published architecture and constants with random weights, in eval mode.
+def build_published_composite(dataset: str, model_name: str
+                              ) -> Union[CompositeModel, NonlinearComposite]:
+    """The published architecture and constants with random weights, in eval mode: a
+    :class:`CompositeModel` (kind 'mixer') or a :class:`NonlinearComposite` ('nonlinear').
 
     Builds on the current default device; ``with torch.device("meta"):`` gives a free skeleton.
     """
     spec = published_model(dataset, model_name)
     std = create_model(spec.std_arch, spec.num_classes, resize_to=spec.std_resize)
     rob = create_model(spec.rob_arch, spec.num_classes)
+    if spec.nonlinear is not None:
+        return spec.nonlinear.composite(std, rob).eval()
+    assert spec.constants is not None
     mixer = MixingNet(spec.mixer_in_planes, version=spec.mixer_version)
     c = spec.constants
     return CompositeModel(std, rob, mixer, std_scale=c.std_scale, rob_scale=c.rob_scale,
@@ -256,19 +313,22 @@ class _SkipRandomInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _build_for_loading(dataset: str, model_name: str) -> CompositeModel:
+def _build_for_loading(dataset: str, model_name: str
+                       ) -> Union[CompositeModel, NonlinearComposite]:
     with _SkipRandomInit():
         return build_published_composite(dataset, model_name)
 
 
-def published_paths(root_dir: PathLike, dataset: str, model_name: str) -> tuple[Path, Path, Path]:
-    """The (STD, ROB, mixer) files under ``root_dir``; CheckpointNotFoundError lists every
-    expected path when any is missing."""
+def published_paths(root_dir: PathLike, dataset: str, model_name: str
+                    ) -> tuple[Path, Path, Optional[Path]]:
+    """The (STD, ROB, mixer) files under ``root_dir`` (mixer None for a nonlinear mixture);
+    CheckpointNotFoundError lists every expected path when any is missing."""
     spec = published_model(dataset, model_name)
     root = Path(root_dir)
-    parts = (("STD (BiT-M-R152x2)", spec.std_candidates(root)),
-             (f"ROB ({spec.rob_arch})", spec.rob_candidates(root)),
-             ("mixer", spec.mixer_candidates(root)))
+    parts = [("STD (BiT-M-R152x2)", spec.std_candidates(root)),
+             (f"ROB ({spec.rob_arch})", spec.rob_candidates(root))]
+    if spec.mixer is not None:
+        parts.append(("mixer", spec.mixer_candidates(root)))
     found, lines = [], []
     for label, candidates in parts:
         present = next((path for path in candidates if path.is_file()), None)
@@ -286,7 +346,7 @@ def published_paths(root_dir: PathLike, dataset: str, model_name: str) -> tuple[
             f"{root.absolute()}{relative} (layout: docs/METHOD.md, 'Published models'): "
             + "; ".join(lines) + f"; download them with python3 scripts/download_models.py "
             f"--root-dir {root} --dataset {spec.dataset} --model {spec.name}")
-    return found[0], found[1], found[2]
+    return found[0], found[1], found[2] if len(found) > 2 else None
 
 
 def load_published_model(root_dir: PathLike, dataset: str, model_name: str,
@@ -302,6 +362,9 @@ def load_published_model(root_dir: PathLike, dataset: str, model_name: str,
 def load_robustbench_files(paths: Sequence[PathLike], dataset: str, model_name: str,
                            device: torch.device | str = "cpu") -> LogProbClassifier:
     """A published model from RobustBench's three files (BiT, WRN, mixer), in eval mode."""
+    if published_model(dataset, model_name).mixer is None:
+        raise ValueError(f"{dataset}/{model_name} is a nonlinear mixture: load it with "
+                         f"load_published_model from the layout of docs/METHOD.md")
     composite = _build_for_loading(dataset, model_name)
     load_robustbench_checkpoints(composite, paths)
     logger.info("loaded published model %s/%s from RobustBench files", dataset, model_name)

@@ -400,10 +400,14 @@ def test_source_table_matches_layout() -> None:
         "Base/cifar10_bit_rn152.tar", "Base/cifar100_bit_rn152.tar",
         "Base/cifar10_linf_edm_wrn70-16.pt", "Base/cifar100_linf_edm_wrn70-16.pt",
         "Base/cifar100_linf_trades_wrn70-16.pt", "CompModel/cifar10_edm_best.pt",
-        "CompModel/cifar100_edm_best.pt", "CompModel/cifar100_trades_best.pt"}
+        "CompModel/cifar100_edm_best.pt", "CompModel/cifar100_trades_best.pt",
+        "Base/Peng2023Robust.pt"}  # MixedNUTS's CIFAR-10 ROB; its other files are shared
     assert len({s.name for s in dl.SOURCES}) == len(dl.SOURCES)
     needed = dl.select_sources(dataset="CIFAR-100", model="trades")
     assert {s.kind for s in needed} == {"std", "rob", "mixer"}
+    nuts = dl.select_sources(model="mixednuts")  # no mixer; the CIFAR-100 ROB is EDM's file
+    assert {s.name for s in nuts} == {"cifar10_std", "cifar10_peng2023robust_rob",
+                                      "cifar100_std", "cifar100_edm_rob"}
     with pytest.raises(ValueError, match="unknown checkpoint"):
         dl.select_sources(["nope"])
 

@@ -10,6 +10,7 @@ import click
 
 from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing import download
+from adaptive_smoothing.published import PUBLISHED_NAMES
 
 
 @click.command()
@@ -20,8 +21,8 @@ from adaptive_smoothing import download
               help="Download only this entry (repeatable); see --list for names.")
 @click.option("--dataset", default=None,
               help="Only the entries of this dataset (cifar10 / cifar100, 'CIFAR-10' too).")
-@click.option("--model", type=click.Choice(["edm", "trades"]), default=None,
-              help="Only the files this published model needs (STD, ROB, mixer).")
+@click.option("--model", type=click.Choice(PUBLISHED_NAMES), default=None,
+              help="Only the files this published model needs (STD, ROB, mixer if any).")
 @click.option("--force", is_flag=True, help="Download again even where the file exists.")
 @click.option("--list", "list_only", is_flag=True, help="List the entries and exit.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

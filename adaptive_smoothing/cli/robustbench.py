@@ -3,7 +3,8 @@
     adaptive-smoothing-robustbench --root_dir models --dataset cifar10 --model_name edm
     python3 run_robustbench.py --root_dir models --dataset cifar10 --model_name edm  # the same
 
-The checkpoint layout under --root_dir is described in the README (Base/, CompModel/).
+The checkpoint layout under --root_dir is described in the README (Base/, CompModel/); the
+MixedNUTS mixtures (--model_name mixednuts) need Base/ only.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from adaptive_smoothing.benchmark import published_model_or_error, run_benchmark
 from adaptive_smoothing.checkpoints import swapped_bases_allowed
 from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import PRECISION_HELP, speed_options
+from adaptive_smoothing.published import PUBLISHED_NAMES
 from adaptive_smoothing.runtime import configure_threads
 
 
@@ -24,9 +26,10 @@ from adaptive_smoothing.runtime import configure_threads
 @click.option("--root_dir", required=True, type=click.Path(path_type=Path),
               help="Folder holding Base/ and CompModel/ with the published checkpoints.")
 @click.option("--dataset", required=True, type=click.Choice(["cifar10", "cifar100"]))
-@click.option("--model_name", required=True, type=click.Choice(["edm", "trades"]),
+@click.option("--model_name", required=True, type=click.Choice(PUBLISHED_NAMES),
               help="edm: WRN-70-16 trained with EDM data; trades: DeepMind's TRADES WRN-70-16 "
-                   "(CIFAR-100 only).")
+                   "(CIFAR-100 only); mixednuts: the nonlinear MixedNUTS mixture "
+                   "(Bai2024MixedNUTS).")
 @click.option("--n_examples", default=10000, type=int, help="Test images to evaluate.")
 @click.option("--fp16/--fp32", default=False,
               help="fp16 autocast for the forward passes (CUDA only); same as --precision fp16.")

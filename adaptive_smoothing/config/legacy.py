@@ -183,7 +183,9 @@ def _validate(flat: Mapping[str, Any], source: Optional[str]) -> Config:
                pgd_loss="comp" if pgd.pgd_eval_loss == "comp_simple" else pgd.pgd_eval_loss)
     _check_eps(ev.eps, ev.norm, "evaluation_settings.eps", source)
     config = config.model_copy(update={
-        "forward_settings": _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None),
+        "forward_settings": _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None,
+                                  robustbench_model_dir=os.path.join(config.log_dir,
+                                                                     "robustbench")),
         "randomized_attack_settings": _fill(config.randomized_attack_settings, eps=pgd.eps,
                                             norm=pgd.norm, n_target=pgd.n_target_classes),
         "run": _fill(config.run, output_dir=os.path.join(config.log_dir, config.log_path)),

@@ -86,9 +86,13 @@ def _model_name(value: Any) -> Any:
 
     name = MODEL_TYPE_ALIASES.get(value.strip().lower(), value.strip()) if isinstance(
         value, str) else value
+    # A RobustBench zoo name is checked against the zoo when the model is built (importing
+    # robustbench here would slow every config load).
+    if isinstance(name, str) and re.fullmatch(r"robustbench:\s*\S+", name):
+        return re.sub(r":\s*", ":", name, count=1)
     if name not in list_models():
-        raise ValueError(f"expected one of {list_models()} or a short name "
-                         f"{sorted(MODEL_TYPE_ALIASES)}")
+        raise ValueError(f"expected one of {list_models()}, a short name "
+                         f"{sorted(MODEL_TYPE_ALIASES)} or robustbench:<zoo model name>")
     return name
 
 
@@ -164,9 +168,16 @@ class ForwardSettings(Section):
     """The composite model: base models, logit scales, mixer, alpha range and gamma constants."""
 
     std_model_type: ModelName = key(..., "STD architecture: a short name (`rn18`, `rn50`, "
-                                    "`rn152`) or a registry name")
+                                    "`rn152`), a registry name, or `robustbench:<Name>`, a "
+                                    "RobustBench zoo model with its weights (dataset: "
+                                    "`dataset_settings.name`, Linf; docs/METHOD.md)")
     rob_model_type: ModelName = key(..., "ROB architecture: a short name (`rn18`, `wrn`, "
-                                    "`wrn7016`, `wrn7016_silu`) or a registry name")
+                                    "`wrn7016`, `wrn7016_silu`), a registry name, or "
+                                    "`robustbench:<Name>`")
+    robustbench_model_dir: Optional[Str] = key(
+        None, "robustbench's model folder for `robustbench:<Name>` base models: it reads "
+              "`<dir>/<dataset>/Linf/<Name>.pt` and downloads the file there where it is "
+              "missing; their `model_load_path` entry is then ignored", "`log_dir/robustbench`")
     std_model_scale: Num = key(1.0, "STD logit scale s_std", gt=0)
     rob_model_scale: Num = key(1.0, "ROB logit scale s_rob", gt=0)
     std_model_kwargs: Kwargs = key(FrozenDict(), "extra arguments of `create_model` for STD, "

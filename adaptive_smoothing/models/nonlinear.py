@@ -18,6 +18,7 @@ attack steers by the surrogate and judges success on the true output.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
@@ -82,6 +83,37 @@ def check_nonlinear_constants(*, alpha: float, s: float, p: float, k: Optional[i
         raise ValueError(f"the ROB map's power p must be positive, got {p}")
     if k is not None and k < 2:
         raise ValueError(f"the layer norm's top-k must be at least 2, got {k}")
+
+
+@dataclass(frozen=True)
+class NonlinearConstants:
+    """The constants of one nonlinear mixture (the published ones sit in published.py)."""
+
+    alpha: float
+    s: float
+    p: float
+    c: float
+    clamp: Clamp = "gelu"
+    k: Optional[int] = None
+    std_map: StdMap = "hard_max"
+    surrogate_alpha: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_nonlinear_constants(alpha=self.alpha, s=self.s, p=self.p, k=self.k)
+
+    def composite(self, std_model: BaseClassifier, rob_model: BaseClassifier,
+                  **kwargs: float) -> "NonlinearComposite":
+        """The nonlinear composite of these constants (``kwargs``: its other arguments)."""
+        return NonlinearComposite(std_model, rob_model, alpha=self.alpha, s=self.s, p=self.p,
+                                  c=self.c, clamp=self.clamp, k=self.k, std_map=self.std_map,
+                                  surrogate_alpha=self.surrogate_alpha, **kwargs)
+
+    @classmethod
+    def from_composite(cls, composite: "NonlinearComposite") -> "NonlinearConstants":
+        t = composite.transform
+        return cls(alpha=composite.alpha, s=t["s"], p=t["p"], c=t["c"], clamp=t["clamp"],
+                   k=t["k"], std_map=composite.std_map,  # type: ignore[arg-type]
+                   surrogate_alpha=composite.surrogate_alpha)
 
 
 class NonlinearComposite(nn.Module):

@@ -26,7 +26,14 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs: Any) -> BaseClassifier:
-    """Build a registered architecture with random weights, e.g. ``create_model("bit_m_r152x2")``."""
+    """Build a registered architecture with random weights, e.g. ``create_model("bit_m_r152x2")``.
+
+    ``robustbench:<Name>`` is a RobustBench zoo model with its weights, loaded by robustbench
+    (``kwargs``: ``model_dir``, its local model folder; see ``models/robustbench_zoo.py``).
+    """
+    if name.startswith("robustbench:"):
+        from adaptive_smoothing.models.robustbench_zoo import load_zoo_model
+        return load_zoo_model(name, num_classes, **kwargs)
     try:
         builder = _MODEL_BUILDERS[name]
     except KeyError:
