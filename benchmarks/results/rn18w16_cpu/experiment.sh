@@ -74,8 +74,11 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, 
     mkdir -p "$OUT" "$HERE/nonlinear"
     shopt -s nullglob
     for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
-    nice -n 19 python3 run.py --config configs/rn18w16_nonlinear_cpu.yaml --data-dir "$DATA" \
-      --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --output-dir "$OUT"
+    # NPROC=2: two CPU processes (torchrun over gloo) share the batches, one thread each.
+    LAUNCH=(python3)
+    [ "${NPROC:-1}" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+    nice -n 19 "${LAUNCH[@]}" run.py --config configs/rn18w16_nonlinear_cpu.yaml \
+      --data-dir "$DATA" --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --output-dir "$OUT"
     cp "$OUT/sweep.json" "$HERE/nonlinear/sweep.json"
     python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/nonlinear" \
       --title "ResNet-18 (width 16), CIFAR-10: nonlinear mixing" ;;
