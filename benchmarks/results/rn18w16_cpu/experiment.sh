@@ -68,7 +68,8 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, 
     # Held-out: test images from val_start (5000) on, never the 1,000 evaluated ones.
     nice -n 19 python3 -m adaptive_smoothing.cli.calibrate --config "$CONFIG" --data-dir "$DATA" \
       --threads 1 --device cpu --n-images 2000 --output-dir "$HERE/nonlinear/calibration" \
-      --write-config configs/rn18w16_nonlinear_cpu.yaml ;;
+      --write-config configs/rn18w16_nonlinear_cpu.yaml --beta "${BETA:-95}" \
+      --s-range 0.1,100 --p-range 1,10 ;;  # BETA=98.5 with the default grid: calibration_beta98.5.json
   nonlinear)
     OUT="$EVAL/nonlinear"
     mkdir -p "$OUT" "$HERE/nonlinear"
