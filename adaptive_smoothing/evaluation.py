@@ -698,7 +698,13 @@ def _prepare(config: Config) -> tuple[Composite, torch.Tensor, torch.Tensor,
     fingerprints = {which: optional_file_sha256(path)
                     for which, path in checkpoint_paths(config).items()}
     fingerprints["data"] = tensors_sha256(x, y)
-    model_info = {"forward_settings": config.forward_settings.model_dump(),
+    forward = config.forward_settings.model_dump()
+    if not any(str(forward[f"{which}_model_type"]).startswith("robustbench:")
+               for which in ("std", "rob")):
+        # Read only for a RobustBench zoo base; absent otherwise, so that the manifests of
+        # evaluations made before the key existed still match.
+        forward.pop("robustbench_model_dir", None)
+    model_info = {"forward_settings": forward,
                   "model_load_path": config.model_load_path.model_dump(),
                   "dataset": data.name, "fingerprints": fingerprints}
     if config.nonlinear_settings.enabled:  # absent otherwise, so earlier manifests still match
