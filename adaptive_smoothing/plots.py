@@ -184,19 +184,23 @@ def plot_calibration(best: Any, margins: dict, path: Path) -> None:
     left.set_ylabel("scale s")
     left.set_title(f"clean mistakes kept (%) at c = {best.c:.3g}", fontsize=9)
     fig.colorbar(image, ax=left)
-    bins = np.linspace(-1, 1, 81)
+    # Log scale: the decisive margins are tiny (the cutoff is about 1 - alpha) and the rest
+    # pile up at 1; margins <= 0 (lost points) are counted in the legend instead.
+    bins = np.linspace(-8, 0, 65)
     for name, color in (("atk_corr", "tab:green"), ("cln_incorr", "tab:red")):
-        values = margins[name].cpu().numpy()
-        right.hist(values, bins=bins, alpha=0.6, color=color,
-                   label=f"{name} (n = {len(values)})", density=True)
-    right.axvline(best.cutoff, color="black", linestyle="--",
+        values = margins[name].double().cpu().numpy()
+        positive = values[values > 0]
+        right.hist(np.log10(np.maximum(positive, 1e-8)), bins=bins, alpha=0.6, color=color,
+                   label=f"{name} (n = {len(values)}, {len(values) - len(positive)} at or "
+                         "below 0)")
+    right.axvline(np.log10(max(best.cutoff, 1e-8)), color="black", linestyle="--",
                   label=f"cutoff {best.cutoff:.3g} = (1 - alpha) / alpha")
-    right.set_xlabel("ROB's transformed margin: robust points at the label; mistakes, the lead "
-                     "of the wrong class", fontsize=8)
-    right.set_ylabel("density")
+    right.set_xlabel("log10 of ROB's transformed margin (robust points: at the label; "
+                     "mistakes: lead of the wrong class)", fontsize=7)
+    right.set_ylabel("images")
     right.set_title(f"s {best.s:.3g}, p {best.p:.3g}, c {best.c:.3g}, alpha {best.alpha:.5f}",
                     fontsize=9)
-    right.legend(fontsize=8)
+    right.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     _save_figure(fig, path)
     plt.close(fig)
