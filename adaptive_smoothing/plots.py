@@ -28,7 +28,7 @@ def _attack_label(entry: dict) -> str:
     attacks = ", ".join(entry.get("autoattack") or []) or "no attack"
     iterations = entry.get("autoattack_iterations")
     return (f"robust accuracy (%): worst case of {attacks}"
-            + (f", {iterations} it." if iterations else "") + " (+ the composites' own attacks)")
+            + (f", {iterations} it." if iterations else "") + "\n(+ the composites' own attacks)")
 
 
 def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
@@ -50,8 +50,17 @@ def plot_tradeoff(sweep: dict, path: Path, title: str = "") -> None:
                     yerr=[p[3] for p in pts], fmt="o-", color="tab:gray", capsize=2,
                     label="fixed alpha (linear mixture)")
         # Labels alternate above and below the curve so that close points do not collide.
-        for k, ((alpha, _), p) in enumerate(zip(fixed, pts)):
-            ax.annotate(f"{alpha:g}", (p[0], p[1]), textcoords="offset points",
+        # Points that coincide (e.g. alphas 0-0.5, all STD's decisions) share one label.
+        labelled: list[tuple[float, float, list[str]]] = []
+        for (alpha, _), p in zip(fixed, pts):
+            near = next((l for l in labelled if abs(l[0] - p[0]) < 0.6 and abs(l[1] - p[1]) < 0.6),
+                        None)
+            if near is None:
+                labelled.append((p[0], p[1], [f"{alpha:g}"]))
+            else:
+                near[2].append(f"{alpha:g}")
+        for k, (x, y, names) in enumerate(labelled):
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points",
                         xytext=(5, 6 if k % 2 == 0 else -12), fontsize=7, color="tab:gray")
     marks = {0.0: ("STD (alpha 0)", "tab:blue"), 1.0: ("ROB (alpha 1)", "tab:green")}
     for alpha, v in fixed:
