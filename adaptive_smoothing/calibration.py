@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from adaptive_smoothing.analysis import probability_margin
 from adaptive_smoothing.attacks import Norm, PerImageRandom, apgd
 from adaptive_smoothing.models.nonlinear import Clamp, rob_map
 from adaptive_smoothing.persist import BatchStore, write_text_atomic
@@ -45,9 +45,9 @@ class CalibrationError(RuntimeError):
 
 # -- the minimum-margin attack --------------------------------------------------------------------
 def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """logit(y) - max_{j != y} logit(j) per row (negative: misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    return true - logits.scatter(1, y[:, None], -math.inf).max(1).values
+    """logit(y) - max_{j != y} logit(j) per row (negative: misclassified); the same formula as
+    the probability margin, on logits."""
+    return probability_margin(logits, y)
 
 
 @dataclass(frozen=True)
@@ -198,18 +198,13 @@ def label_margins(logits: torch.Tensor, labels: torch.Tensor, **transform: Any) 
     ``rob_map``): ROB's transformed margin at the label, negative where it is wrong. The
     mixture keeps a robust point whatever STD says iff it is >= (1 - alpha) / alpha, and STD
     can fix a mistake iff minus it is < (1 - alpha) / alpha."""
-    return _margin_at_label(torch.softmax(rob_map(logits, **transform), dim=1), labels)
-
-
-def _margin_at_label(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    true = probs.gather(1, labels[:, None]).squeeze(1)
-    return true - probs.scatter(1, labels[:, None], -math.inf).max(1).values
+    return probability_margin(torch.softmax(rob_map(logits, **transform), dim=1), labels)
 
 
 def raw_label_margins(logits: torch.Tensor, labels: torch.Tensor,
                       rob_scale: float = 1.0) -> torch.Tensor:
     """The same margins for the linear mixture's ROB term, softmax(s_rob * h)."""
-    return _margin_at_label(torch.softmax(logits * rob_scale, dim=1), labels)
+    return probability_margin(torch.softmax(logits * rob_scale, dim=1), labels)
 
 
 # The smallest cutoff (about 1 - alpha) accepted: far above float32's resolution (6e-8) of the
@@ -491,7 +486,7 @@ def _calibrate_mixer(composite: Any, x: torch.Tensor, y: torch.Tensor,
         raise CalibrationError("--target-clean-accuracy calibrates a trained mixer's alpha "
                                "range, but the config has no mixing network (use_policy false)")
     top = composite.alpha_bias + composite.alpha_scale
-    clean_logits: dict[float, float] = {}
+    accuracies: dict[float, float] = {}
 
     def accuracy(bias: float) -> float:
         composite.alpha_bias, composite.alpha_scale = bias, top - bias
@@ -501,13 +496,13 @@ def _calibrate_mixer(composite: Any, x: torch.Tensor, y: torch.Tensor,
                 xb = x[start:start + options.batch_size].to(device)
                 yb = y[start:start + options.batch_size].to(device)
                 correct += int((composite(xb).log_probs.argmax(1) == yb).sum())
-        clean_logits[bias] = correct / len(y)
-        return clean_logits[bias]
+        accuracies[bias] = correct / len(y)
+        return accuracies[bias]
 
     original = (composite.alpha_bias, composite.alpha_scale)
     try:
         bias = mixer_alpha_bias(accuracy, options.target_clean_accuracy, low=0.0, high=top)
     finally:
         composite.alpha_bias, composite.alpha_scale = original
-    return {"alpha_bias": bias, "alpha_scale": top - bias, "clean_accuracy": clean_logits[bias],
+    return {"alpha_bias": bias, "alpha_scale": top - bias, "clean_accuracy": accuracies[bias],
             "target_clean_accuracy": options.target_clean_accuracy}
