@@ -407,6 +407,12 @@ def pgd(model: Union[AttackTarget, Callable[[torch.Tensor], object]], x: torch.T
 
 
 # -- randomized training attacks (docs/METHOD.md, "Training" step 1) ---------------------------
+# What each field affects (config/provenance.py; written out here because the config package
+# imports this module): eps, norm and n_target are copies of pgd_settings' keys, which declare it.
+_SHAPES_WEIGHTS = {"affects": ["weights"]}
+_COPY: dict = {"affects": []}
+
+
 class RandomizedAttackSettings(BaseModel):
     """Settings of the randomized attacks that generate the mixer's adversarial training data.
 
@@ -421,26 +427,39 @@ class RandomizedAttackSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    eps: float = Field(8 / 255, ge=0, description="attack radius before the per-sample factor")
-    norm: Norm = Field("Linf", description="threat model: 'Linf' or 'L2'")
+    eps: float = Field(8 / 255, ge=0, description="attack radius before the per-sample factor",
+                       json_schema_extra=_COPY)
+    norm: Norm = Field("Linf", description="threat model: 'Linf' or 'L2'",
+                       json_schema_extra=_COPY)
     n_target: int = Field(9, ge=0, description="targeted runs (APGD-T / targeted PGD) after the "
-                          "untargeted one; targets are the 2nd .. (n_target + 1)-th classes")
-    apgd: bool = Field(True, description="APGD (true) or PGD with random momentum (false)")
-    random_start: bool = Field(True, description="random start of the training attacks")
-    eps_factor_loc: float = Field(0.4, ge=0, description="eps_i = eps * U(loc, loc + scale)")
-    eps_factor_scale: float = Field(0.7, ge=0, description="see eps_factor_loc")
+                          "untargeted one; targets are the 2nd .. (n_target + 1)-th classes",
+                          json_schema_extra=_COPY)
+    apgd: bool = Field(True, description="APGD (true) or PGD with random momentum (false)",
+                       json_schema_extra=_SHAPES_WEIGHTS)
+    random_start: bool = Field(True, description="random start of the training attacks",
+                               json_schema_extra=_SHAPES_WEIGHTS)
+    eps_factor_loc: float = Field(0.4, ge=0, description="eps_i = eps * U(loc, loc + scale)",
+                                  json_schema_extra=_SHAPES_WEIGHTS)
+    eps_factor_scale: float = Field(0.7, ge=0, description="see eps_factor_loc",
+                                    json_schema_extra=_SHAPES_WEIGHTS)
     mom_decay_loc: float = Field(0.1, ge=0, le=1,
                                  description="PGD momentum ~ U(loc, loc + scale); loc + scale "
-                                 "<= 1")
-    mom_decay_scale: float = Field(0.3, ge=0, le=1, description="see mom_decay_loc")
+                                 "<= 1",
+                                 json_schema_extra=_SHAPES_WEIGHTS)
+    mom_decay_scale: float = Field(0.3, ge=0, le=1, description="see mom_decay_loc",
+                                   json_schema_extra=_SHAPES_WEIGHTS)
     iters_df: float = Field(75.0, gt=0,
                             description="iterations = max(1, round(chi2(iters_df) + "
-                            "iters_const))")
-    iters_const: float = Field(0.0, description="see iters_df")
+                            "iters_const))",
+                            json_schema_extra=_SHAPES_WEIGHTS)
+    iters_const: float = Field(0.0, description="see iters_df",
+                               json_schema_extra=_SHAPES_WEIGHTS)
     alpha_factor: float = Field(2.5, gt=0,
-                                description="PGD step = eps / iterations * alpha_factor")
+                                description="PGD step = eps / iterations * alpha_factor",
+                                json_schema_extra=_SHAPES_WEIGHTS)
     comp_loss_wmax: float = Field(0.4, ge=0, le=1,
-                                  description="BCE weight w ~ U(0, comp_loss_wmax)")
+                                  description="BCE weight w ~ U(0, comp_loss_wmax)",
+                                  json_schema_extra=_SHAPES_WEIGHTS)
 
     @model_validator(mode="after")
     def _momentum_range_within_one(self) -> "RandomizedAttackSettings":

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from adaptive_smoothing.analysis import probability_margin
 from adaptive_smoothing.attacks import Norm, PerImageRandom, apgd
+from adaptive_smoothing.config import provenance
 from adaptive_smoothing.models.nonlinear import Clamp, rob_map
 from adaptive_smoothing.persist import BatchStore, write_text_atomic
 
@@ -134,16 +135,16 @@ def _read_batch(path: Path) -> dict[str, torch.Tensor]:
 
 def _check_manifest(folder: Path, plan: dict[str, Any]) -> None:
     path = folder / MANIFEST
-    new = json.loads(json.dumps(plan))
+    new = provenance.flat(json.loads(json.dumps(plan)))
     if path.exists():
-        old = json.loads(path.read_text())
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        changed = provenance.differences(provenance.flat(json.loads(path.read_text())), new)
+        if changed:
             raise CalibrationError(
                 f"{folder} holds the attack of another calibration (changed: "
-                f"{', '.join(changed)}); choose another --output-dir or delete its batches/")
+                f"{'; '.join(provenance.describe(k, *v) for k, v in changed.items())}); choose "
+                "another --output-dir or delete its batches/")
         return
-    write_text_atomic(path, json.dumps(new, indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps(plan, indent=2, sort_keys=True))
 
 
 def collect_margin_data(rob: nn.Module, x: torch.Tensor, y: torch.Tensor, image_ids: Sequence[int],

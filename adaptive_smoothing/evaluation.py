@@ -23,11 +23,11 @@ import torch.distributed as dist
 
 from adaptive_smoothing.attacks import Norm, PerImageRandom, adaptive_attack, apgd_cascade, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
-from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings, NonlinearSettings
+from adaptive_smoothing.config import (MOVED, STANDARD_AUTOATTACK, Config, EvaluationSettings,
+                                       NonlinearSettings, provenance)
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
-from adaptive_smoothing.config import Config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import (Composite, build_composite, checkpoint_paths,
                                         load_composite_weights, require_checkpoint_files)
@@ -66,12 +66,12 @@ class EvaluationError(RuntimeError):
 
 
 def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str, Any]:
-    """What must match for finished batches of an earlier run to be reused."""
-    fields = settings.model_dump()
-    # Where and how fast it runs does not change results (beyond float rounding).
-    for key in ("data_dir", "channels_last", "compile"):
-        fields.pop(key, None)
-    return {"settings": fields, "model": model_info}
+    """What must match for finished batches of an earlier run to be reused: the keys of the
+    settings and of the model's record declared to affect the results (config/provenance.py),
+    the fingerprints, and whatever else the caller put in the record (a sweep's variant)."""
+    record = {**provenance.flat(settings.model_dump(), "evaluation_settings."),
+              **provenance.flat(model_info)}
+    return provenance.restrict(record, "results", Config)
 
 
 def _strict(obj: Any) -> Any:
@@ -94,10 +94,6 @@ def _json_text(obj: Any) -> str:
     return json.dumps(_strict(obj), indent=2, sort_keys=True, allow_nan=False)
 
 
-# What a difference in a manifest entry means, for the refusal message.
-_FINGERPRINT_NAMES = {"std": "the STD checkpoint's content", "rob": "the ROB checkpoint's content",
-                      "comp": "the mixer checkpoint's content",
-                      "data": "the evaluated images or labels"}
 # Everything a run writes into its folder; --overwrite deletes exactly these.
 _RESULT_ENTRIES = ("batches", "adversarial", MANIFEST_FILE, RESULTS_FILE, TABLE_FILE,
                    PER_IMAGE_FILE)
@@ -113,11 +109,12 @@ def _read_json(path: Path, what: str) -> Any:
 
 def _check_manifest(output_dir: Path, plan: dict[str, Any]) -> None:
     path = output_dir / MANIFEST_FILE
-    new = json.loads(json.dumps(plan))
     if path.exists():
-        old = _read_json(path, "evaluation manifest")
-        if old != new:
-            diffs = _first_differences(old, new)
+        old = provenance.migrate(_read_json(path, "evaluation manifest"), MOVED)
+        changed = provenance.differences(provenance.restrict(old, "results", Config), plan,
+                                         Config)
+        if changed:
+            diffs = [provenance.describe(k, *v) for k, v in list(changed.items())[:3]]
             raise EvaluationError(
                 f"{output_dir} holds results of a different evaluation ({'; '.join(diffs)}), so "
                 "its finished batches cannot be reused; choose a new --output-dir, or rerun "
@@ -141,24 +138,6 @@ def clear_results(output_dir: Path) -> None:
             shutil.rmtree(entry)
         elif entry.exists():
             entry.unlink()
-
-
-def _first_differences(old: Any, new: Any, prefix: str = "", limit: int = 3) -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new)):
-            out += _first_differences(old.get(key), new.get(key), f"{prefix}{key}.", limit)
-            if len(out) >= limit:
-                break
-        return out[:limit]
-    if old == new:
-        return []
-    key = prefix.rstrip(".")
-    parts = key.split(".")
-    if len(parts) >= 2 and parts[-2] == "fingerprints" and parts[-1] in _FINGERPRINT_NAMES:
-        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
-        return [f"{_FINGERPRINT_NAMES[parts[-1]]} changed (sha256 {short[0]} -> {short[1]})"]
-    return [f"{key}: was {old!r}, now {new!r}"]
 
 
 def _read_batch(path: Path) -> dict[str, Any]:
@@ -698,17 +677,11 @@ def _prepare(config: Config) -> tuple[Composite, torch.Tensor, torch.Tensor,
     fingerprints = {which: optional_file_sha256(path)
                     for which, path in checkpoint_paths(config).items()}
     fingerprints["data"] = tensors_sha256(x, y)
-    forward = config.forward_settings.model_dump()
-    if not any(str(forward[f"{which}_model_type"]).startswith("robustbench:")
-               for which in ("std", "rob")):
-        # Read only for a RobustBench zoo base; absent otherwise, so that the manifests of
-        # evaluations made before the key existed still match.
-        forward.pop("robustbench_model_dir", None)
-    model_info = {"forward_settings": forward,
+    # The record of what was evaluated; the manifest keeps of it what affects the results.
+    model_info = {"forward_settings": config.forward_settings.model_dump(),
                   "model_load_path": config.model_load_path.model_dump(),
-                  "dataset": data.name, "fingerprints": fingerprints}
-    if config.nonlinear_settings.enabled:  # absent otherwise, so earlier manifests still match
-        model_info["nonlinear_settings"] = config.nonlinear_settings.model_dump()
+                  "dataset": data.name, "fingerprints": fingerprints,
+                  "nonlinear_settings": config.nonlinear_settings.model_dump()}
     return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
 
 

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
 from adaptive_smoothing.checkpoints import mixer_checkpoint, read_checkpoint, save_checkpoint
-from adaptive_smoothing.config import Config, ConfigError, TrainingSettings, config_to_dict
+from adaptive_smoothing.config import (MOVED, Config, ConfigError, TrainingSettings,
+                                       config_to_dict, provenance)
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
@@ -299,16 +300,17 @@ class Trainer:
                 "--no-resume to start over (it will be overwritten)")
         old = state.get("identity")
         if old is None:  # written before identities were recorded: compare the config only
-            old = _recorded_config_identity(state.get("config", {}))
+            old = {k: v for k, v in provenance.flat(state.get("config", {})).items()
+                   if not k.startswith("model_load_path.")}  # paths, not fingerprints
             logger.warning("%s records no fingerprints of its base models and data (an older "
                            "version); only its config is compared", path)
-        old = {k: v for k, v in old.items() if _in_identity(k)}
-        changed = {k: [old.get(k), self.identity.get(k)]
-                   for k in sorted(set(old) | set(self.identity))
-                   if k in old and old.get(k) != self.identity.get(k)}
-        refused = {k: v for k, v in changed.items() if k not in self.allow_config_change}
+        changed = provenance.differences(
+            provenance.restrict(provenance.migrate(old, MOVED), "weights", Config),
+            self.identity, Config)
+        allowed = set(provenance.migrate(dict.fromkeys(self.allow_config_change), MOVED))
+        refused = {k: v for k, v in changed.items() if k not in allowed}
         if refused:
-            listed = "; ".join(_describe_change(k, *v) for k, v in refused.items())
+            listed = "; ".join(provenance.describe(k, *v) for k, v in refused.items())
             raise TrainingResumeError(
                 f"{path}: cannot resume, the config changed in what shapes the trained weights "
                 f"({listed}); apply the change with --allow-config-change "
@@ -351,9 +353,9 @@ class Trainer:
         if changed:
             self.config_changes.append({"iteration": int(state["iteration"]),
                                         "global_step": int(state["global_step"]),
-                                        "changes": changed})
+                                        "changes": {k: list(v) for k, v in changed.items()}})
             logger.warning("resuming %s with config changes (allowed): %s", path,
-                           "; ".join(_describe_change(k, *v) for k, v in changed.items()))
+                           "; ".join(provenance.describe(k, *v) for k, v in changed.items()))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         _restore_cuda_rng(state["rng"].get("cuda"), path)
         self.epoch, self.iteration_in_epoch = int(state["epoch"]), int(state["batch"])
@@ -727,63 +729,12 @@ class Trainer:
 
 
 # -- from a config: the one place that reads it --------------------------------------------------
-# The resume identity lives here, beside the unpacking, because it is a statement about the
-# config's keys (which of them shape the trained weights); the Trainer only compares identities,
-# and checkpoints.py (file formats) knows nothing of the config.
-#
-# Config keys that do not shape the trained weights: where things are written and read from
-# (contents are compared by fingerprint instead), what is validated and reported, and keys the
-# training does not read. Everything else must match to resume.
-_NOT_SHAPING_WEIGHTS = (
-    "log_dir", "log_path", "model_load_path", "evaluation_settings", "dataset_settings.path",
-    "dataset_settings.pa_path",
-    "forward_settings.parallel", "forward_settings.ema_decay", "training_settings.eval_freq",
-    "training_settings.n_val_examples", "training_settings.val_start",
-    "training_settings.batch_size_test_per_gpu",
-    "training_settings.save_eval_imgs", "training_settings.max_nonfinite_steps",
-    "training_settings.use_fast_loader", "training_settings.gamma_consts.eval",
-    "training_settings.n_detection_examples", "training_settings.detection_alpha",
-    # How it computes, like the device: a resume in fp16 after bf16 (e.g. on another GPU) is
-    # the same training.
-    "training_settings.precision", "training_settings.channels_last", "training_settings.compile",
-    "pgd_settings.iters_test", "pgd_settings.alpha_test", "pgd_settings.use_aa",
-    "pgd_settings.pgd_eval_loss", "pgd_settings.attacks_to_run",
-    "randomized_attack_settings.randomize",
-    # Read by evaluation only (training refuses a nonlinear composite: it has nothing to train).
-    "nonlinear_settings")
-_FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
-                     "model_load_path.rob": "the ROB checkpoint's content",
-                     "model_load_path.comp": "the initial mixer checkpoint's content",
-                     "dataset_settings.train_data": "the training data's content",
-                     "dataset_settings.pa_data": "the pre-attacked data's content"}
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): tree}
-
-
-def _shapes_weights(key: str) -> bool:
-    return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
-
-
-def _in_identity(key: str) -> bool:
-    """Whether ``key`` of a recorded identity still counts: one that a checkpoint recorded but
-    that has joined ``_NOT_SHAPING_WEIGHTS`` since must not block its resume as a change."""
-    return key in _FINGERPRINT_KEYS or _shapes_weights(key)
-
-
 def training_identity(config: Config) -> dict[str, Any]:
-    """Everything that shapes the trained weights: the config keys (dotted) except those of
-    ``_NOT_SHAPING_WEIGHTS``, plus content fingerprints of the base/initial-mixer checkpoints
-    and of the training data (under the keys of ``_FINGERPRINT_KEYS``)."""
-    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if _shapes_weights(k)}
-    for which, path in checkpoint_paths(config).items():
-        identity[f"model_load_path.{which}"] = optional_file_sha256(path)
+    """Everything that shapes the trained weights: the config keys declared to
+    (config/provenance.py) plus content fingerprints of the base/initial-mixer checkpoints and
+    of the training data."""
+    fingerprints = {which: optional_file_sha256(path)
+                    for which, path in checkpoint_paths(config).items()}
     ds = config.dataset_settings
     data = None
     if ds.format == "npz":
@@ -792,33 +743,12 @@ def training_identity(config: Config) -> dict[str, Any]:
         data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
     # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
     # in for their content.
-    identity["dataset_settings.train_data"] = data or f"path {ds.path}"
+    fingerprints["train_data"] = data or f"path {ds.path}"
     if ds.pa_path is not None:
         pa = Path(ds.pa_path)
-        identity["dataset_settings.pa_data"] = (optional_file_sha256(pa) if pa.is_file()
-                                                else f"path {ds.pa_path}")
-    return _json_safe(identity)
-
-
-def _recorded_config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The config part of the identity, from a checkpoint's recorded config (file layout)."""
-    return {k: v for k, v in _flatten(_json_safe(dict(config))).items() if _shapes_weights(k)}
-
-
-def _json_safe(tree: Any) -> Any:
-    """Tuples -> lists, so that identities compare equal after a checkpoint round trip."""
-    if isinstance(tree, dict):
-        return {k: _json_safe(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_json_safe(v) for v in tree]
-    return tree
-
-
-def _describe_change(key: str, old: Any, new: Any) -> str:
-    if key in _FINGERPRINT_KEYS:
-        short = [v[:12] if isinstance(v, str) else v for v in (old, new)]
-        return f"{key} ({_FINGERPRINT_KEYS[key]}): {short[0]} -> {short[1]}"
-    return f"{key}: {old!r} -> {new!r}"
+        fingerprints["pa_data"] = (optional_file_sha256(pa) if pa.is_file()
+                                   else f"path {ds.pa_path}")
+    return provenance.identity(config, "weights", fingerprints)
 
 
 def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,

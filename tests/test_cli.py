@@ -155,8 +155,8 @@ def test_alpha_sweep_of_a_new_mixer_reuses_the_fixed_alpha_results(tmp_path, sha
     result = CliRunner().invoke(run.main, args + ["--mixer-checkpoint", "new_mixer.pt"])
     assert result.exit_code == 0, result.output
     assert (fixed_batch.stat().st_mtime_ns, fixed_batch.read_bytes()) == before
-    manifest = json.loads((out / "adaptive" / "manifest.json").read_text())
-    assert manifest["model"]["model_load_path"]["comp"] == "new_mixer.pt"
+    record = json.loads((out / "adaptive" / "results.json").read_text())["model"]
+    assert record["model_load_path"]["comp"] == "new_mixer.pt"
 
 
 def test_fixed_alpha_composite_is_the_constant_mixture():

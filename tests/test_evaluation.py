@@ -121,7 +121,7 @@ def test_interrupted_evaluation_resumes_without_recomputing(composite, data, tmp
 def test_output_dir_of_a_different_evaluation_is_refused(composite, data, tmp_path):
     x, y = data
     evaluate(composite, x[:16], y[:16], _settings(), tmp_path, device=CPU)
-    with pytest.raises(EvaluationError, match="eps: was .*now"):
+    with pytest.raises(EvaluationError, match=r"evaluation_settings\.eps: .* -> "):
         evaluate(composite, x[:16], y[:16], _settings(eps=4 / 255), tmp_path, device=CPU)
 
 
@@ -194,7 +194,7 @@ def test_changed_fingerprint_refuses_reuse_and_overwrite_starts_over(composite, 
                        model_info=changed, overwrite=True)
     assert summary["model"]["fingerprints"]["comp"] == "c" * 64
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["model"]["fingerprints"]["comp"] == "c" * 64
+    assert manifest["fingerprints.comp"] == "c" * 64
 
 
 def test_second_evaluation_into_a_locked_folder_is_refused(composite, data, tmp_path):
@@ -235,17 +235,19 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
     assert runs[25]["alpha_adv"] == pytest.approx(runs[250]["alpha_adv"], abs=1e-4)
 
 
-def test_committed_evaluation_folders_still_resume_under_the_current_schema(shared_cifar10):
+def test_committed_evaluation_folders_still_resume_under_the_current_schema(shared_cifar10,
+                                                                           tmp_path):
     """The fixed-alpha folders of benchmarks/results/rn18w16_cpu/eval were written by an
-    earlier version: keys added to the schema since (nonlinear_settings, robustbench_model_dir)
-    must not change what their manifest compares, or every earlier evaluation is refused."""
+    earlier version (a nested manifest, before declared provenance, and before the schema
+    gained nonlinear_settings and robustbench_model_dir): they must still match, and a real
+    change must still be refused."""
+    import shutil
     from pathlib import Path
 
     from adaptive_smoothing.config import apply_overrides, load_config
 
     root = Path(__file__).resolve().parents[1]
     folder = root / "benchmarks/results/rn18w16_cpu/eval/fixed/alpha_0.720"
-    manifest = json.loads((folder / "manifest.json").read_text())
     config = apply_overrides(load_config(root / "configs/rn18w16_cifar10_cpu.yaml"), **{
         "log_dir": str(root / "benchmarks/results/rn18w16_cpu"),
         "dataset_settings.path": str(shared_cifar10),
@@ -255,4 +257,11 @@ def test_committed_evaluation_folders_still_resume_under_the_current_schema(shar
                  fingerprints=dict(info["fingerprints"], comp=None), variant="alpha_0.720")
     settings = config.evaluation_settings.model_copy(update={"adaptive_attack": False})
     fixed["unsafe_detach_mixer_inputs"] = False
-    assert json.loads(json.dumps(evaluation._plan(settings, fixed))) == manifest
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(folder / "manifest.json", copy / "manifest.json")
+    assert set(json.loads((copy / "manifest.json").read_text())) == {"settings", "model"}
+    evaluation._check_manifest(copy, evaluation._plan(settings, fixed))  # matches
+    changed = settings.model_copy(update={"n_examples": 999})
+    with pytest.raises(EvaluationError, match=r"evaluation_settings\.n_examples: 1000 -> 999"):
+        evaluation._check_manifest(copy, evaluation._plan(changed, fixed))

@@ -183,9 +183,9 @@ def test_zoo_models_as_bases_end_to_end(tmp_path, case):
     assert summary["n_examples"] == 4
     # The evaluation fingerprints what it loaded: robustbench's files for the zoo sides, the
     # mixer checkpoint where there is one.
-    prints = json.loads((out_dir / "manifest.json").read_text())["model"]["fingerprints"]
-    assert prints["std"] and prints["rob"]
-    assert bool(prints["comp"]) == (not nonlinear)
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["fingerprints.std"] and manifest["fingerprints.rob"]
+    assert bool(manifest["fingerprints.comp"]) == (not nonlinear)
 
 
 def test_unknown_zoo_name_is_a_one_line_config_error(tmp_path):

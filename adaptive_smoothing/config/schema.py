@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
+from .provenance import NOTHING, RESULTS, WEIGHTS, WEIGHTS_AND_RESULTS
 from adaptive_smoothing.models.composite import check_alpha_range
 
 # The original code's short model names -> this project's registry names.
@@ -121,11 +122,17 @@ Kwargs = Annotated[dict[str, Any], AfterValidator(FrozenDict)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
-def key(default: Any, description: str, derived: str = "", **constraints: Any) -> Any:
+def key(default: Any, description: str, derived: str = "", *,
+        affects: Optional[frozenset[str]] = None, **constraints: Any) -> Any:
     """A documented key. ``derived``: the rule that fills it in at load (:mod:`.legacy`) when a
-    file leaves it out or writes 'default'."""
+    file leaves it out or writes 'default'. ``affects``: what its value changes (every leaf key
+    must say; sections do not), which is all that training's resume and evaluation's manifest
+    read (:mod:`.provenance`)."""
+    extra: dict[str, Any] = {"derived": derived} if derived else {}
+    if affects is not None:
+        extra["affects"] = sorted(affects)
     return Field(default, description=description, **constraints,
-                 json_schema_extra={"derived": derived} if derived else None)
+                 json_schema_extra=extra or None)
 
 
 class Section(BaseModel):
@@ -152,16 +159,17 @@ class Section(BaseModel):
 
 
 class ModelLoadPath(Section):
-    std: Str = key(..., "STD (accurate) model checkpoint, relative to `log_dir`")
-    rob: Str = key(..., "ROB (robust) model checkpoint, relative to `log_dir`")
+    std: Str = key(..., "STD (accurate) model checkpoint, relative to `log_dir`", affects=NOTHING)
+    rob: Str = key(..., "ROB (robust) model checkpoint, relative to `log_dir`", affects=NOTHING)
     comp: Optional[Str] = key(None, "mixing-network checkpoint (`{model, bn}`), relative to "
-                              "`log_dir`; None = a new, untrained mixer")
+                              "`log_dir`; None = a new, untrained mixer", affects=NOTHING)
 
 
 class GammaConsts(Section):
-    train: GammaPair = key((2.0, 0.4), "(scale > 0, bias) of the normalised gamma in training")
+    train: GammaPair = key((2.0, 0.4), "(scale > 0, bias) of the normalised gamma in training",
+                           affects=WEIGHTS)
     eval: GammaPair = key((2.0, 1.3), "the same in evaluation mode (published: 1.05 CIFAR-10, "
-                          "1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)")
+                          "1.3 CIFAR-100 EDM, 1.0 CIFAR-100 TRADES)", affects=RESULTS)
 
 
 class ForwardSettings(Section):
@@ -170,37 +178,44 @@ class ForwardSettings(Section):
     std_model_type: ModelName = key(..., "STD architecture: a short name (`rn18`, `rn50`, "
                                     "`rn152`), a registry name, or `robustbench:<Name>`, a "
                                     "RobustBench zoo model with its weights (dataset: "
-                                    "`dataset_settings.name`, Linf; docs/METHOD.md)")
+                                    "`dataset_settings.name`, Linf; docs/METHOD.md)",
+                                    affects=WEIGHTS_AND_RESULTS)
     rob_model_type: ModelName = key(..., "ROB architecture: a short name (`rn18`, `wrn`, "
                                     "`wrn7016`, `wrn7016_silu`), a registry name, or "
-                                    "`robustbench:<Name>`")
+                                    "`robustbench:<Name>`", affects=WEIGHTS_AND_RESULTS)
     robustbench_model_dir: Optional[Str] = key(
         None, "robustbench's model folder for `robustbench:<Name>` base models: it reads "
               "`<dir>/<dataset>/Linf/<Name>.pt` and downloads the file there where it is "
-              "missing; their `model_load_path` entry is then ignored", "`log_dir/robustbench`")
-    std_model_scale: Num = key(1.0, "STD logit scale s_std", gt=0)
-    rob_model_scale: Num = key(1.0, "ROB logit scale s_rob", gt=0)
+              "missing; their `model_load_path` entry is then ignored", "`log_dir/robustbench`",
+              affects=NOTHING)
+    std_model_scale: Num = key(1.0, "STD logit scale s_std", gt=0, affects=WEIGHTS_AND_RESULTS)
+    rob_model_scale: Num = key(1.0, "ROB logit scale s_rob", gt=0, affects=WEIGHTS_AND_RESULTS)
     std_model_kwargs: Kwargs = key(FrozenDict(), "extra arguments of `create_model` for STD, "
-                                   "e.g. `{width: 16}`")
-    rob_model_kwargs: Kwargs = key(FrozenDict(), "the same for ROB")
+                                   "e.g. `{width: 16}`", affects=WEIGHTS_AND_RESULTS)
+    rob_model_kwargs: Kwargs = key(FrozenDict(), "the same for ROB", affects=WEIGHTS_AND_RESULTS)
     std_resize: Optional[PosInt] = key(None, "resize STD inputs to this size (BiT only)",
-                                       "128 for BiT STD models, None otherwise")
+                                       "128 for BiT STD models, None otherwise",
+                                       affects=WEIGHTS_AND_RESULTS)
     in_planes: Optional[Annotated[tuple[PosInt, PosInt], BeforeValidator(_tuple_text)]] = key(
         None, "first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read from the "
-              "models; checked against them when the model is built")
+              "models; checked against them when the model is built", affects=WEIGHTS_AND_RESULTS)
     gamma: Annotated[float, _check(lambda v: not math.isnan(v), "expected a number, not NaN")] = (
         key(0.0, "fixed gamma when `use_policy` is false (alpha = sigmoid(gamma)); `-inf` = STD "
-                 "only, `inf` = ROB only", allow_inf_nan=True))
-    use_policy: bool = key(True, "use the mixing network (false: fixed `gamma`)")
+                 "only, `inf` = ROB only", allow_inf_nan=True, affects=WEIGHTS_AND_RESULTS))
+    use_policy: bool = key(True, "use the mixing network (false: fixed `gamma`)",
+                           affects=WEIGHTS_AND_RESULTS)
     policy_graph: bool = key(True, "false detaches the mixer's inputs, hiding it from attacks: "
-                             "robust accuracy so measured is **not valid**")
+                             "robust accuracy so measured is **not valid**",
+                             affects=WEIGHTS_AND_RESULTS)
     pn_version: Literal[3, 4] = key(4, "mixing network version (V4 adds a 1x1 conv on the "
-                                    "second features)")
-    alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias")
-    alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1")
+                                    "second features)", affects=WEIGHTS_AND_RESULTS)
+    alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias",
+                            affects=WEIGHTS_AND_RESULTS)
+    alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1",
+                           affects=WEIGHTS_AND_RESULTS)
     gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)")
-    parallel: int = key(1, "authors' key, not used (one process per GPU)", ge=0)
-    ema_decay: Optional[float] = key(None, "authors' key, not used")
+    parallel: int = key(1, "authors' key, not used (one process per GPU)", ge=0, affects=NOTHING)
+    ema_decay: Optional[float] = key(None, "authors' key, not used", affects=NOTHING)
 
     @field_validator("alpha_bias")
     @classmethod
@@ -212,16 +227,19 @@ class ForwardSettings(Section):
 class DatasetSettings(Section):
     name: Annotated[Literal["cifar10", "cifar100"], _names(
         {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = key(
-        ..., "dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)")
-    format: Literal["torchvision", "npz", "imagefolder"] = key("torchvision", "layout of `path`")
-    path: Str = key("data", "dataset folder")
-    train_with_test: bool = key(False, "train the mixer on the test split")
-    train_shuffle: bool = key(True, "shuffle the training data")
+        ..., "dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)",
+        affects=WEIGHTS_AND_RESULTS)
+    format: Literal["torchvision", "npz", "imagefolder"] = key("torchvision", "layout of `path`",
+                                                               affects=NOTHING)
+    path: Str = key("data", "dataset folder", affects=NOTHING)
+    train_with_test: bool = key(False, "train the mixer on the test split", affects=WEIGHTS)
+    train_shuffle: bool = key(True, "shuffle the training data", affects=WEIGHTS)
     pa_path: Optional[Str] = key(None, "pre-attacked training data, a file of "
-                                 "`scripts/pre_attack.py` (docs/TRAINING.md)")
+                                 "`scripts/pre_attack.py` (docs/TRAINING.md)", affects=NOTHING)
     gamma_0: Optional[float] = key(None, "with `pa_path` (then required): a pre-attacked "
-                                   "block's label is 1 where its gamma < gamma_0")
-    blocks: Optional[int] = key(None, "with `pa_path`: use its first `blocks` blocks (None: all)")
+                                   "block's label is 1 where its gamma < gamma_0", affects=WEIGHTS)
+    blocks: Optional[int] = key(None, "with `pa_path`: use its first `blocks` blocks (None: all)",
+                                affects=WEIGHTS)
 
     @property
     def num_classes(self) -> int:
@@ -231,15 +249,15 @@ class DatasetSettings(Section):
 class CompLossConsts(Section):
     """Loss per sample: `bce * BCE(gamma, label) + ce * CE(out, y) + prod * BCE * CE`."""
 
-    bce: Num = key(1.5, "weight of BCE(gamma, mixer label)", ge=0)
-    ce: Num = key(0.0, "weight of CE(composite output, y)", ge=0)
-    prod: Num = key(0.3, "weight of BCE * CE", ge=0)
+    bce: Num = key(1.5, "weight of BCE(gamma, mixer label)", ge=0, affects=WEIGHTS)
+    ce: Num = key(0.0, "weight of CE(composite output, y)", ge=0, affects=WEIGHTS)
+    prod: Num = key(0.3, "weight of BCE * CE", ge=0, affects=WEIGHTS)
 
 
 class CompLossScale(Section):
-    clean: Num = key(1.0, "loss scale of clean samples", ge=0)
-    ada: Num = key(1.0, "loss scale of adversarial samples", ge=0)
-    pa: Num = key(1.0, "loss scale of pre-attacked samples (with pa_path)", ge=0)
+    clean: Num = key(1.0, "loss scale of clean samples", ge=0, affects=WEIGHTS)
+    ada: Num = key(1.0, "loss scale of adversarial samples", ge=0, affects=WEIGHTS)
+    pa: Num = key(1.0, "loss scale of pre-attacked samples (with pa_path)", ge=0, affects=WEIGHTS)
 
 
 class CompLossParams(Section):
@@ -248,43 +266,45 @@ class CompLossParams(Section):
 
 
 class EvalFreq(Section):
-    epoch: PosInt = key(1, "validate and save every this many epochs")
+    epoch: PosInt = key(1, "validate and save every this many epochs", affects=NOTHING)
     iter: Optional[PosInt] = key(200, "... and every this many iterations (attack buffers); "
-                                 "`'none'`: at epoch ends only")
+                                 "`'none'`: at epoch ends only", affects=NOTHING)
 
 
 class TrainingSettings(Section):
-    epochs: PosInt = key(3, "training epochs")
+    epochs: PosInt = key(3, "training epochs", affects=WEIGHTS)
     batch_size: Optional[PosInt] = key(None, "**global** training batch size (all processes); "
-                                       "None = per-process size x processes")
-    batch_size_train_per_gpu: PosInt = key(50, "per-process training batch size")
-    batch_size_test_per_gpu: PosInt = key(50, "per-process validation batch size")
-    save_eval_imgs: bool = key(False, "authors' key, not used")
-    lr: Num = key(5e-5, "AdamW learning rate", gt=0)
-    weight_decay: Num = key(1e-5, "AdamW weight decay", ge=0)
+                                       "None = per-process size x processes", affects=WEIGHTS)
+    batch_size_train_per_gpu: PosInt = key(50, "per-process training batch size", affects=WEIGHTS)
+    batch_size_test_per_gpu: PosInt = key(50, "per-process validation batch size", affects=NOTHING)
+    save_eval_imgs: bool = key(False, "authors' key, not used", affects=NOTHING)
+    lr: Num = key(5e-5, "AdamW learning rate", gt=0, affects=WEIGHTS)
+    weight_decay: Num = key(1e-5, "AdamW weight decay", ge=0, affects=WEIGHTS)
     comp_loss_params: CompLossParams = key(CompLossParams(), "loss")
     accum_grad: Annotated[int, _check(lambda v: v == -1 or v >= 1, "expected -1 (one step per "
                                       "buffer) or >= 1")] = key(
-        4, "mini-batches per optimizer step; -1 = one step per attack buffer")
-    use_fast_loader: bool = key(False, "authors' key, not used")
+        4, "mini-batches per optimizer step; -1 = one step per attack buffer", affects=WEIGHTS)
+    use_fast_loader: bool = key(False, "authors' key, not used", affects=NOTHING)
     eval_freq: EvalFreq = key(EvalFreq(), "validation frequency")
     precision: Annotated[Literal["auto", "fp32", "bf16", "fp16"], Precision] = key(
-        "auto", "`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA")
-    channels_last: bool = key(True, "NHWC weights and activations")
-    compile: bool = key(False, "`torch.compile` the composite")
-    max_nonfinite_steps: PosInt = key(10, "consecutive non-finite losses before training stops")
-    n_val_examples: PosInt = key(500, "test images of periodic validation")
+        "auto", "`'auto'` = bf16 autocast on CUDA, fp32 on CPU; `'fp16'` needs CUDA",
+        affects=NOTHING)
+    channels_last: bool = key(True, "NHWC weights and activations", affects=NOTHING)
+    compile: bool = key(False, "`torch.compile` the composite", affects=NOTHING)
+    max_nonfinite_steps: PosInt = key(10, "consecutive non-finite losses before training stops",
+                                      affects=NOTHING)
+    n_val_examples: PosInt = key(500, "test images of periodic validation", affects=NOTHING)
     val_start: int = key(0, "validation (and the detection AUCs) use the test images from this "
                          "index on; past `evaluation_settings.n_examples`, choosing a checkpoint "
-                         "never looks at the images an evaluation reports", ge=0)
-    max_steps: Optional[PosInt] = key(None, "stop after this many steps")
+                         "never looks at the images an evaluation reports", ge=0, affects=NOTHING)
+    max_steps: Optional[PosInt] = key(None, "stop after this many steps", affects=WEIGHTS)
     n_detection_examples: int = key(200, "held-out images (the first validation images) of the "
-                                    "detection AUCs; 0 = off", ge=0)
+                                    "detection AUCs; 0 = off", ge=0, affects=NOTHING)
     detection_alpha: Unit = key(0.5, "alpha of the fixed mixture that the non-adaptive "
-                                "detection attack (APGD-CE) aims at")
+                                "detection attack (APGD-CE) aims at", affects=NOTHING)
     reestimate_gamma_bn: bool = key(True, "before each validation and checkpoint, set the gamma "
                                     "BN's running statistics to those of the last training "
-                                    "buffer (docs/TRAINING.md)")
+                                    "buffer (docs/TRAINING.md)", affects=WEIGHTS)
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Clean images per training step over all processes."""
@@ -303,47 +323,52 @@ class TrainingSettings(Section):
 
 
 class PgdSettings(Section):
-    norm: Norm = key("Linf", "threat model of training and validation (`l_inf`, `l_2`, ...)")
+    norm: Norm = key("Linf", "threat model of training and validation (`l_inf`, `l_2`, ...)",
+                     affects=WEIGHTS)
     eps: Num = key(8 / 255, "attack radius; above 64/255 (Linf) or 8 (L2) it is refused as a "
-                   "unit mistake", "8/255 (Linf), 0.5 (L2)", gt=0)
-    iters_test: PosInt = key(20, "PGD iterations in validation")
-    alpha_test: Num = key(0.0027, "PGD step size in validation", gt=0)
-    use_aa: bool = key(True, "validate with APGD rather than PGD")
-    n_target_classes: PosInt = key(9, "targets of APGD-T (at most classes - 1)")
-    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = key("ce", "loss of the validation PGD")
+                   "unit mistake", "8/255 (Linf), 0.5 (L2)", gt=0, affects=WEIGHTS)
+    iters_test: PosInt = key(20, "PGD iterations in validation", affects=NOTHING)
+    alpha_test: Num = key(0.0027, "PGD step size in validation", gt=0, affects=NOTHING)
+    use_aa: bool = key(True, "validate with APGD rather than PGD", affects=NOTHING)
+    n_target_classes: PosInt = key(9, "targets of APGD-T (at most classes - 1)", affects=WEIGHTS)
+    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = key("ce", "loss of the validation PGD",
+                                                             affects=NOTHING)
     attacks_to_run: Attacks = key(TRAINING_ATTACKS, "validation attacks (a list or "
                                   f"comma-separated) of {list(AUTOATTACK_NAMES)}",
-                                  "apgd-ce, apgd-t")
+                                  "apgd-ce, apgd-t", affects=NOTHING)
 
 
 class EvaluationSettings(Section):
     """The evaluation (`run.py --eval`); 'default' values are filled in when the file loads."""
 
-    n_examples: PosInt = key(10000, "test images (10000 = the full test set)")
-    batch_size: PosInt = key(200, "evaluation batch size")
+    n_examples: PosInt = key(10000, "test images (10000 = the full test set)", affects=RESULTS)
+    batch_size: PosInt = key(200, "evaluation batch size", affects=RESULTS)
     precision: Annotated[Literal["fp32", "bf16", "fp16"], Precision] = key(
-        "fp32", "autocast dtype of the forward; `'fp16'` on CUDA only")
-    channels_last: bool = key(True, "NHWC weights and activations")
-    compile: bool = key(False, "`torch.compile` the composite")
-    data_dir: Str = key("data", "test data folder", "`dataset_settings.path`")
+        "fp32", "autocast dtype of the forward; `'fp16'` on CUDA only", affects=RESULTS)
+    channels_last: bool = key(True, "NHWC weights and activations", affects=NOTHING)
+    compile: bool = key(False, "`torch.compile` the composite", affects=NOTHING)
+    data_dir: Str = key("data", "test data folder", "`dataset_settings.path`", affects=NOTHING)
     attacks_to_run: Attacks = key(STANDARD_AUTOATTACK, "AutoAttack attacks; [] = clean only",
-                                  "the standard four")
-    norm: Norm = key("Linf", "threat model", "that of `pgd_settings.type`")
+                                  "the standard four", affects=RESULTS)
+    norm: Norm = key("Linf", "threat model", "that of `pgd_settings.type`", affects=RESULTS)
     eps: Num = key(8 / 255, "radius, as plausible as `pgd_settings.eps`", "`pgd_settings.eps` "
-                   "when the norms agree, else 8/255 or 0.5", gt=0)
-    pgd: bool = key(False, "also run PGD")
-    pgd_iters: PosInt = key(20, "PGD iterations", "`pgd_settings.iters_test`")
-    pgd_step_size: Num = key(0.0027, "PGD step size", "`pgd_settings.alpha_test`", gt=0)
+                   "when the norms agree, else 8/255 or 0.5", gt=0, affects=RESULTS)
+    pgd: bool = key(False, "also run PGD", affects=RESULTS)
+    pgd_iters: PosInt = key(20, "PGD iterations", "`pgd_settings.iters_test`", affects=RESULTS)
+    pgd_step_size: Num = key(0.0027, "PGD step size", "`pgd_settings.alpha_test`", gt=0,
+                             affects=RESULTS)
     pgd_loss: Literal["ce", "dlr", "comp"] = key(
-        "ce", "PGD loss", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)")
+        "ce", "PGD loss", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", affects=RESULTS)
     adaptive_attack: bool = key(False, "also run the adaptive (mixer-aware) attack: APGD with a "
-                                "BCE(gamma, 1) term")
-    adaptive_attack_weight: Unit = key(0.5, "weight w of that BCE term")
-    adaptive_attack_iterations: PosInt = key(100, "APGD iterations of that attack")
+                                "BCE(gamma, 1) term", affects=RESULTS)
+    adaptive_attack_weight: Unit = key(0.5, "weight w of that BCE term", affects=RESULTS)
+    adaptive_attack_iterations: PosInt = key(100, "APGD iterations of that attack", affects=RESULTS)
     autoattack_iterations: PosInt = key(100, "APGD iterations inside AutoAttack (100 = "
-                                        "standard; else the run is reported `custom`)")
-    save_adversarial: bool = key(False, "save the adversarial images")
-    seed: Seed = key(0, "seed of the attacks' per-image random starts", "the top-level `seed`")
+                                        "standard; else the run is reported `custom`)",
+                                        affects=RESULTS)
+    save_adversarial: bool = key(False, "save the adversarial images", affects=RESULTS)
+    seed: Seed = key(0, "seed of the attacks' per-image random starts", "the top-level `seed`",
+                     affects=RESULTS)
 
     @property
     def autoattack_version(self) -> str:
@@ -359,31 +384,36 @@ class NonlinearSettings(Section):
 
     enabled: bool = key(False, "use the nonlinear composite instead of the mixing network / "
                         "fixed gamma of `forward_settings` (whose base models and logit scales "
-                        "it uses; its mixer keys are then ignored)")
+                        "it uses; its mixer keys are then ignored)", affects=RESULTS)
     std_map: Literal["hard_max", "identity"] = key(
         "hard_max", "STD map: `hard_max` (one-hot of STD's argmax, the published choice) or "
-                    "`identity` (softmax of s_std * STD's logits)")
-    clamp: Literal["gelu", "relu", "none"] = key("gelu", "clamp of ROB's map after the shift c")
-    s: Num = key(1.0, "scale s of ROB's map", gt=0)
-    p: Num = key(1.0, "power p of ROB's map (signed power)", gt=0)
-    c: Num = key(0.0, "shift c before the clamp")
+                    "`identity` (softmax of s_std * STD's logits)", affects=RESULTS)
+    clamp: Literal["gelu", "relu", "none"] = key("gelu", "clamp of ROB's map after the shift c",
+                                                 affects=RESULTS)
+    s: Num = key(1.0, "scale s of ROB's map", gt=0, affects=RESULTS)
+    p: Num = key(1.0, "power p of ROB's map (signed power)", gt=0, affects=RESULTS)
+    c: Num = key(0.0, "shift c before the clamp", affects=RESULTS)
     k: Optional[Annotated[int, Field(ge=2)]] = key(
-        None, "layer norm over the top-k logits (>= 2); None = all classes (the authors' 250)")
+        None, "layer norm over the top-k logits (>= 2); None = all classes (the authors' 250)",
+        affects=RESULTS)
     alpha: Annotated[float, BeforeValidator(_fraction), Field(gt=0, le=1)] = key(
         0.99, "ROB's weight, in (0, 1]; ROB's decision is kept where its transformed margin is "
-              ">= (1 - alpha) / alpha")
+              ">= (1 - alpha) / alpha", affects=RESULTS)
     surrogate_alpha: Optional[Unit] = key(
         None, "alpha of the gradient surrogate's linear mixture (the authors': the linear "
-              "mixture calibrated for its own beta); None = `alpha`")
+              "mixture calibrated for its own beta); None = `alpha`", affects=RESULTS)
     surrogate_raw_share: Unit = key(0.9, "share of ROB's raw softmax in the surrogate's ROB "
-                                    "term (the rest: the transformed softmax)")
+                                    "term (the rest: the transformed softmax)", affects=RESULTS)
     surrogate_attack: bool = key(True, "evaluation: also APGD-CE/T steered by the surrogate's "
-                                 "gradient, success judged on the true output")
+                                 "gradient, success judged on the true output", affects=RESULTS)
     transfer_attacks: bool = key(True, "evaluation: also transfer APGD-CE/T examples found "
-                                 "against ROB alone and against the surrogate's linear mixture")
+                                 "against ROB alone and against the surrogate's linear mixture",
+                                 affects=RESULTS)
     square_examples: int = key(200, "evaluation: Square (gradient-free, the masking check) on "
-                               "the evaluated images with index below this; 0 = off", ge=0)
-    square_queries: PosInt = key(5000, "Square's queries (5000 = AutoAttack's standard)")
+                               "the evaluated images with index below this; 0 = off", ge=0,
+                               affects=RESULTS)
+    square_queries: PosInt = key(5000, "Square's queries (5000 = AutoAttack's standard)",
+                                 affects=RESULTS)
 
 
 class RunSettings(Section):
@@ -392,17 +422,18 @@ class RunSettings(Section):
     device: Annotated[str, _check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
                                   "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")] = key(
         "auto", "`'auto'` (the first GPU if any, else the CPU), `'cpu'`, `'cuda'`, `'cuda:N'`; "
-                "for training too")
+                "for training too", affects=NOTHING)
     threads: Optional[PosInt] = key(None, "torch intra-op threads, for training too; None = "
                                     "OMP_NUM_THREADS or the usable cores divided by the local "
-                                    "torchrun processes")
-    output_dir: Str = key("results", "results folder (training's too)", "`log_dir/log_path`")
+                                    "torchrun processes", affects=NOTHING)
+    output_dir: Str = key("results", "results folder (training's too)", "`log_dir/log_path`",
+                          affects=NOTHING)
 
 
 class Config(Section):
-    seed: Seed = key(0, "random seed (training, and evaluation by default)")
-    log_dir: Str = key(".", "root folder of checkpoints (`Base/`, `CompModel/`)")
-    log_path: Str = key("results", "output folder, relative to `log_dir`")
+    seed: Seed = key(0, "random seed (training, and evaluation by default)", affects=WEIGHTS)
+    log_dir: Str = key(".", "root folder of checkpoints (`Base/`, `CompModel/`)", affects=NOTHING)
+    log_path: Str = key("results", "output folder, relative to `log_dir`", affects=NOTHING)
     model_load_path: ModelLoadPath = key(..., "checkpoint paths")
     forward_settings: ForwardSettings = key(..., "the composite model")
     dataset_settings: DatasetSettings = key(..., "the dataset")
