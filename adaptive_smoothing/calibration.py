@@ -386,19 +386,17 @@ def run_calibration(config: Any, options: CalibrationOptions) -> dict[str, Any]:
 
     from adaptive_smoothing.config import config_to_dict
     from adaptive_smoothing.data import build_dataset, load_tensors
-    from adaptive_smoothing.factory import (build_composite, checkpoint_paths,
-                                            load_composite_weights, require_checkpoint_files)
-    from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
+    from adaptive_smoothing.factory import build_composite, load_composite_weights
+    from adaptive_smoothing.fingerprint import tensors_sha256
     from adaptive_smoothing.plots import plot_calibration
+    from adaptive_smoothing.prepare import prepare
     from adaptive_smoothing.rundir import RunLock
-    from adaptive_smoothing.runtime import resolve_device
 
-    device = resolve_device(config.run.device)
-    ds = config.dataset_settings
-    require_checkpoint_files(config)
-    composite = build_composite(config.forward_settings, ds.num_classes, device,
-                                source=config.source)
-    load_composite_weights(composite, config)
+    # The config itself is read for the config this writes; the model from the prepared run.
+    run = prepare(config)
+    device, ds = run.device, run.dataset
+    composite = build_composite(run.forward, ds.num_classes, device, source=run.source)
+    load_composite_weights(composite, run.checkpoints)
     composite.eval()
     dataset = build_dataset(ds.name, options.split, ds.format, ds.path, augment=False)
     start = config.training_settings.val_start if options.start is None else options.start
@@ -415,7 +413,7 @@ def run_calibration(config: Any, options: CalibrationOptions) -> dict[str, Any]:
     lock = RunLock(output_dir)
     lock.acquire()
     try:
-        identity = {"rob_checkpoint": optional_file_sha256(checkpoint_paths(config)["rob"]),
+        identity = {"rob_checkpoint": run.fingerprints["rob"],
                     "images": tensors_sha256(x, y), "split": options.split, "first_id": ids[0]}
         data = collect_margin_data(
             composite.rob_model, x, y, ids, output_dir, eps=config.evaluation_settings.eps,

@@ -49,6 +49,20 @@ CROP_PADDING = 4  # CIFAR augmentation: RandomCrop(32, padding=4) + horizontal f
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test")
 FORMATS = ("torchvision", "npz", "imagefolder")
+AUTO = "auto"  # detect the format from the path (:func:`resolve_format`)
+
+
+def resolve_format(format: str, path: Optional[PathLike]) -> str:
+    """``format``, or for ``'auto'``: 'npz' where ``path`` is a .npz file or a folder holding
+    train.npz or test.npz, else 'torchvision' (an imagefolder layout is never guessed)."""
+    if format.strip().lower() != AUTO:
+        return format
+    if path is not None:
+        folder = Path(path).expanduser()
+        if folder.suffix == ".npz" or any((folder / f"{split}.npz").exists()
+                                          for split in ("train", "test")):
+            return "npz"
+    return "torchvision"
 NPZ_KEYS = ("jpeg", "offsets", "labels")
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -491,14 +505,14 @@ def build_dataset(name: str, split: str, format: str = "torchvision",
         name: 'cifar10' or 'cifar100' ('CIFAR-10' / 'CIFAR-100' spellings too).
         split: 'train' or 'test'.
         format: 'torchvision' (downloads into ``path``, default ./data), 'npz' (a .npz file or a
-            directory holding train.npz/test.npz) or 'imagefolder' (``path/split`` or ``path``
-            with one folder per class of 32x32 images).
+            directory holding train.npz/test.npz), 'imagefolder' (``path/split`` or ``path``
+            with one folder per class of 32x32 images) or 'auto' (:func:`resolve_format`).
         augment: RandomCrop + flip; default True for 'train', False for 'test'.
         download: torchvision only: download when the files are missing.
     """
     name = normalize_dataset_name(name)
     split = _check_split(split)
-    fmt = format.strip().lower()
+    fmt = resolve_format(format, path).strip().lower()
     if fmt not in FORMATS:
         raise DataError(f"unknown dataset format {format!r}; expected one of {list(FORMATS)}")
     if augment is None:

@@ -29,15 +29,15 @@ from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
 from adaptive_smoothing.data import build_dataset, load_tensors
-from adaptive_smoothing.factory import (Composite, build_composite, checkpoint_paths,
-                                        load_composite_weights, require_checkpoint_files)
+from adaptive_smoothing.factory import Composite, build_composite, load_composite_weights
 from adaptive_smoothing.losses import AttackLossName
-from adaptive_smoothing.fingerprint import optional_file_sha256, tensors_sha256
+from adaptive_smoothing.fingerprint import tensors_sha256
+from adaptive_smoothing.prepare import Run, prepared
 from adaptive_smoothing.persist import BatchStore, write_atomic, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, autocast_context, barrier,
-                                        distributed_rank_world, distributed_session,
-                                        init_distributed, prepare_model, resolve_precision)
+                                        distributed_rank_world, prepare_model,
+                                        resolve_precision)
 
 logger = logging.getLogger(__name__)
 
@@ -653,36 +653,26 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
     return summary
 
 
-def _prepare(config: Config) -> tuple[Composite, torch.Tensor, torch.Tensor,
-                                      torch.device, torch.dtype, dict[str, Any]]:
-    """The configured composite with its weights, the first n_examples test images, and what
-    identifies the model in the results."""
-    settings = config.evaluation_settings
-    _, _, device = init_distributed(config.run.device)
-    dtype = resolve_precision(settings.precision, device)
-    require_checkpoint_files(config)
-    composite = build_composite(config.forward_settings,
-                                config.dataset_settings.num_classes, device, source=config.source,
-                                nonlinear=config.nonlinear_settings)
-    load_composite_weights(composite, config)
+def _load(run: Run) -> tuple[Composite, torch.Tensor, torch.Tensor, torch.dtype,
+                              dict[str, Any]]:
+    """The run's composite with its weights, the first n_examples test images, and the record
+    that identifies the model in the results."""
+    settings = run.evaluation
+    dtype = resolve_precision(settings.precision, run.device)
+    composite = build_composite(run.forward, run.num_classes, run.device, source=run.source,
+                                nonlinear=run.nonlinear)
+    load_composite_weights(composite, run.checkpoints)
     prepare_model(composite, channels_last=settings.channels_last, compile=settings.compile)
-    data = config.dataset_settings
-    dataset = build_dataset(data.name, "test", data.format, settings.data_dir, augment=False)
+    dataset = build_dataset(run.dataset.name, "test", run.dataset.format, settings.data_dir,
+                            augment=False)
     x, y = load_tensors(dataset, settings.n_examples)
     if len(y) < settings.n_examples:
         logger.warning("the test set has %d images, fewer than n_examples = %d: evaluating %d",
                        len(y), settings.n_examples, len(y))
-    # Contents, not paths: a checkpoint replaced at the same path, or relabelled data, must
-    # not pass for what an earlier run into the same folder evaluated.
-    fingerprints = {which: optional_file_sha256(path)
-                    for which, path in checkpoint_paths(config).items()}
-    fingerprints["data"] = tensors_sha256(x, y)
-    # The record of what was evaluated; the manifest keeps of it what affects the results.
-    model_info = {"forward_settings": config.forward_settings.model_dump(),
-                  "model_load_path": config.model_load_path.model_dump(),
-                  "dataset": data.name, "fingerprints": fingerprints,
-                  "nonlinear_settings": config.nonlinear_settings.model_dump()}
-    return composite, x, y, device, dtype, json.loads(json.dumps(model_info, default=str))
+    # Relabelled or other images must not pass for what an earlier run evaluated.
+    model_info = dict(run.model_record, fingerprints=dict(run.model_record["fingerprints"],
+                                                          data=tensors_sha256(x, y)))
+    return composite, x, y, dtype, model_info
 
 
 def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
@@ -690,13 +680,12 @@ def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
     ``n_examples`` test images, write the results, and return the table (None on the processes
     other than rank 0 under torchrun, so that the table is printed once). ``overwrite`` deletes
     an earlier evaluation's results in the output folder first."""
-    with distributed_session(config.run.device) as (rank, _, _):
-        composite, x, y, device, dtype, model_info = _prepare(config)
-        settings = config.evaluation_settings
-        summary = evaluate(composite, x, y, _settings_for(composite, settings),
-                           Path(config.run.output_dir), device=device, dtype=dtype,
-                           model_info=model_info, overwrite=overwrite,
-                           nonlinear=config.nonlinear_settings)
+    with prepared(config) as run:
+        composite, x, y, dtype, model_info = _load(run)
+        summary = evaluate(composite, x, y, _settings_for(composite, run.evaluation),
+                           run.output_dir, device=run.device, dtype=dtype,
+                           model_info=model_info, overwrite=overwrite, nonlinear=run.nonlinear)
+    rank, _ = distributed_rank_world()
     return format_table(summary) if rank == 0 else None
 
 
@@ -718,9 +707,9 @@ def run_alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool 
     if bad:
         raise EvaluationError(f"--alpha-sweep: {bad[0]!r} is outside [0, 1]; alpha is ROB's "
                               "weight in the mixture (0 = STD only, 1 = ROB only)")
-    with distributed_session(config.run.device) as (rank, _, _):
-        table = _alpha_sweep(config, alphas, overwrite=overwrite,
-                             with_composite=with_composite)
+    with prepared(config) as run:
+        table = _alpha_sweep(run, alphas, overwrite=overwrite, with_composite=with_composite)
+        rank, _ = distributed_rank_world()
     return table if rank == 0 else None
 
 
@@ -773,7 +762,7 @@ def matched_alpha(composite: Composite, x: torch.Tensor, y: torch.Tensor, target
     return low
 
 
-def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = False,
+def _alpha_sweep(run: Run, alphas: Sequence[float], *, overwrite: bool = False,
                  with_composite: bool = True) -> str:
     """``run.py --eval --alpha-sweep``: the composite (the trained mixer's, ``adaptive``, or the
     nonlinear one, ``nonlinear``), fixed-alpha mixtures of the same base models (alpha 0 = STD,
@@ -784,9 +773,8 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     to ``output_dir/sweep.json``. Returns a table, one row per model. ``with_composite``
     false evaluates the fixed mixtures only (e.g. while the mixer is still being trained).
     """
-    composite, x, y, device, dtype, model_info = _prepare(config)
-    settings = config.evaluation_settings
-    output_dir = Path(config.run.output_dir)
+    composite, x, y, dtype, model_info = _load(run)
+    settings, device, output_dir = run.evaluation, run.device, run.output_dir
     name = "nonlinear" if isinstance(composite, NonlinearComposite) else "adaptive"
     # The fixed mixtures first: an interrupted sweep then already holds the controls, which a
     # sweep of a later mixer reuses.
@@ -803,23 +791,23 @@ def _alpha_sweep(config: Config, alphas: Sequence[float], *, overwrite: bool = F
     # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.
     fixed_settings = settings.model_copy(update={"adaptive_attack": False})
 
-    def run(variant: str, model: nn.Module, info: dict[str, Any],
+    def evaluate_variant(variant: str, model: nn.Module, info: dict[str, Any],
             model_settings: EvaluationSettings) -> dict[str, Any]:
         logger.info("evaluating %s", variant)
         return evaluate(model, x, y, model_settings, output_dir / variant, device=device,
                         dtype=dtype, model_info=dict(info, variant=variant), overwrite=overwrite,
-                        nonlinear=config.nonlinear_settings)
+                        nonlinear=run.nonlinear)
 
     for variant, model in models:
-        rows[variant] = run(variant, model, fixed_info, fixed_settings)
+        rows[variant] = evaluate_variant(variant, model, fixed_info, fixed_settings)
     if with_composite:
-        rows[name] = run(name, composite, model_info, _settings_for(composite, settings))
+        rows[name] = evaluate_variant(name, composite, model_info, _settings_for(composite, settings))
         # The comparison that cannot flatter: fixed mixing at the composite's clean accuracy
         # on the same images (cheap to find: clean accuracy only), attacked like the others.
         alpha = matched_alpha(composite, x, y, rows[name]["clean_accuracy"], device=device,
                               dtype=dtype, batch_size=settings.batch_size)
         matched = f"matched_{name}"
-        rows[matched] = dict(run(matched, fixed_alpha_composite(composite, alpha),
+        rows[matched] = dict(evaluate_variant(matched, fixed_alpha_composite(composite, alpha),
                                  dict(fixed_info, fixed_alpha=alpha), fixed_settings),
                              fixed_alpha=alpha)
     rank, _ = distributed_rank_world()

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-from adaptive_smoothing.config import Config, ConfigError, ForwardSettings, NonlinearSettings
+from adaptive_smoothing.config import ConfigError, ForwardSettings, NonlinearSettings
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
 from adaptive_smoothing.models.nonlinear import NonlinearComposite
-from adaptive_smoothing.models.robustbench_zoo import (DATASET_BY_CLASSES, ZOO_THREAT_MODEL,
-                                                       is_zoo_name, zoo_model_name)
-from adaptive_smoothing.published import std_alternative, weight_file_for
+from adaptive_smoothing.models.robustbench_zoo import is_zoo_name
+from adaptive_smoothing.prepare import CheckpointFiles, robustbench_model_dir
 from adaptive_smoothing.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -79,22 +77,6 @@ def build_composite(model: ForwardSettings, num_classes: int,
     return composite.to(resolve_device(device))
 
 
-def robustbench_model_dir(fwd: ForwardSettings) -> Path:
-    """robustbench's local model folder for ``robustbench:<Name>`` base models (the derived
-    default is ``log_dir/robustbench``; robustbench's own ``models`` where none is set)."""
-    return Path(fwd.robustbench_model_dir or "models")
-
-
-def zoo_file(fwd: ForwardSettings, which: str, num_classes: int) -> Optional[Path]:
-    """Where robustbench keeps the weights of a ``robustbench:<Name>`` STD/ROB (``which``),
-    ``<model_dir>/<dataset>/Linf/<Name>.pt``; None for a registry architecture."""
-    name = getattr(fwd, f"{which}_model_type")
-    if not is_zoo_name(name):
-        return None
-    return (robustbench_model_dir(fwd) / DATASET_BY_CLASSES.get(num_classes, "unknown")
-            / ZOO_THREAT_MODEL / f"{zoo_model_name(name)}.pt")
-
-
 def _first_feature_channels(std_model: BaseClassifier, rob_model: BaseClassifier,
                             source: Optional[str]) -> tuple[int, int]:
     try:
@@ -123,95 +105,13 @@ def _create(which: str, name: str, num_classes: int, kwargs: dict,
                           file=source) from None
 
 
-def checkpoint_paths(config: Config) -> dict[str, Optional[Path]]:
-    """The checkpoint files the composite is loaded from: std, rob, comp (None: no mixer file)."""
-    comp = (config.model_path("comp") if config.forward_settings.use_policy
-            and not config.nonlinear_settings.enabled else None)
-    classes = config.dataset_settings.num_classes
-    # A RobustBench base model's weights are robustbench's file, not model_load_path's.
-    std = zoo_file(config.forward_settings, "std", classes) or _existing_std_path(config)
-    rob = zoo_file(config.forward_settings, "rob", classes) or config.model_path("rob")
-    return {"std": std, "rob": rob, "comp": comp}
-
-
-def load_composite_weights(composite: Composite, config: Config) -> None:
-    """Load the checkpoints of ``config.model_load_path`` (relative to ``log_dir``).
-
-    STD and ROB are always loaded; the mixer when ``comp`` is set and the model has one.
-    All files are checked before any is loaded (see ``checkpoints.load_authors_checkpoints``).
-    """
+def load_composite_weights(composite: Composite, files: CheckpointFiles) -> None:
+    """Load the base models' and the mixer's weights from ``files`` (:func:`prepare.prepare`
+    resolved and checked them). A RobustBench base came with its weights (robustbench's
+    load_model). All files are checked before any is loaded
+    (see ``checkpoints.load_authors_checkpoints``)."""
     from adaptive_smoothing.checkpoints import load_authors_checkpoints
 
-    require_checkpoint_files(config)
-    fwd, classes = config.forward_settings, config.dataset_settings.num_classes
-    # RobustBench base models came with their weights (robustbench's load_model).
-    std_path = None if zoo_file(fwd, "std", classes) else _existing_std_path(config)
-    rob_path = None if zoo_file(fwd, "rob", classes) else config.model_path("rob")
-    for which, zoo in (("std", fwd.std_model_type), ("rob", fwd.rob_model_type)):
-        if is_zoo_name(zoo):
-            logger.info("model_load_path.%s is ignored: %s has robustbench's weights", which, zoo)
-    mixer_path = config.model_path("comp")
-    if config.nonlinear_settings.enabled:
-        mixer_path = None  # the nonlinear composite has no mixing network
-    if mixer_path is not None and composite.mixer is None:
-        logger.warning("model_load_path.comp (%s) is ignored: forward_settings.use_policy is "
-                       "false, so the model has no mixing network", mixer_path)
-        mixer_path = None
-    if mixer_path is None and composite.mixer is not None:
-        logger.info("no mixer checkpoint (model_load_path.comp is None): the mixing network "
-                    "keeps its random initial weights")
-    load_authors_checkpoints(composite, std_path, rob_path, mixer_path)
-
-
-def require_checkpoint_files(config: Config) -> None:
-    """Raise CheckpointNotFoundError, naming the script that makes or downloads it, for the
-    first checkpoint of ``model_load_path`` that does not exist (before building large models)."""
-    from adaptive_smoothing.checkpoints import CheckpointNotFoundError
-
-    fwd = config.forward_settings
-    for which, path in checkpoint_paths(config).items():
-        if which != "comp" and is_zoo_name(getattr(fwd, f"{which}_model_type")):
-            continue  # robustbench downloads a missing zoo file itself
-        if path is not None and not path.is_file():
-            # The full path, and what a relative log_dir resolves against: run from another
-            # folder, "demo/std.pt" alone does not say where it was looked for.
-            cwd = ("" if Path(config.log_dir).is_absolute()
-                   else f", itself relative to the working directory {Path.cwd()}")
-            raise CheckpointNotFoundError(
-                f"checkpoint file not found: {path.absolute()} (model_load_path.{which} = "
-                f"{getattr(config.model_load_path, which)!r} of {config.source or 'the config'}"
-                f", relative to log_dir {config.log_dir!r}{cwd}); "
-                f"{_how_to_make(config, which, path)}")
-
-
-def _how_to_make(config: Config, which: str, path: Path) -> str:
-    """Which script makes or downloads a missing checkpoint."""
-    published = weight_file_for(getattr(config.model_load_path, which))
-    if published is not None:
-        return (f"it is a published checkpoint: python3 scripts/download_models.py "
-                f"--root-dir {config.log_dir} --only {published.name}")
-    if which == "comp":
-        return ("train a mixer with run.py --training (it writes OUTPUT_DIR/checkpoints/"
-                "last.pt), or set model_load_path.comp to None for an untrained one")
-    return (f"train it with python3 scripts/train_base.py --output {path} (see "
-            "scripts/reproduce_rn18_cpu.sh for both base models), or use the trained "
-            "ResNet-18s in demo/ (configs/demo.yaml)")
-
-
-def _existing_std_path(config: Config) -> Path:
-    """``model_load_path.std``, or the first accepted other name of it that exists: the published
-    table's names for a published STD file, else the other suffix (.tar <-> .pt)."""
-    path = config.model_path("std")
-    assert path is not None  # model_load_path.std is a required key
-    published = weight_file_for(config.model_load_path.std)
-    if published is not None:
-        candidates = published.candidates(config.log_dir)
-        candidates = (path, *(c for c in candidates if c != path))
-    else:
-        candidates = (path, *filter(None, [std_alternative(path)]))
-    for candidate in candidates:
-        if candidate.exists():
-            if candidate != path:
-                logger.info("STD checkpoint %s not found; using %s", path, candidate)
-            return candidate
-    return path
+    mixer = files.comp if composite.mixer is not None else None
+    load_authors_checkpoints(composite, None if "std" in files.zoo else files.std,
+                             None if "rob" in files.zoo else files.rob, mixer)

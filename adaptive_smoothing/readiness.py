@@ -58,12 +58,13 @@ def _demo_composite(device: torch.device) -> tuple[CompositeModel, str]:
     """The demo composite with its weights (demo/), else a tiny random one."""
     from adaptive_smoothing.config import load_config
     from adaptive_smoothing.factory import build_composite, load_composite_weights
+    from adaptive_smoothing.prepare import resolve_checkpoints
     try:
         config = load_config(REPO_ROOT / "configs" / "demo.yaml")
         composite = build_composite(config.forward_settings,
                                     config.dataset_settings.num_classes, device,
                                     source=config.source)
-        load_composite_weights(composite, config)
+        load_composite_weights(composite, resolve_checkpoints(config))
         return composite.eval(), "demo (configs/demo.yaml, weights in demo/)"
     except Exception as exc:  # noqa: BLE001 - reported, then a stand-in is used
         return _tiny_composite(device), f"tiny random composite (demo unavailable: {exc})"
@@ -247,17 +248,18 @@ def _tiny_training_config(root: Path, precision: str, max_steps: int, device: to
 
 
 def check_precision_resume(device: torch.device, smoke: bool, data_dir: Optional[Path]) -> dict:
+    from adaptive_smoothing.prepare import prepare
     from adaptive_smoothing.training import build_trainer
     cuda = device.type == "cuda"
     first, second = ("bf16", "fp16") if cuda else ("fp32", "fp32")
     x, y, _ = _images(8, None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        trainer = build_trainer(_tiny_training_config(root, first, 2, device),
+        trainer = build_trainer(prepare(_tiny_training_config(root, first, 2, device)),
                                 train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]))
         trainer.fit()
         # Extending the run (max_steps 2 -> 4) changes the schedule: a resume must be told.
-        resumed = build_trainer(_tiny_training_config(root, second, 4, device),
+        resumed = build_trainer(prepare(_tiny_training_config(root, second, 4, device)),
                                 train_set=TensorDataset(x, y), val_set=(x[:4], y[:4]),
                                 allow_config_change=("training_settings.max_steps",))
         start = resumed.global_step

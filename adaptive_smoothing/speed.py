@@ -108,12 +108,13 @@ def build_benchmark_composite(config: Config, device: torch.device) -> Composite
     """The config's composite on ``device``: with its weights when every checkpoint file exists,
     else with random weights (logged), so that architectures can be timed without weights."""
     from adaptive_smoothing.factory import build_composite, load_composite_weights
+    from adaptive_smoothing.prepare import resolve_checkpoints
 
     composite = build_composite(config.forward_settings,
                                 config.dataset_settings.num_classes, device, source=config.source)
     paths = [config.model_path(which) for which in ("std", "rob", "comp")]
     if all(p is None or p.exists() or p.with_suffix(".pt").exists() for p in paths):
-        load_composite_weights(composite, config)
+        load_composite_weights(composite, resolve_checkpoints(config))
     else:
         logger.warning("checkpoints of %s not found: timing the architecture with random "
                        "weights", config.source)

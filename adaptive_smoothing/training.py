@@ -14,9 +14,10 @@ augmentation, attack draws, buffer shuffle) comes from a generator seeded by
 position (epoch, iteration) to continue exactly where it stopped; checkpoints also store the global
 torch RNG states for completeness. Checkpoints are written at iteration boundaries only.
 
-Configuration flows one way: :func:`build_trainer` (and :func:`run_training`, which calls it) is
-the one place that reads a :class:`~adaptive_smoothing.config.Config`; :class:`Trainer` takes the
-built composite, the data and the settings sections as explicit arguments.
+Configuration flows one way: :func:`run_training` turns the config into a
+:class:`~adaptive_smoothing.prepare.Run` (prepare.py), :func:`build_trainer` builds from the run,
+and :class:`Trainer` takes the built composite, the data and the settings sections as explicit
+arguments.
 """
 from __future__ import annotations
 
@@ -38,24 +39,22 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
 from adaptive_smoothing.checkpoints import mixer_checkpoint, read_checkpoint, save_checkpoint
-from adaptive_smoothing.config import (MOVED, Config, ConfigError, TrainingSettings,
-                                       config_to_dict, provenance)
+from adaptive_smoothing.config import MOVED, Config, ConfigError, TrainingSettings, provenance
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
 from adaptive_smoothing.evaluation import validate
-from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
-                                        require_checkpoint_files)
+from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.fingerprint import optional_file_sha256
 from adaptive_smoothing.losses import AttackLossName, CompLoss
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.models.composite import base_weight_sums
+from adaptive_smoothing.prepare import Run, prepared
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.pre_attack import PreAttacked, load_pre_attacked
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_rank_world,
-                                        distributed_session, init_distributed, prepare_model,
-                                        resolve_precision)
+                                        prepare_model, resolve_precision)
 from adaptive_smoothing.seeding import stream
 
 logger = logging.getLogger(__name__)
@@ -728,14 +727,11 @@ class Trainer:
                     self.iteration, self.global_step, self.checkpoint_path)
 
 
-# -- from a config: the one place that reads it --------------------------------------------------
-def training_identity(config: Config) -> dict[str, Any]:
+# -- from a prepared run ------------------------------------------------------------------------
+def training_identity(run: Run) -> dict[str, Any]:
     """Everything that shapes the trained weights: the config keys declared to
-    (config/provenance.py) plus content fingerprints of the base/initial-mixer checkpoints and
-    of the training data."""
-    fingerprints = {which: optional_file_sha256(path)
-                    for which, path in checkpoint_paths(config).items()}
-    ds = config.dataset_settings
+    (config/provenance.py), the checkpoints' content fingerprints, and the training data's."""
+    ds = run.dataset
     data = None
     if ds.format == "npz":
         split = "test" if ds.train_with_test else "train"
@@ -743,68 +739,67 @@ def training_identity(config: Config) -> dict[str, Any]:
         data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
     # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
     # in for their content.
-    fingerprints["train_data"] = data or f"path {ds.path}"
+    identity = dict(run.weights_identity)
+    identity[provenance.FINGERPRINT_PREFIX + "train_data"] = data or f"path {ds.path}"
     if ds.pa_path is not None:
         pa = Path(ds.pa_path)
-        fingerprints["pa_data"] = (optional_file_sha256(pa) if pa.is_file()
-                                   else f"path {ds.pa_path}")
-    return provenance.identity(config, "weights", fingerprints)
+        identity[provenance.FINGERPRINT_PREFIX + "pa_data"] = (
+            optional_file_sha256(pa) if pa.is_file() else f"path {ds.pa_path}")
+    return identity
 
 
-def build_trainer(config: Config, *, resume: bool = True, debug: bool = False,
+def build_trainer(run: Run, *, resume: bool = True, debug: bool = False,
                   train_set: Optional[Dataset] = None,
                   val_set: Union[Dataset, tuple[torch.Tensor, torch.Tensor], None] = None,
                   allow_config_change: Iterable[str] = ()) -> Trainer:
-    """The :class:`Trainer` that ``config`` describes: joins the process group under torchrun,
-    loads the pre-attacked data (``pa_path``), builds the composite on this process's device
-    (base weights loaded, the mixer initialised from the seed or ``model_load_path.comp``) and
-    the datasets, and passes them with the config's sections.
+    """The :class:`Trainer` of a prepared run: loads the pre-attacked data (``pa_path``), builds
+    the composite on the run's device (base weights loaded, the mixer initialised from the seed
+    or ``model_load_path.comp``) and the datasets, and passes them with the run's sections.
 
     ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); see
     :class:`Trainer`. A ``val_set`` given here is used from its first image
-    (``training_settings.val_start`` selects within the config's test set only). ``resume``, ``debug``, ``allow_config_change``: as in :func:`run_training`.
+    (``training_settings.val_start`` selects within the config's test set only). ``resume``,
+    ``debug``, ``allow_config_change``: as in :func:`run_training`.
     """
-    fwd, ds, pgd = config.forward_settings, config.dataset_settings, config.pgd_settings
-    _, _, device = init_distributed(config.run.device)
+    fwd, ds, pgd, source = run.forward, run.dataset, run.pgd, run.source
     pre_attacked = None
     if ds.pa_path is not None:
-        pre_attacked = load_pre_attacked(ds.pa_path, ds.gamma_0, ds.blocks, source=config.source)
+        pre_attacked = load_pre_attacked(ds.pa_path, ds.gamma_0, ds.blocks, source=source)
 
     if not fwd.use_policy:
         raise ConfigError("expected true: training needs the mixing network",
-                          key="forward_settings.use_policy", value=False, file=config.source)
-    if config.nonlinear_settings.enabled:
+                          key="forward_settings.use_policy", value=False, file=source)
+    if run.nonlinear.enabled:
         raise ConfigError("expected false: the nonlinear composite has no mixing network to "
                           "train; calibrate it with scripts/calibrate.py and evaluate it with "
                           "run.py --eval", key="nonlinear_settings.enabled", value=True,
-                          file=config.source)
-    require_checkpoint_files(config)
-    torch.manual_seed(config.seed)  # the mixer's initial weights follow the seed
-    composite = build_composite(fwd, ds.num_classes, device, source=config.source)
-    load_composite_weights(composite, config)
+                          file=source)
+    torch.manual_seed(run.seed)  # the mixer's initial weights follow the seed
+    composite = build_composite(fwd, ds.num_classes, run.device, source=source)
+    load_composite_weights(composite, run.checkpoints)
 
     if train_set is None:
         train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
                                   ds.format, ds.path, augment=False)
     if val_set is None:
         val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
-        start = config.training_settings.val_start
+        start = run.training.val_start
         if start >= len(val_set):
             raise ConfigError(f"expected less than the {len(val_set)} test images",
-                              key="training_settings.val_start", value=start, file=config.source)
+                              key="training_settings.val_start", value=start, file=source)
         val_set = Subset(val_set, range(start, len(val_set)))
-    attack = config.randomized_attack_settings
+    attack = run.attack
     validation = ValidationAttack(
         eps=pgd.eps, norm=pgd.norm, iterations=pgd.iters_test,
         n_target=attack.n_target if "apgd-t" in pgd.attacks_to_run else 0,
         use_apgd=pgd.use_aa, pgd_step_size=pgd.alpha_test,
         pgd_loss="dlr" if pgd.pgd_eval_loss == "dlr" else "ce",
         pgd_bce_weight=0.5 if pgd.pgd_eval_loss == "comp_simple" else 0.0,
-        detection_bce_weight=config.evaluation_settings.adaptive_attack_weight)
-    return Trainer(composite, train_set, val_set, settings=config.training_settings,
-                   attack=attack, validation=validation, seed=config.seed,
-                   output_dir=config.run.output_dir, device=device,
-                   identity=training_identity(config), config_record=config_to_dict(config),
+        detection_bce_weight=run.evaluation.adaptive_attack_weight)
+    return Trainer(composite, train_set, val_set, settings=run.training,
+                   attack=attack, validation=validation, seed=run.seed,
+                   output_dir=run.output_dir, device=run.device,
+                   identity=training_identity(run), config_record=run.config_record,
                    shuffle=ds.train_shuffle, pre_attacked=pre_attacked, resume=resume,
                    debug=debug, allow_config_change=allow_config_change)
 
@@ -825,13 +820,14 @@ def run_training(config: Config, *, resume: bool = True, debug: bool = False,
 
     The output folder is locked for the run's life: a second run into it is refused.
     """
-    with distributed_session(config.run.device) as (rank, _, _):
-        output_dir = Path(config.run.output_dir)
+    with prepared(config) as run:
+        rank, _ = distributed_rank_world()
+        output_dir = run.output_dir
         lock = RunLock(output_dir / DEBUG_DIR if debug else output_dir) if rank == 0 else None
         if lock is not None:
             lock.acquire()
         try:
-            return build_trainer(config, resume=resume, debug=debug,
+            return build_trainer(run, resume=resume, debug=debug,
                                  allow_config_change=allow_config_change).fit()
         finally:
             if lock is not None:

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from adaptive_smoothing.config import apply_overrides, load_config
+from adaptive_smoothing.prepare import prepare
 from adaptive_smoothing.training import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ def _run(data: str, out: Path, reestimate: bool) -> list[dict]:
         "training_settings.reestimate_gamma_bn": reestimate,
         "pgd_settings.n_target_classes": 1, "pgd_settings.iters_test": 5,
         "randomized_attack_settings.iters_df": 4, "randomized_attack_settings.iters_const": 1})
-    trainer = build_trainer(config, resume=False)
+    trainer = build_trainer(prepare(config), resume=False)
     trainer.fit()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(Path(config.run.output_dir) / "tensorboard"))

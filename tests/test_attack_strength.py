@@ -20,6 +20,7 @@ import torch
 from adaptive_smoothing.config import load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.prepare import resolve_checkpoints
 from adaptive_smoothing.speed import BASELINE, SpeedSetting, robust_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ ITERATIONS = 10  # per APGD run (APGD-T: 9 target classes), as in a short evalua
 def _demo() -> tuple:
     config = load_config(REPO / "configs" / "demo.yaml")
     composite = build_composite(config.forward_settings, config.dataset_settings.num_classes, CPU)
-    load_composite_weights(composite, config)
+    load_composite_weights(composite, resolve_checkpoints(config))
     return config, composite.eval()
 
 

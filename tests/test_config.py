@@ -522,6 +522,7 @@ def test_build_composite_bad_model_kwargs(tmp_path: Path) -> None:
 
 def test_load_composite_weights(tmp_path: Path) -> None:
     from adaptive_smoothing.factory import build_composite, load_composite_weights
+    from adaptive_smoothing.prepare import resolve_checkpoints
 
     cfg = apply_overrides(_tiny_config(tmp_path), model_load_path={
         "std": "Base/std.tar", "rob": "Base/rob.pt", "comp": "CompModel/mixer.pt"})
@@ -537,7 +538,7 @@ def test_load_composite_weights(tmp_path: Path) -> None:
                tmp_path / "CompModel" / "mixer.pt")
     torch.manual_seed(1)
     target = build_composite(cfg.forward_settings, cfg.dataset_settings.num_classes)
-    load_composite_weights(target, cfg)
+    load_composite_weights(target, resolve_checkpoints(cfg))
     for key, value in source.state_dict().items():
         assert torch.equal(value, target.state_dict()[key]), key
 

@@ -397,3 +397,13 @@ def test_torchvision_cifar_files_of_other_pixel_types_are_refused(
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
     with pytest.raises(DataError, match=rf"{folder}: the CIFAR batch files {pattern}"):
         build_dataset("cifar10", "test", "torchvision", tmp_path, download=False)
+
+
+def test_auto_format_detects_npz_folders_and_files(tmp_path):
+    from adaptive_smoothing.data import resolve_format
+
+    assert resolve_format("auto", tmp_path) == "torchvision"  # nothing to detect
+    (tmp_path / "test.npz").write_bytes(b"")
+    assert resolve_format("auto", tmp_path) == "npz"
+    assert resolve_format("auto", tmp_path / "x.npz") == "npz"
+    assert resolve_format("imagefolder", tmp_path) == "imagefolder"  # given, never overridden

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adaptive_smoothing.training import build_trainer
+from adaptive_smoothing.prepare import prepare
 from synthetic import make_tiny_training_root
 from test_training import _tiny_config
 
@@ -46,7 +47,7 @@ def _train_steps(root: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
     """STEPS optimizer steps of Trainer on this process's rows of the global buffer."""
     config = _tiny_config(root, f"ddp{world}", batch_size=GLOBAL_BATCH, accum_grad=GROUP,
                           lr="1e-3")
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     xs, ys, labels = (t[rank::world] for t in _global_buffer())  # half of every mini-batch
     local = GLOBAL_BATCH // world
     stats = torch.zeros(9, dtype=torch.float64)
@@ -78,7 +79,7 @@ def test_two_gloo_processes_train_the_same_mixer_as_one(tmp_path: Path) -> None:
     single = _train_steps(root, 0, 1)
 
     mp.spawn(_worker, args=(2, _free_port(), str(root), str(tmp_path)), nprocs=2, join=True)
-    initial = build_trainer(_tiny_config(root, "initial")).mixer.state_dict()
+    initial = build_trainer(prepare(_tiny_config(root, "initial"))).mixer.state_dict()
     for rank in range(2):
         multi = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert set(multi) == set(single)
@@ -98,7 +99,7 @@ def test_bf16_training_steps_run_under_cpu_autocast(tmp_path: Path) -> None:
     make_tiny_training_root(root)
     config = _tiny_config(root, "bf16", batch_size=GLOBAL_BATCH, accum_grad=GROUP,
                           precision="bf16")
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     assert trainer.dtype == torch.bfloat16
     before = {k: v.clone() for k, v in trainer.mixer.state_dict().items()}
     dtypes: list[torch.dtype] = []

@@ -10,6 +10,7 @@ import torch
 
 from adaptive_smoothing.config import EvaluationSettings
 from adaptive_smoothing import evaluation
+from adaptive_smoothing.prepare import prepare
 from adaptive_smoothing.evaluation import EvaluationError, evaluate, format_table
 from synthetic import synthetic_data, tiny_composite
 
@@ -220,7 +221,9 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
         "log_dir": str(REPO_ROOT / "demo"), "dataset_settings.path": str(REPO_ROOT / "demo"),
         "evaluation_settings.n_examples": 200, "evaluation_settings.device": "cpu",
         "evaluation_settings.autoattack_iterations": 5})
-    composite, x, y, device, dtype, info = evaluation._prepare(config)
+    run = prepare(config)
+    composite, x, y, dtype, info = evaluation._load(run)
+    device = run.device
     runs = {}
     for batch_size in (250, 25):
         settings = config.evaluation_settings.model_copy(update={"batch_size": batch_size})
@@ -252,7 +255,7 @@ def test_committed_evaluation_folders_still_resume_under_the_current_schema(shar
         "log_dir": str(root / "benchmarks/results/rn18w16_cpu"),
         "dataset_settings.path": str(shared_cifar10),
         "evaluation_settings.data_dir": str(shared_cifar10)})
-    *_, info = evaluation._prepare(config)
+    *_, info = evaluation._load(prepare(config))
     fixed = dict(info, model_load_path=dict(info["model_load_path"], comp=None),
                  fingerprints=dict(info["fingerprints"], comp=None), variant="alpha_0.720")
     settings = config.evaluation_settings.model_copy(update={"adaptive_attack": False})

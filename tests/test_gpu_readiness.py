@@ -24,6 +24,7 @@ from adaptive_smoothing import analysis, base_training, training
 from adaptive_smoothing.checkpoints import save_checkpoint
 from adaptive_smoothing.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer, build_trainer
+from adaptive_smoothing.prepare import prepare
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
 from test_training import _tiny_config, tiny_root  # noqa: F401  (a fixture)
@@ -119,7 +120,7 @@ def test_only_rank_zero_downloads_the_dataset_and_a_slow_download_does_not_time_
 # -- 4, 5: resuming the mixer's training on another machine or in another precision ----------------
 @pytest.fixture
 def saved_trainer(tiny_root: Path, request: pytest.FixtureRequest) -> Trainer:  # noqa: F811
-    trainer = build_trainer(_tiny_config(tiny_root, f"gpu_{request.node.name}"), resume=False)
+    trainer = build_trainer(prepare(_tiny_config(tiny_root, f"gpu_{request.node.name}")), resume=False)
     trainer.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(trainer._state(), trainer.checkpoint_path)
     return trainer
@@ -155,7 +156,7 @@ def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_scaler(
     monkeypatch.setattr(training, "resolve_precision", lambda name, device: torch.float16)
     # The saved trainer's config (the fixture names its folder after this test).
     config = _tiny_config(tiny_root, f"gpu_{request.node.name}")
-    resumed = build_trainer(config, resume=True)
+    resumed = build_trainer(prepare(config), resume=True)
     assert resumed.scaler.is_enabled()
     assert resumed.scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
 

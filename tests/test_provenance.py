@@ -1,7 +1,5 @@
 """Declared provenance (config/provenance.py): every schema key says what it affects, and one
 comparison decides training's resume and evaluation's reuse of finished batches."""
-import subprocess
-import sys
 
 import pytest
 from pydantic import BaseModel, ConfigDict

@@ -19,7 +19,8 @@ import run
 from adaptive_smoothing import compat
 from adaptive_smoothing.checkpoints import mixer_checkpoint, save_checkpoint
 from adaptive_smoothing.config import ConfigError, load_config
-from adaptive_smoothing.factory import build_composite, checkpoint_paths, load_composite_weights
+from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.prepare import resolve_checkpoints
 from adaptive_smoothing.models import CompositeModel, create_model
 from adaptive_smoothing.models import robustbench_zoo
 from adaptive_smoothing.models.nonlinear import NonlinearComposite
@@ -154,11 +155,12 @@ def test_zoo_models_as_bases_end_to_end(tmp_path, case):
     composite = build_composite(config.forward_settings, 10, source=str(path),
                                 nonlinear=config.nonlinear_settings)
     assert isinstance(composite, NonlinearComposite if nonlinear else CompositeModel)
-    load_composite_weights(composite, config)  # the zoo side keeps robustbench's weights
+    # The zoo side keeps robustbench's weights.
+    load_composite_weights(composite, resolve_checkpoints(config))
     zoo_sides = [m for m in (composite.std_model, composite.rob_model)
                  if isinstance(m, RobustBenchClassifier)]
     assert len(zoo_sides) == (1 if nonlinear else 2)
-    paths = checkpoint_paths(config)
+    paths = resolve_checkpoints(config).as_dict()
     for which, name in (("std", std), ("rob", rob)):
         if name.startswith("robustbench:"):  # fingerprinted: robustbench's file
             root = Path(model_dir) if model_dir else Path(config.log_dir) / "robustbench"

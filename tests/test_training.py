@@ -21,6 +21,7 @@ from adaptive_smoothing.attacks import generate_training_attacks
 from adaptive_smoothing.checkpoints import load_mixer_checkpoint
 from adaptive_smoothing.config import Config, ConfigError, load_config
 from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.prepare import prepare, resolve_checkpoints
 from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import BaseClassifier, BaseOutput, CompositeModel, create_model
 from adaptive_smoothing.models import registry
@@ -80,8 +81,8 @@ def reference_run(tiny_root: Path) -> dict[str, Any]:
     config = _tiny_config(tiny_root, "reference")
     torch.manual_seed(config.seed)  # the trainer's initial mixer too
     initial = build_composite(config.forward_settings, config.dataset_settings.num_classes)
-    load_composite_weights(initial, config)
-    trainer = build_trainer(config)
+    load_composite_weights(initial, resolve_checkpoints(config))
+    trainer = build_trainer(prepare(config))
     path = trainer.fit()
     return {"config": config, "trainer": trainer, "path": path,
             "initial": {k: v.clone() for k, v in initial.state_dict().items()}}
@@ -154,7 +155,7 @@ def test_a_nan_loss_skips_the_step_with_a_warning(
     config = _tiny_config(tiny_root, "one_nan", epochs=1, max_nonfinite_steps=2)
     monkeypatch.setattr(CompLoss, "forward", _nan_loss_on({1}))  # 2nd mini-batch of step 0
     caplog.set_level(logging.WARNING, logger="adaptive_smoothing.training")
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     trainer.fit()
     warnings = [r for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
@@ -171,7 +172,7 @@ def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(
     config = _tiny_config(tiny_root, "nans", max_nonfinite_steps=3,
                           eval_freq={"epoch": 1, "iter": 2})
     monkeypatch.setattr(CompLoss, "forward", _nan_loss_on(None, start=8))
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     with pytest.raises(TrainingDivergedError, match="3 consecutive optimizer steps.*last good "
                        "checkpoint"):
         trainer.fit()
@@ -255,7 +256,7 @@ def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run:
     # The fixed-attack AUC is that of the deployed composite's gamma on the cached images.
     composite = build_composite(reference_run["config"].forward_settings,
                                 reference_run["config"].dataset_settings.num_classes)
-    load_composite_weights(composite, reference_run["config"])
+    load_composite_weights(composite, resolve_checkpoints(reference_run["config"]))
     load_mixer_checkpoint(composite, reference_run["path"])
     with torch.no_grad():
         clean = composite.eval()(trainer.x_val[:trainer.n_detection]).gamma
@@ -269,7 +270,7 @@ def test_saved_gamma_bn_is_reestimated_on_the_last_buffer(reference_run: dict) -
     saved = _load(reference_run["path"])
     composite = build_composite(reference_run["config"].forward_settings,
                                 reference_run["config"].dataset_settings.num_classes)
-    load_composite_weights(composite, reference_run["config"])
+    load_composite_weights(composite, resolve_checkpoints(reference_run["config"]))
     load_mixer_checkpoint(composite, reference_run["path"])
     composite.gamma_bn.running_mean.fill_(123.0)
     xs, minibatches = trainer.last_buffer
@@ -286,7 +287,7 @@ def test_missing_pre_attacked_file_is_an_error_naming_key_and_file(tiny_root: Pa
     config = apply_overrides(config, **{"dataset_settings.pa_path": str(tiny_root / "pa.pt"),
                                         "dataset_settings.gamma_0": 7.1})
     with pytest.raises(ConfigError, match=r"dataset_settings\.pa_path.*pa\.pt.*not found"):
-        build_trainer(config)
+        build_trainer(prepare(config))
 
 
 def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
@@ -297,7 +298,7 @@ def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
     config = _tiny_config(tiny_root, "pa", epochs=1, accum_grad=-1,
                           comp_loss_params={"scale": {"clean": 2.0, "ada": 1.0, "pa": 3.0}})
     composite = build_composite(config.forward_settings, config.dataset_settings.num_classes)
-    load_composite_weights(composite, config)
+    load_composite_weights(composite, resolve_checkpoints(config))
     x, y = load_tensors(build_dataset("cifar10", "train", "npz", str(tiny_root / "data")))
     gammas = (-math.inf, 0.0, 5.0, 8.0, math.inf)  # gamma_0 7.1: labels 1, 1, 1, 0, 0
     save_blocks(generate_blocks(composite, x, y, torch.arange(len(y)), gammas=gammas,
@@ -314,12 +315,12 @@ def test_pre_attacked_data_joins_every_buffer_with_its_labels_and_scale(
         return original(self, log_probs, gamma, y, label, scale, **kwargs)
 
     monkeypatch.setattr(CompLoss, "forward", record)
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     assert trainer.batch == 4 * 5 // 5 and trainer.pa_slice == 2 * 4
     # The slice of an iteration is a function of the position (resume reads the same one).
     trainer.iteration = 1
     xa, ya, la = trainer._pre_attacked_slice()
-    other = build_trainer(config)
+    other = build_trainer(prepare(config))
     other.iteration = 1
     xb, yb, lb = other._pre_attacked_slice()
     assert torch.equal(xa, xb) and torch.equal(la, lb) and xa.shape == (8, 3, 32, 32)
@@ -344,23 +345,23 @@ def test_validation_starts_at_val_start_and_refuses_an_index_past_the_test_set(
 
     x_test, y_test = load_tensors(build_dataset("cifar10", "test", "npz", tiny_root / "data",
                                                 augment=False))
-    trainer = build_trainer(_tiny_config(tiny_root, "val_start", val_start=1, n_val_examples=2))
+    trainer = build_trainer(prepare(_tiny_config(tiny_root, "val_start", val_start=1, n_val_examples=2)))
     assert torch.equal(trainer.x_val, x_test[1:3]) and torch.equal(trainer.y_val, y_test[1:3])
     with pytest.raises(ConfigError, match=r"training_settings.val_start = 4: expected less "
                                           r"than the 4 test images"):
-        build_trainer(_tiny_config(tiny_root, "val_start_bad", val_start=4))
+        build_trainer(prepare(_tiny_config(tiny_root, "val_start_bad", val_start=4)))
 
 
 def test_a_trainer_under_torchrun_outside_the_process_group_is_refused(
         tiny_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import adaptive_smoothing.training as training
+    import adaptive_smoothing.prepare as prepare_module
 
     # A caller that builds the Trainer without joining the group torchrun set up.
-    monkeypatch.setattr(training, "init_distributed",
+    monkeypatch.setattr(prepare_module, "init_distributed",
                         lambda device: (0, 1, torch.device("cpu")))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match=r"WORLD_SIZE > 1\) outside a process group"):
-        build_trainer(_tiny_config(tiny_root, "no_group", epochs=1))
+        build_trainer(prepare(_tiny_config(tiny_root, "no_group", epochs=1)))
 
 
 def test_debug_mode_runs_two_iterations(tiny_root: Path) -> None:
@@ -377,7 +378,7 @@ def test_optimizer_steps_per_buffer(tiny_root: Path, accum_grad: int,
                                     steps_per_iteration: int) -> None:
     config = _tiny_config(tiny_root, f"accum{accum_grad}", epochs=1, accum_grad=accum_grad,
                           eval_freq={"epoch": 1, "iter": 100})
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     calls = {"n": 0}
     trainer.optimizer.register_step_post_hook(lambda *_: calls.update(n=calls["n"] + 1))
     trainer.fit()
@@ -386,7 +387,7 @@ def test_optimizer_steps_per_buffer(tiny_root: Path, accum_grad: int,
 
 def test_max_steps_caps_the_run(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "capped", max_steps=3, eval_freq={"epoch": 1, "iter": 100})
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     trainer.fit()
     state = _load(trainer.checkpoint_path)
     assert state["global_step"] == 3 and state["iteration"] == 2
@@ -529,7 +530,7 @@ def test_trained_mixer_separates_clean_from_attacked_inputs(
         torch.save({"model": _Synthetic(which).state_dict()}, tmp_path / f"{which}.pt")
     config = _behaviour_config(tmp_path)
     test_set = _SyntheticData(64, seed=2)
-    trainer = build_trainer(config, train_set=_SyntheticData(512, seed=1),
+    trainer = build_trainer(prepare(config), train_set=_SyntheticData(512, seed=1),
                             val_set=(test_set.x, test_set.y))
     trainer.fit()
 
@@ -609,7 +610,7 @@ def test_resume_refuses_a_changed_config_key_naming_it(
     config = apply_overrides(_tiny_config(tiny_root, f"changed_{key}", epochs=1),
                              **{key: value})
     with pytest.raises(TrainingResumeError, match=rf"{key}: .* -> .*--allow-config-change {key}"):
-        build_trainer(config)
+        build_trainer(prepare(config))
 
 
 def test_resume_ignores_how_it_computes_and_what_it_reports_even_if_the_checkpoint_recorded_it(
@@ -624,7 +625,7 @@ def test_resume_ignores_how_it_computes_and_what_it_reports_even_if_the_checkpoi
     config = apply_overrides(_tiny_config(tiny_root, "computes_differently", epochs=1), **{
         "training_settings.channels_last": False, "training_settings.n_detection_examples": 0,
         "training_settings.detection_alpha": 0.3, "training_settings.val_start": 1})
-    assert build_trainer(config).iteration == 1
+    assert build_trainer(prepare(config)).iteration == 1
 
 
 def test_a_trainer_built_without_a_config_resumes(one_step_run: Path, tiny_root: Path) -> None:
@@ -635,7 +636,7 @@ def test_a_trainer_built_without_a_config_resumes(one_step_run: Path, tiny_root:
     state["config"] = {"note": "no config file"}  # as a Trainer built without a config saves
     torch.save(state, path)
     config = _tiny_config(tiny_root, "explicit", epochs=1)
-    built = build_trainer(config, resume=False)  # only for the arguments
+    built = build_trainer(prepare(config), resume=False)  # only for the arguments
     trainer = Trainer(built.composite,
                       build_dataset("cifar10", "train", "npz", tiny_root / "data", augment=False),
                       (built.x_val, built.y_val), settings=config.training_settings,
@@ -656,7 +657,7 @@ def test_resume_refuses_a_replaced_base_checkpoint(one_step_run: Path, tiny_root
     config = apply_overrides(_tiny_config(tiny_root, "new_std", epochs=1),
                              **{"model_load_path.std": "Base/std_other.pt"})
     with pytest.raises(TrainingResumeError, match="STD checkpoint's content"):
-        build_trainer(config)
+        build_trainer(prepare(config))
 
 
 def test_allowed_lr_change_is_applied_and_recorded(one_step_run: Path, tiny_root: Path) -> None:
@@ -665,7 +666,7 @@ def test_allowed_lr_change_is_applied_and_recorded(one_step_run: Path, tiny_root
     old_lr = old["optimizer"]["param_groups"][0]["lr"]
     config = apply_overrides(_tiny_config(tiny_root, "allowed_lr", epochs=1),
                              **{"training_settings.lr": "3e-4"})  # 10x lower than 3e-3
-    trainer = build_trainer(config, allow_config_change=["training_settings.lr"])
+    trainer = build_trainer(prepare(config), allow_config_change=["training_settings.lr"])
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(old_lr / 10)
     assert trainer.scheduler.base_lrs == [pytest.approx(3e-4)]
     path = trainer.fit()
@@ -685,7 +686,7 @@ def test_resume_from_a_mixer_only_file_says_what_it_is(tiny_root: Path) -> None:
                path)
     with pytest.raises(TrainingResumeError, match=r"last\.pt: not a training checkpoint.*"
                                                   r"mixer-only.*--no-resume"):
-        build_trainer(config)
+        build_trainer(prepare(config))
 
 
 def test_second_training_into_a_locked_folder_is_refused(tiny_root: Path) -> None:
@@ -697,6 +698,37 @@ def test_second_training_into_a_locked_folder_is_refused(tiny_root: Path) -> Non
 
 def test_progress_bar_follows_max_steps(tiny_root: Path) -> None:
     config = _tiny_config(tiny_root, "bar", epochs=50, max_steps=3)
-    trainer = build_trainer(config)
+    trainer = build_trainer(prepare(config))
     # 100 iterations of 2 optimizer steps are configured, but max_steps stops after 2.
     assert trainer.total_iterations == 100 and trainer.planned_iterations == 2
+
+
+def test_a_run_resolves_its_device_and_checkpoints_once(tiny_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare.py is the one place that resolves them; training and evaluation take the Run."""
+    import adaptive_smoothing.prepare as prepare_module
+    from adaptive_smoothing.config import apply_overrides
+    from adaptive_smoothing.evaluation import run_alpha_sweep, run_evaluation
+
+    calls = {"device": 0, "checkpoints": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(prepare_module, "init_distributed",
+                        counted("device", prepare_module.init_distributed))
+    monkeypatch.setattr(prepare_module, "resolve_checkpoints",
+                        counted("checkpoints", prepare_module.resolve_checkpoints))
+    config = _tiny_config(tiny_root, "resolved_once", epochs=1)
+    run_training(config, debug=True)
+    assert calls == {"device": 1, "checkpoints": 1}
+    config = apply_overrides(config, **{"evaluation_settings.n_examples": 4,
+                                        "evaluation_settings.attacks_to_run": []})
+    for evaluate in (lambda: run_evaluation(config),
+                     lambda: run_alpha_sweep(config, [0.5], with_composite=True)):
+        calls.update(device=0, checkpoints=0)
+        evaluate()
+        assert calls == {"device": 1, "checkpoints": 1}

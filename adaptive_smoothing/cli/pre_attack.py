@@ -17,6 +17,7 @@ from adaptive_smoothing.config import apply_overrides, load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.checkpoints import swapped_bases_allowed
 from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.prepare import resolve_checkpoints
 from adaptive_smoothing.pre_attack import DEFAULT_GAMMAS, generate_blocks, save_blocks
 from adaptive_smoothing.runtime import configure_threads, resolve_device
 
@@ -56,8 +57,7 @@ def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
     # one "Error:" line in one_line_errors, as in every command.
     config = apply_overrides(load_config(config_path), **{
         "dataset_settings.path": data_dir,
-        "dataset_settings.format": ("npz" if data_dir is not None
-                                    and Path(data_dir, "train.npz").exists() else None)})
+        "dataset_settings.format": "auto" if data_dir is not None else None})
     if output.exists():
         raise click.ClickException(f"{output.absolute()} exists; delete it to make it again")
     # Finished blocks wait here until the whole file is written (a rerun resumes from them).
@@ -67,7 +67,7 @@ def main(config_path: Path, output: Path, gammas: str, data_dir: str | None,
     composite = build_composite(config.forward_settings, config.dataset_settings.num_classes,
                                 device, source=config.source)
     with swapped_bases_allowed(allow_swapped_bases):
-        load_composite_weights(composite, config)
+        load_composite_weights(composite, resolve_checkpoints(config))
     train = build_dataset(ds.name, "train", ds.format, ds.path, augment=False)
     x, y = load_tensors(train, n_images)
     import torch

@@ -63,8 +63,9 @@ def _attack_list(value: Optional[str]) -> Optional[list[str]]:
 @click.option("--data-dir", default=None,
               help="Dataset folder [dataset_settings.path]; a folder holding train.npz/test.npz "
                    "selects the offline .npz format.")
-@click.option("--data-format", type=click.Choice(["torchvision", "npz", "imagefolder"]),
-              default=None, help="[dataset_settings.format]; inferred for .npz folders.")
+@click.option("--data-format", type=click.Choice(["auto", "torchvision", "npz", "imagefolder"]),
+              default=None, help="[dataset_settings.format]; with --data-dir, auto (npz "
+                                 "where the folder holds .npz files) unless given.")
 @click.option("--mixer-checkpoint", default=None,
               help="Mixing-network checkpoint to load, relative to log_dir "
                    "[model_load_path.comp]; e.g. a training run's checkpoints/mixer.pt.")
@@ -129,9 +130,8 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
     if not (eval_flag or training_flag):
         raise click.ClickException("choose --eval or --training")
     mode = "eval" if eval_flag else "training"
-    if data_dir is not None and data_format is None and (
-            Path(data_dir, "test.npz").exists() or data_dir.endswith(".npz")):
-        data_format = "npz"
+    if data_dir is not None and data_format is None:
+        data_format = "auto"  # another folder than the config's: its layout is detected
     section = "evaluation_settings" if mode == "eval" else "training_settings"
     try:
         config = load_config(config_path)

@@ -229,8 +229,9 @@ class DatasetSettings(Section):
         {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100"})] = key(
         ..., "dataset, `'CIFAR-10'` or `'CIFAR-100'` (stored as `cifar10`/`cifar100`)",
         affects=WEIGHTS_AND_RESULTS)
-    format: Literal["torchvision", "npz", "imagefolder"] = key("torchvision", "layout of `path`",
-                                                               affects=NOTHING)
+    format: Literal["auto", "torchvision", "npz", "imagefolder"] = key(
+        "torchvision", "layout of `path`; `auto`: `npz` where `path` is a .npz file or holds "
+        "train.npz / test.npz, else `torchvision`", affects=NOTHING)
     path: Str = key("data", "dataset folder", affects=NOTHING)
     train_with_test: bool = key(False, "train the mixer on the test split", affects=WEIGHTS)
     train_shuffle: bool = key(True, "shuffle the training data", affects=WEIGHTS)
