@@ -17,7 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
-from adaptive_smoothing.models.composite import check_alpha_range
+from adaptive_smoothing.models.composite import MixerInputs, check_alpha_range
 
 # The original code's short model names -> this project's registry names.
 MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
@@ -196,6 +196,18 @@ class ForwardSettings(Section):
                              "robust accuracy so measured is **not valid**")
     pn_version: Literal[3, 4] = key(4, "mixing network version (V4 adds a 1x1 conv on the "
                                     "second features)")
+    mixer_inputs: MixerInputs = key(
+        "both", "what the mixer reads (docs/METHOD.md, \"Mixer inputs\"): `both` models' "
+                "feature maps (the paper's; every published checkpoint), `rob_features` (the "
+                "same network on ROB's feature maps only), `rob_logits` (a gate of ~240 "
+                "parameters on ROB's scaled logits, adaptive_smoothing/models/gate.py); with "
+                "`rob_*` gamma does not depend on STD, so an attacker cannot steer it through "
+                "STD's features")
+    mixer_width: Optional[Annotated[float, Field(gt=0)]] = key(
+        None, "multiplier of the mixing network's last two stage widths (c2, c3 of each "
+              "channel plan; docs/METHOD.md, \"Mixing network\"), e.g. 0.5 for a network of "
+              "about a third of the parameters; None = the plan as is (the paper's); not for "
+              "`mixer_inputs: rob_logits`")
     alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias")
     alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1")
     gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)")
@@ -207,6 +219,15 @@ class ForwardSettings(Section):
     def _alpha_range(cls, bias: float, info: ValidationInfo) -> float:
         check_alpha_range(bias, info.data.get("alpha_scale", 0.0))
         return bias
+
+    @field_validator("mixer_width")
+    @classmethod
+    def _width_of_a_network(cls, width: Optional[float], info: ValidationInfo
+                            ) -> Optional[float]:
+        if width is not None and info.data.get("mixer_inputs") == "rob_logits":
+            raise ValueError("expected None: the logit gate of `mixer_inputs: rob_logits` has "
+                             "no channel plan to scale")
+        return width
 
 
 class DatasetSettings(Section):
