@@ -36,8 +36,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
-from adaptive_smoothing.checkpoints import mixer_checkpoint, read_checkpoint, save_checkpoint
+from adaptive_smoothing.attacks import (Norm, RandomizedAttackSettings, curriculum_settings,
+                                        generate_training_attacks)
+from adaptive_smoothing.checkpoints import (CheckpointError, check_mixer_inputs,
+                                            mixer_checkpoint, read_checkpoint, save_checkpoint)
 from adaptive_smoothing.config import Config, ConfigError, TrainingSettings, config_to_dict
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
@@ -302,10 +304,10 @@ class Trainer:
             old = _recorded_config_identity(state.get("config", {}))
             logger.warning("%s records no fingerprints of its base models and data (an older "
                            "version); only its config is compared", path)
-        old = {k: v for k, v in old.items() if _in_identity(k)}
-        changed = {k: [old.get(k), self.identity.get(k)]
-                   for k in sorted(set(old) | set(self.identity))
-                   if k in old and old.get(k) != self.identity.get(k)}
+        old = _with_new_key_defaults({k: v for k, v in old.items() if _in_identity(k)})
+        new = _with_new_key_defaults(self.identity)
+        changed = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+                   if k in old and old.get(k) != new.get(k)}
         refused = {k: v for k, v in changed.items() if k not in self.allow_config_change}
         if refused:
             listed = "; ".join(_describe_change(k, *v) for k, v in refused.items())
@@ -325,6 +327,11 @@ class Trainer:
                 logger.warning("resuming %s: %s was %s, now %s; the data order or learning-rate "
                                "schedule will differ from an uninterrupted run", path, key,
                                state[key], now)
+        try:
+            check_mixer_inputs(self.composite, state.get("model", {}), path)
+        except CheckpointError as err:
+            raise TrainingResumeError(f"{err}; or start over with a new --output-dir or "
+                                      "--no-resume") from None
         try:
             self.mixer.load_state_dict(state["model"])
             self.composite.gamma_bn.load_state_dict(state["bn"])
@@ -595,9 +602,12 @@ class Trainer:
         # Iteration counts from a generator without the rank: every process runs as many
         # attack iterations as the others (DDP waits for the slowest at the next all-reduce).
         iterations_gen = stream(self.seed, "attack_iterations", self.iteration)
+        # The curriculum follows the global step alone, which a checkpoint restores: a resumed
+        # run attacks as the uninterrupted one.
+        attack = curriculum_settings(self.attack_settings, self.global_step)
         with autocast_context(self.device, self.dtype):
-            adversarial = generate_training_attacks(self.composite, x, y, self.attack_settings,
-                                                    attack_gen, iterations_gen)
+            adversarial = generate_training_attacks(self.composite, x, y, attack, attack_gen,
+                                                    iterations_gen)
         n_clean = len(x) + len(x_extra)
         xs = torch.cat([x, x_extra.to(self.device), *adversarial])
         ys = torch.cat([y, y_extra.to(self.device), *([y] * len(adversarial))])
@@ -689,6 +699,10 @@ class Trainer:
                     self.total_steps, self.dtype, self.device)
         logger.info("lr %g, weight decay %g, accum_grad %d, output %s", ts.lr, ts.weight_decay,
                     ts.accum_grad, self.output_dir)
+        if self.attack_settings.curriculum_steps:
+            logger.info("attack curriculum: the training attacks' comp_loss_wmax and eps ramp "
+                        "linearly from 0 over the first %d optimizer steps",
+                        self.attack_settings.curriculum_steps)
         if self.pre_attacked is not None:
             logger.info("plus %d pre-attacked images per buffer (clean batch %d = batch * 5 // "
                         "%d blocks)", self.pa_slice, self.batch, self.pre_attacked["blocks"])
@@ -751,6 +765,14 @@ _NOT_SHAPING_WEIGHTS = (
     "randomized_attack_settings.randomize",
     # Read by evaluation only (training refuses a nonlinear composite: it has nothing to train).
     "nonlinear_settings")
+# Keys added to the schema after checkpoints were written: at their default they are left out
+# of the identity (and a recorded identity that lacks one holds its default), so that those
+# checkpoints still resume; set to anything else they shape the weights like any key. A new
+# field at its default is no change. (A parallel branch replaces this list by declared
+# provenance.)
+_NEW_KEYS_DEFAULTS: dict[str, Any] = {"forward_settings.mixer_inputs": "both",
+                                      "forward_settings.mixer_width": None,
+                                      "randomized_attack_settings.curriculum_steps": 0}
 _FINGERPRINT_KEYS = {"model_load_path.std": "the STD checkpoint's content",
                      "model_load_path.rob": "the ROB checkpoint's content",
                      "model_load_path.comp": "the initial mixer checkpoint's content",
@@ -771,6 +793,18 @@ def _shapes_weights(key: str) -> bool:
     return not any(key == k or key.startswith(k + ".") for k in _NOT_SHAPING_WEIGHTS)
 
 
+def _config_identity(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a flattened config that shape the weights, the new keys only where they are
+    not at their default (see ``_NEW_KEYS_DEFAULTS``)."""
+    return {k: v for k, v in flat.items() if _shapes_weights(k)
+            and not (k in _NEW_KEYS_DEFAULTS and v == _NEW_KEYS_DEFAULTS[k])}
+
+
+def _with_new_key_defaults(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` with every new key it lacks at its default, for comparing identities."""
+    return {**_NEW_KEYS_DEFAULTS, **identity}
+
+
 def _in_identity(key: str) -> bool:
     """Whether ``key`` of a recorded identity still counts: one that a checkpoint recorded but
     that has joined ``_NOT_SHAPING_WEIGHTS`` since must not block its resume as a change."""
@@ -781,7 +815,7 @@ def training_identity(config: Config) -> dict[str, Any]:
     """Everything that shapes the trained weights: the config keys (dotted) except those of
     ``_NOT_SHAPING_WEIGHTS``, plus content fingerprints of the base/initial-mixer checkpoints
     and of the training data (under the keys of ``_FINGERPRINT_KEYS``)."""
-    identity = {k: v for k, v in _flatten(config_to_dict(config)).items() if _shapes_weights(k)}
+    identity = _config_identity(_flatten(config_to_dict(config)))
     for which, path in checkpoint_paths(config).items():
         identity[f"model_load_path.{which}"] = optional_file_sha256(path)
     ds = config.dataset_settings
@@ -802,7 +836,7 @@ def training_identity(config: Config) -> dict[str, Any]:
 
 def _recorded_config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config part of the identity, from a checkpoint's recorded config (file layout)."""
-    return {k: v for k, v in _flatten(_json_safe(dict(config))).items() if _shapes_weights(k)}
+    return _config_identity(_flatten(_json_safe(dict(config))))
 
 
 def _json_safe(tree: Any) -> Any:
