@@ -376,7 +376,10 @@ class EvaluationSettings(Section):
 
 class NonlinearSettings(Section):
     """The nonlinear composite (docs/METHOD.md, "Nonlinear mixing"): no mixing network; STD's
-    map and ROB's transformed softmax mixed with one alpha. `scripts/calibrate.py` writes it."""
+    map and ROB's transformed softmax mixed with one alpha. `scripts/calibrate.py` writes it.
+    Its evaluation keys (`transfer_attacks`, `square_examples`, `square_queries`,
+    `surrogate_alpha`) also apply, with `enabled` false, to a composite whose mixer is the
+    `rob_logits` gate (docs/METHOD.md, "Mixer inputs")."""
 
     enabled: bool = key(False, "use the nonlinear composite instead of the mixing network / "
                         "fixed gamma of `forward_settings` (whose base models and logit scales "
@@ -395,7 +398,8 @@ class NonlinearSettings(Section):
               ">= (1 - alpha) / alpha")
     surrogate_alpha: Optional[Unit] = key(
         None, "alpha of the gradient surrogate's linear mixture (the authors': the linear "
-              "mixture calibrated for its own beta); None = `alpha`")
+              "mixture calibrated for its own beta), also the transfer attacks' one; None = "
+              "`alpha` (for a `rob_logits` gate: its alpha at gamma = the evaluation bias)")
     surrogate_raw_share: Unit = key(0.9, "share of ROB's raw softmax in the surrogate's ROB "
                                     "term (the rest: the transformed softmax)")
     surrogate_attack: bool = key(True, "evaluation: also APGD-CE/T steered by the surrogate's "
