@@ -5,7 +5,8 @@
   the composite attack loss (1 - w) * CE|DLR|DLR-T + w * BCE(gamma, 1).
 - :func:`pgd`: PGD with per-sample momentum and eps (the training attacks' PGD variant).
 - :class:`RandomizedAttackSettings` / :func:`generate_training_attacks`: the randomized attacks
-  used to train the mixing network (docs/METHOD.md, "Training" step 1).
+  used to train the mixing network (docs/METHOD.md, "Training" step 1), ramped in by
+  :func:`curriculum_settings` (docs/TRAINING.md, "Curriculum").
 - :func:`apgd_cascade`: the orchestration, APGD-CE then APGD-T on the points still robust
   (validation during training); :func:`adaptive_attack` is it with the composite loss, for
   evaluation beside AutoAttack (AutoAttack sees the log-probabilities only and never aims at
@@ -460,6 +461,11 @@ class RandomizedAttackSettings(BaseModel):
     comp_loss_wmax: float = Field(0.4, ge=0, le=1,
                                   description="BCE weight w ~ U(0, comp_loss_wmax)",
                                   json_schema_extra=_SHAPES_WEIGHTS)
+    curriculum_steps: int = Field(
+        0, ge=0, description="adversarial fine-tuning curriculum: over the first this many "
+        "optimizer steps, `comp_loss_wmax` and the attack radius (the eps factor's "
+        "distribution) ramp linearly from 0, times min(1, step / curriculum_steps) "
+        "(docs/TRAINING.md, \"Curriculum\"); 0 = off", json_schema_extra=_SHAPES_WEIGHTS)
 
     @model_validator(mode="after")
     def _momentum_range_within_one(self) -> "RandomizedAttackSettings":
@@ -468,6 +474,32 @@ class RandomizedAttackSettings(BaseModel):
             raise ValueError(f"expected mom_decay_loc + mom_decay_scale <= 1 (mom_decay_scale = "
                              f"{self.mom_decay_scale}, sum = {total})")
         return self
+
+
+def curriculum_ramp(settings: RandomizedAttackSettings, step: int) -> float:
+    """The curriculum's factor at optimizer step ``step``: min(1, step / curriculum_steps), 1
+    without a curriculum. A function of the global step alone, so that a resumed run attacks
+    as the uninterrupted one (docs/TRAINING.md, "Curriculum")."""
+    if step < 0:
+        raise ValueError(f"the optimizer step must be >= 0, got {step}")
+    if settings.curriculum_steps == 0:
+        return 1.0
+    return min(1.0, step / settings.curriculum_steps)
+
+
+def curriculum_settings(settings: RandomizedAttackSettings,
+                        step: int) -> RandomizedAttackSettings:
+    """The training attacks' settings at optimizer step ``step``: the attack's mixer-term
+    weight bound ``comp_loss_wmax`` and its radius ``eps`` (so every drawn eps_i = eps *
+    U(eps_factor_loc, eps_factor_loc + eps_factor_scale)) times :func:`curriculum_ramp`.
+    The random draws do not change, only their scale: the same uniforms are drawn at every
+    step. (At step 0 the radius is 0, so that iteration's attacked images are its clean ones.)
+    """
+    ramp = curriculum_ramp(settings, step)
+    if ramp == 1.0:
+        return settings
+    return settings.model_copy(update={"eps": settings.eps * ramp,
+                                       "comp_loss_wmax": settings.comp_loss_wmax * ramp})
 
 
 class AttackRunDraw(NamedTuple):

@@ -7,7 +7,9 @@ Formats read:
   DataParallel), a plain state_dict, or BiT's own ``.npz`` release (TensorFlow names).
 - ROB: EDM (DM-Improves-AT) files hold ``"model_state_dict"`` with keys prefixed ``module.0.``;
   DeepMind's TRADES files are a plain state_dict.
-- Mixer: ``{"model": mixing-network state_dict, "bn": gamma BatchNorm state, ...training state}``.
+- Mixer: ``{"model": mixing-network state_dict, "bn": gamma BatchNorm state, ...training state}``
+  (the logit gate's state dict in ``"model"`` likewise; a file of another mixer kind than the
+  config's is refused naming ``forward_settings.mixer_inputs``).
 - RobustBench: three files per model (BiT state_dict, WRN state_dict, ``{"model", "bn"}``).
   (Converting robustbench's in-memory ``CompositeModel`` state dict is test code:
   tests/robustbench_state.py, used by the equivalence tests.)
@@ -35,6 +37,8 @@ from torch import nn
 
 from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.models.composite import CompositeModel
+from adaptive_smoothing.models.gate import MARGIN_PARAMETER, LogitGate
+from adaptive_smoothing.models.mixing import MixingNet
 # Re-exported: it lives beside the composite.
 from adaptive_smoothing.models.constants import CompositeConstants  # noqa: F401
 from adaptive_smoothing.persist import write_atomic
@@ -46,6 +50,8 @@ StateDict = dict[str, torch.Tensor]
 
 # How many offending keys an error message lists before it says "and N more".
 _SHOWN = 5
+# The mixing network's first BatchNorm: its width is the channel count of the features it reads.
+_FIRST_MIXER_BN = "layers.0.0.bn1.weight"
 
 STD_FORMAT = ("STD checkpoint: a torch file whose 'model' entry is the BiT state_dict "
               "('module.' prefix allowed), a plain BiT state_dict, or BiT's .npz release")
@@ -306,9 +312,47 @@ def _require_mixer(composite: CompositeModel) -> nn.Module:
     return composite.mixer
 
 
+def mixer_inputs_of(state: Mapping[str, torch.Tensor],
+                    composite: CompositeModel) -> Optional[str]:
+    """Which ``forward_settings.mixer_inputs`` a mixer state dict was made for, quoted (docs/
+    METHOD.md, "Mixer inputs"), as far as its keys and its first block's width tell with
+    ``composite``'s base models: a logit gate, or a mixing network whose input channels are
+    STD's + ROB's (``'both'``) or ROB's alone (``'rob_features'``); None where they do not tell
+    (then the plain key and shape check speaks)."""
+    if MARGIN_PARAMETER in state:
+        return "'rob_logits'"
+    first = state.get(_FIRST_MIXER_BN)
+    if first is None or first.dim() != 1:
+        return None
+    width = int(first.shape[0])
+    mixer = composite.mixer
+    if isinstance(mixer, MixingNet) and width == sum(mixer.in_planes):
+        return repr(composite.mixer_inputs)  # reads what this composite's mixer reads
+    try:  # an attribute of the registry's models; a RobustBench model runs a dry forward once
+        std, rob = (composite.std_model.feature_channels[0],
+                    composite.rob_model.feature_channels[0])
+    except ValueError:  # a base model without known feature maps
+        return "'both' or 'rob_features'" if isinstance(mixer, LogitGate) else None
+    return {std + rob: "'both'", rob: "'rob_features'"}.get(width)
+
+
+def check_mixer_inputs(composite: CompositeModel, state: Mapping[str, torch.Tensor],
+                       source: PathLike) -> None:
+    """Raise CheckpointError, one line naming ``forward_settings.mixer_inputs``, where the mixer
+    file was made for another kind of mixer than ``composite``'s."""
+    theirs, ours = mixer_inputs_of(state, composite), repr(composite.mixer_inputs)
+    if theirs is not None and theirs != ours:
+        raise CheckpointError(
+            f"{source}: a mixer for forward_settings.mixer_inputs = {theirs}, but this "
+            f"composite's is {ours}: set forward_settings.mixer_inputs to {theirs} for this "
+            f"file, or use a mixer checkpoint trained with {ours}")
+
+
 def load_mixer_checkpoint(composite: CompositeModel, path: PathLike) -> None:
     """Load a mixer checkpoint (mixing network + gamma BN) into ``composite``."""
     mixer_state, bn_state = read_mixer_state_dicts(path)
+    _require_mixer(composite)
+    check_mixer_inputs(composite, mixer_state, path)
     _load_parts([(_require_mixer(composite), mixer_state, f"{path} entry 'model'", MIXER_FORMAT),
                  (composite.gamma_bn, bn_state, f"{path} entry 'bn'", MIXER_FORMAT)])
 
@@ -350,6 +394,8 @@ def load_authors_checkpoints(composite: CompositeModel, std_path: Optional[PathL
         check_base_roles(std_obj, rob_obj, std_path, rob_path, allow_swapped=allow_swapped_bases)
     if mixer_path is not None:
         mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
+        _require_mixer(composite)
+        check_mixer_inputs(composite, mixer_state, mixer_path)
         parts += [(_require_mixer(composite), mixer_state, f"{mixer_path} entry 'model'",
                    MIXER_FORMAT),
                   (composite.gamma_bn, bn_state, f"{mixer_path} entry 'bn'", MIXER_FORMAT)]
@@ -427,6 +473,8 @@ def load_robustbench_checkpoints(composite: CompositeModel, paths: Sequence[Path
                                    entries=("state_dict",), prefixes=("module.",),
                                    expected=ROBUSTBENCH_ROB_FORMAT)
     mixer_state, bn_state = read_mixer_state_dicts(mixer_path)
+    _require_mixer(composite)
+    check_mixer_inputs(composite, mixer_state, mixer_path)
     _load_parts([
         (composite.std_model, std_state, std_path, ROBUSTBENCH_STD_FORMAT),
         (composite.rob_model, rob_state, rob_path, ROBUSTBENCH_ROB_FORMAT),

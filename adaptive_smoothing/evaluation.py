@@ -8,10 +8,12 @@ batch AutoAttack resumes from its own state file.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -50,19 +52,72 @@ _COUNTERS = ("n", "clean_correct", "autoattack_robust", "pgd_robust", "adaptive_
              "robust", "gamma_clean_sum", "alpha_clean_sum", "gamma_adv_sum", "alpha_adv_sum",
              "adv_n", "gamma_nonfinite", "surrogate_robust", "transfer_rob_robust",
              "transfer_linear_robust", "square_robust", "square_n")
-# The nonlinear composite's extra attacks (docs/METHOD.md, "Evaluating a nonlinear composite"):
-# counter -> what the table calls it.
-_NONLINEAR_ATTACKS = {
+# The extra attacks of a nonlinear composite and of a rob_logits gate's (docs/METHOD.md,
+# "Evaluating a nonlinear composite", "Mixer inputs"): counter -> what the table calls it.
+_EXTRA_ATTACKS = {
     "surrogate_robust": "APGD-CE/T steered by the surrogate's gradient",
     "transfer_rob_robust": "APGD-CE/T examples of ROB alone, transferred",
     "transfer_linear_robust": "APGD-CE/T examples of the linear mixture, transferred",
 }
+# forward_settings keys that choose the mixer, which a fixed mixture does not read.
+_MIXER_KEYS: dict[str, Any] = {"mixer_inputs": "both", "mixer_width": None}
 # Per-image outcomes kept for paired comparisons (analysis.paired_comparison): 1 = correct.
 PER_IMAGE_FILE = "per_image.json"
 
 
 class EvaluationError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ExtraAttacks:
+    """The attacks beyond AutoAttack, PGD and the adaptive attack that a composite gets, each
+    judged on its true output (docs/METHOD.md, "Evaluating a nonlinear composite"):
+
+    - ``surrogate``: APGD-CE/T steered by a nonlinear composite's gradient surrogate (hard max
+      has no gradient; a differentiable composite needs none);
+    - ``transfer``: APGD-CE/T examples found against ROB alone and against the fixed linear
+      mixture of alpha ``linear_alpha``, transferred;
+    - Square (gradient-free) with ``square_queries`` on the images of index below
+      ``square_examples`` (0: none).
+    """
+
+    surrogate: bool
+    transfer: bool
+    linear_alpha: float
+    square_examples: int
+    square_queries: int
+
+
+def extra_attacks(composite: nn.Module,
+                  nonlinear: Optional[NonlinearSettings]) -> Optional[ExtraAttacks]:
+    """The extra attacks of ``composite`` under ``nonlinear`` (the config's
+    ``nonlinear_settings``, whose evaluation keys they are), or None for a composite that gets
+    none (the paper's mixing network, a fixed mixture).
+
+    A nonlinear composite gets all of them. A ``rob_logits`` gate's composite (docs/METHOD.md,
+    "Mixer inputs") gets the transfer attacks and Square, as checks that its gradient does not
+    mislead: its linear mixture has ``nonlinear_settings.surrogate_alpha`` or, where that is
+    None, the composite's alpha at the centre of its training gamma (gamma = the evaluation
+    bias), alpha_bias + alpha_scale * sigmoid(bias). The gate is differentiable, so its
+    gradient attack is the adaptive attack (``evaluation_settings.adaptive_attack``); the
+    surrogate attack is for the hard max only.
+    """
+    if nonlinear is None:
+        return None
+    if isinstance(composite, NonlinearComposite):
+        return ExtraAttacks(nonlinear.surrogate_attack, nonlinear.transfer_attacks,
+                            composite.surrogate_alpha, nonlinear.square_examples,
+                            nonlinear.square_queries)
+    if (isinstance(composite, CompositeModel) and composite.mixer is not None
+            and composite.mixer_inputs == "rob_logits"):
+        alpha = nonlinear.surrogate_alpha
+        if alpha is None:
+            alpha = composite.alpha_bias + composite.alpha_scale / (
+                1 + math.exp(-composite.eval_gamma[1]))
+        return ExtraAttacks(False, nonlinear.transfer_attacks, float(alpha),
+                            nonlinear.square_examples, nonlinear.square_queries)
+    return None
 
 
 def _plan(settings: EvaluationSettings, model_info: dict[str, Any]) -> dict[str, Any]:
@@ -230,10 +285,10 @@ def _autoattack(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return x_adv.to(device)
 
 
-def _nonlinear_attacks(composite: NonlinearComposite, forward: nn.Module, x: torch.Tensor,
-                       y: torch.Tensor, settings: EvaluationSettings, nonlinear: NonlinearSettings,
-                       *, device: torch.device, dtype: torch.dtype, seed: int,
-                       ids: Sequence[int]) -> dict[str, Any]:
+def _extra_attacks(composite: nn.Module, forward: nn.Module, x: torch.Tensor,
+                   y: torch.Tensor, settings: EvaluationSettings, extra: ExtraAttacks,
+                   *, device: torch.device, dtype: torch.dtype, seed: int,
+                   ids: Sequence[int]) -> dict[str, Any]:
     """The attacks that gradient masking cannot fool (docs/METHOD.md, "Evaluating a nonlinear
     composite"), each judged on the true output: {counter name: (B,) bool robust}, and under
     'square' (subset image positions, their robust flags) or None.
@@ -241,7 +296,9 @@ def _nonlinear_attacks(composite: NonlinearComposite, forward: nn.Module, x: tor
     Hard max has no gradient and a saturated ROB map has almost none, so AutoAttack on the
     output alone can miss adversarial examples that exist: the surrogate attack follows the
     gradient of the differentiable linear-mixture surrogate; the transfer attacks carry over
-    examples found on ROB alone and on that linear mixture; Square needs no gradient at all.
+    examples found on ROB alone and on a linear mixture; Square needs no gradient at all. For a
+    differentiable composite (the rob_logits gate) the last two check that its gradient does
+    not mislead.
     """
     def still_correct(x_adv: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -249,22 +306,23 @@ def _nonlinear_attacks(composite: NonlinearComposite, forward: nn.Module, x: tor
 
     gradient_attacks = ("apgd-ce", "apgd-t")
     out: dict[str, Any] = {}
-    if nonlinear.surrogate_attack:
+    if extra.surrogate:
+        assert isinstance(composite, NonlinearComposite)
         classifier = AutocastModule(SurrogateGradientClassifier(composite), device, dtype)
         out["surrogate_robust"] = still_correct(_autoattack(
             classifier, x, y, settings, gradient_attacks, device=device, seed=seed,
             random=PerImageRandom(seed, ids, "surrogate")))
-    if nonlinear.transfer_attacks:
+    if extra.transfer:
         sources = {"transfer_rob_robust": fixed_alpha_composite(composite, 1.0),
                    "transfer_linear_robust": fixed_alpha_composite(composite,
-                                                                   composite.surrogate_alpha)}
+                                                                   extra.linear_alpha)}
         for name, source in sources.items():
             classifier = AutocastModule(LogProbClassifier(source), device, dtype)
             out[name] = still_correct(_autoattack(
                 classifier, x, y, settings, gradient_attacks, device=device, seed=seed,
                 random=PerImageRandom(seed, ids, name.removesuffix("_robust"))))
     out["square"] = None
-    in_subset = torch.tensor([i < nonlinear.square_examples for i in ids], device=y.device)
+    in_subset = torch.tensor([i < extra.square_examples for i in ids], device=y.device)
     if bool(in_subset.any()):
         positions = in_subset.nonzero().squeeze(1)
         classifier = AutocastModule(LogProbClassifier(composite), device, dtype)
@@ -272,7 +330,7 @@ def _nonlinear_attacks(composite: NonlinearComposite, forward: nn.Module, x: tor
         x_sq = _autoattack(classifier, x[positions], y[positions], settings, ("square",),
                            device=device, seed=seed,
                            random=PerImageRandom(seed, square_ids, "square"),
-                           square_queries=nonlinear.square_queries)
+                           square_queries=extra.square_queries)
         with torch.no_grad():
             robust_sq = forward(x_sq).log_probs.argmax(1) == y[positions]
         out["square"] = (positions, robust_sq)
@@ -285,8 +343,9 @@ def evaluate_batch(composite: Composite, x: torch.Tensor, y: torch.Tensor,
                    where: str = "this batch", nonlinear: Optional[NonlinearSettings] = None
                    ) -> tuple[dict[str, Any], Optional[torch.Tensor]]:
     """Evaluate one batch; returns its counters and the adversarial images (AutoAttack's, else
-    those of the last attack run). A nonlinear composite also gets the attacks of
-    ``nonlinear`` (its config section), and its robust accuracy is the worst case over all.
+    those of the last attack run). A nonlinear composite and a rob_logits gate's also get the
+    extra attacks of ``nonlinear`` (the config's section; :func:`extra_attacks`), and the robust
+    accuracy is the worst case over all.
 
     Every random start is drawn per image from ``(seed, image_ids[i])`` (default: positions in
     this batch), so an image's result does not depend on the batch it is evaluated in.
@@ -345,9 +404,10 @@ def evaluate_batch(composite: Composite, x: torch.Tensor, y: torch.Tensor,
         robust &= result.robust
         x_adv_report = x_adv_report if x_adv_report is not None else result.x_adv
 
-    if isinstance(composite, NonlinearComposite) and nonlinear is not None:
-        for name, attack_robust in _nonlinear_attacks(
-                composite, forward, x, y, settings, nonlinear, device=device, dtype=dtype,
+    extra = extra_attacks(composite, nonlinear)
+    if extra is not None:
+        for name, attack_robust in _extra_attacks(
+                composite, forward, x, y, settings, extra, device=device, dtype=dtype,
                 seed=seed, ids=ids).items():
             if name == "square":  # a subset: -1 marks the images Square did not attack
                 flags = [-1] * len(y)
@@ -448,21 +508,22 @@ def _per_image(counters: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _ran(nonlinear: Optional[NonlinearSettings], name: str) -> bool:
-    """Whether a nonlinear composite's extra attack ``name`` (a counter) was run."""
-    if nonlinear is None:
+def _ran(extra: Optional[ExtraAttacks], name: str) -> bool:
+    """Whether the extra attack ``name`` (a counter) was run."""
+    if extra is None:
         return False
-    return {"surrogate_robust": nonlinear.surrogate_attack,
-            "transfer_rob_robust": nonlinear.transfer_attacks,
-            "transfer_linear_robust": nonlinear.transfer_attacks,
-            "square": nonlinear.square_examples > 0}[name]
+    return {"surrogate_robust": extra.surrogate,
+            "transfer_rob_robust": extra.transfer,
+            "transfer_linear_robust": extra.transfer,
+            "square": extra.square_examples > 0}[name]
 
 
 def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings,
               model_info: dict[str, Any],
-              nonlinear: Optional[NonlinearSettings] = None) -> dict[str, Any]:
-    """Aggregate per-batch counters into the reported numbers (``nonlinear``: the section of a
-    nonlinear composite, whose extra attacks are then reported)."""
+              extra: Optional[ExtraAttacks] = None, *,
+              nonlinear: bool = False) -> dict[str, Any]:
+    """Aggregate per-batch counters into the reported numbers (``extra``: the extra attacks
+    run, then reported; ``nonlinear``: the model is a nonlinear composite)."""
     total = {k: 0.0 for k in _COUNTERS}
     for batch in counters:
         for k in _COUNTERS:
@@ -494,23 +555,23 @@ def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings
         "adaptive_attack_weight": (settings.adaptive_attack_weight
                                    if settings.adaptive_attack else None),
         **{f"{name.removesuffix('_robust')}_robust_accuracy": (
-            ratio(total[name], n) if _ran(nonlinear, name) else None)
-           for name in _NONLINEAR_ATTACKS},
-        "square_examples": int(total["square_n"]) if _ran(nonlinear, "square") else None,
-        "square_queries": nonlinear.square_queries if _ran(nonlinear, "square") else None,
+            ratio(total[name], n) if _ran(extra, name) else None)
+           for name in _EXTRA_ATTACKS},
+        "square_examples": int(total["square_n"]) if _ran(extra, "square") else None,
+        "square_queries": extra.square_queries if extra and _ran(extra, "square") else None,
         "square_robust_accuracy": (ratio(total["square_robust"], total["square_n"])
-                                   if _ran(nonlinear, "square") else None),
+                                   if _ran(extra, "square") else None),
         "robust_accuracy": (ratio(total["robust"], n) if adv_n else None),
         "mean_gamma_clean": ratio(total["gamma_clean_sum"], n) if gamma_ok else None,
         "mean_alpha_clean": ratio(total["alpha_clean_sum"], n),
         "mean_gamma_adv": ratio(total["gamma_adv_sum"], adv_n) if gamma_ok else None,
         "mean_alpha_adv": ratio(total["alpha_adv_sum"], adv_n),
         "model": model_info,
-        "kind": "nonlinear" if nonlinear is not None else "mixture",
+        "kind": "nonlinear" if nonlinear else "mixture",
         # Output-only gradients of a nonlinear composite can be masked (hard max has none): its
         # robust accuracy counts only with the surrogate attack.
         "valid": not model_info.get("unsafe_detach_mixer_inputs", False) and not (
-            nonlinear is not None and settings.attacks_to_run and not nonlinear.surrogate_attack),
+            nonlinear and settings.attacks_to_run and not (extra and extra.surrogate)),
     }
 
 
@@ -536,7 +597,7 @@ def format_table(summary: dict[str, Any]) -> str:
     if summary["adaptive_attack_weight"] is not None:
         rows.append((f"adaptive APGD-CE/T (w = {summary['adaptive_attack_weight']})",
                      pct(summary["adaptive_robust_accuracy"])))
-    for name, label in _NONLINEAR_ATTACKS.items():
+    for name, label in _EXTRA_ATTACKS.items():
         value = summary.get(f"{name.removesuffix('_robust')}_robust_accuracy")
         if value is not None:
             rows.append((label, pct(value)))
@@ -579,8 +640,7 @@ def evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
     try:
         return _evaluate(composite, x_all, y_all, settings, output_dir, device=device,
                          dtype=dtype, model_info=model_info, overwrite=overwrite,
-                         nonlinear=nonlinear if isinstance(composite, NonlinearComposite)
-                         else None)
+                         nonlinear=nonlinear)
     finally:
         if lock is not None:
             lock.release()
@@ -595,6 +655,11 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
                        "(gradient attacks cannot see the mixing network)")
     model_info = dict(model_info or {})
     model_info["unsafe_detach_mixer_inputs"] = composite.unsafe_detach_mixer_inputs
+    extra = extra_attacks(composite, nonlinear)
+    if extra is not None and not isinstance(composite, NonlinearComposite):
+        # A rob_logits gate's extra attacks shape its results. (A nonlinear composite's are in
+        # its recorded nonlinear_settings; its manifests stay as they were.)
+        model_info["extra_attacks"] = dataclasses.asdict(extra)
     rank, world_size = distributed_rank_world()
     batches_dir = output_dir / "batches"
     if rank == 0:
@@ -643,7 +708,8 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
         batch_files = [batches.path(i) for i in range(len(starts))]
         _wait_for_files(batch_files)
         counters = [_read_batch(path) for path in batch_files]
-    summary = summarize(counters, settings, model_info, nonlinear)
+    summary = summarize(counters, settings, model_info, extra,
+                        nonlinear=extra is not None and isinstance(composite, NonlinearComposite))
     if rank != 0:
         return summary
     _atomic_write_json(summary, output_dir / RESULTS_FILE)
@@ -786,6 +852,9 @@ def _alpha_sweep(run: Run, alphas: Sequence[float], *, overwrite: bool = False,
     fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
                       fingerprints=dict(model_info["fingerprints"], comp=None))
     fixed_info.pop("nonlinear_settings", None)
+    # Nor does it read what a mixer reads.
+    fixed_info["forward_settings"] = {k: v for k, v in fixed_info["forward_settings"].items()
+                                      if k not in _MIXER_KEYS}
     # The adaptive attack's extra term pushes the mixer's gamma; a fixed mixture has no mixer,
     # so there it would only be AutoAttack's cascade again from other random starts. Fixed
     # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.

@@ -8,6 +8,8 @@ import torch
 
 from adaptive_smoothing.config import ConfigError, ForwardSettings, NonlinearSettings
 from adaptive_smoothing.models import BaseClassifier, CompositeModel, MixingNet, create_model
+from adaptive_smoothing.models.composite import Mixer
+from adaptive_smoothing.models.gate import LogitGate
 from adaptive_smoothing.models.nonlinear import NonlinearComposite
 from adaptive_smoothing.models.robustbench_zoo import is_zoo_name
 from adaptive_smoothing.prepare import CheckpointFiles, robustbench_model_dir
@@ -50,17 +52,8 @@ def build_composite(model: ForwardSettings, num_classes: int,
                     nl.clamp, nl.s, nl.p, nl.c, nl.alpha)
         return composite.to(resolve_device(device))
 
-    mixer: Optional[MixingNet] = None
-    channels: Optional[tuple[int, int]] = None
-    if fwd.use_policy:
-        # Only a mixer reads features (a RobustBench model may have none).
-        channels = _first_feature_channels(std_model, rob_model, source)
-        if fwd.in_planes is not None and tuple(fwd.in_planes) != channels:
-            raise ConfigError(f"expected the first-feature channels of the base models "
-                              f"{channels} (or None to read them from the models)",
-                              key="forward_settings.in_planes", value=fwd.in_planes,
-                              file=source)
-        mixer = MixingNet(channels, version=fwd.pn_version)
+    mixer = _build_mixer(fwd, std_model, rob_model, num_classes, source) if fwd.use_policy \
+        else None
 
     if not fwd.policy_graph:
         logger.warning("forward_settings.policy_graph is false: the mixing network's inputs are "
@@ -71,16 +64,58 @@ def build_composite(model: ForwardSettings, num_classes: int,
         std_scale=fwd.std_model_scale, rob_scale=fwd.rob_model_scale, gamma=fwd.gamma,
         train_gamma=fwd.gamma_consts.train, eval_gamma=fwd.gamma_consts.eval,
         alpha_scale=fwd.alpha_scale, alpha_bias=fwd.alpha_bias,
-        unsafe_detach_mixer_inputs=not fwd.policy_graph)
+        unsafe_detach_mixer_inputs=not fwd.policy_graph, mixer_inputs=fwd.mixer_inputs)
     logger.info("built composite: STD %s, ROB %s, mixer %s", fwd.std_model_type,
-                fwd.rob_model_type, f"V{fwd.pn_version} {channels}" if mixer else "none")
+                fwd.rob_model_type, _describe_mixer(mixer, fwd.mixer_inputs))
     return composite.to(resolve_device(device))
+
+
+def _build_mixer(fwd: ForwardSettings, std_model: BaseClassifier, rob_model: BaseClassifier,
+                 num_classes: int, source: Optional[str]) -> Mixer:
+    """The mixer that ``forward_settings.mixer_inputs`` names (docs/METHOD.md, "Mixer
+    inputs"): the mixing network on both models' features or ROB's, or the logit gate."""
+    if fwd.mixer_inputs == "rob_logits":
+        # The gate reads logits only: no feature maps, so in_planes does not apply.
+        if fwd.in_planes is not None:
+            logger.info("forward_settings.in_planes is not used: the rob_logits gate reads no "
+                        "feature maps")
+        return LogitGate(num_classes)
+    # Only a mixing network reads features (a RobustBench model may have none), and only those
+    # of the models it reads.
+    if fwd.mixer_inputs == "both":
+        channels = _first_feature_channels(std_model, rob_model, source)
+        given = None if fwd.in_planes is None else tuple(fwd.in_planes)
+        read: tuple[int, ...] = channels
+    else:
+        channels = (_feature_channels(rob_model, source),)
+        given = None if fwd.in_planes is None else (fwd.in_planes[1],)  # ROB's entry
+        read = channels
+    if given is not None and given != channels:
+        models = (f"base models {channels}" if len(channels) == 2
+                  else f"ROB model {channels[0]} as the second entry")
+        raise ConfigError(f"expected the first-feature channels of the {models} (or None to "
+                          f"read them from the models)", key="forward_settings.in_planes",
+                          value=fwd.in_planes, file=source)
+    return MixingNet(read, version=fwd.pn_version, width=fwd.mixer_width)
+
+
+def _describe_mixer(mixer: Optional[Mixer], inputs: str) -> str:
+    if isinstance(mixer, MixingNet):
+        width = "" if mixer.width is None else f", width x{mixer.width:g}"
+        return f"V{mixer.version} on {inputs} {mixer.in_planes}{width}"
+    if isinstance(mixer, LogitGate):
+        return f"logit gate on ROB's top-{mixer.top_k} logits"
+    return "none"
 
 
 def _first_feature_channels(std_model: BaseClassifier, rob_model: BaseClassifier,
                             source: Optional[str]) -> tuple[int, int]:
+    return (_feature_channels(std_model, source), _feature_channels(rob_model, source))
+
+
+def _feature_channels(model: BaseClassifier, source: Optional[str]) -> int:
     try:
-        return (std_model.feature_channels[0], rob_model.feature_channels[0])
+        return model.feature_channels[0]
     except ValueError as err:  # a RobustBench architecture without known feature modules
         raise ConfigError(str(err), key="forward_settings.use_policy", value=True,
                           file=source) from None

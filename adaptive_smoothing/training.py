@@ -37,8 +37,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import Norm, RandomizedAttackSettings, generate_training_attacks
-from adaptive_smoothing.checkpoints import mixer_checkpoint, read_checkpoint, save_checkpoint
+from adaptive_smoothing.attacks import (Norm, RandomizedAttackSettings, curriculum_settings,
+                                        generate_training_attacks)
+from adaptive_smoothing.checkpoints import (CheckpointError, check_mixer_inputs,
+                                            mixer_checkpoint, read_checkpoint, save_checkpoint)
 from adaptive_smoothing.config import MOVED, Config, ConfigError, TrainingSettings, provenance
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
@@ -327,6 +329,11 @@ class Trainer:
                                "schedule will differ from an uninterrupted run", path, key,
                                state[key], now)
         try:
+            check_mixer_inputs(self.composite, state.get("model", {}), path)
+        except CheckpointError as err:
+            raise TrainingResumeError(f"{err}; or start over with a new --output-dir or "
+                                      "--no-resume") from None
+        try:
             self.mixer.load_state_dict(state["model"])
             self.composite.gamma_bn.load_state_dict(state["bn"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -596,9 +603,12 @@ class Trainer:
         # Iteration counts from a generator without the rank: every process runs as many
         # attack iterations as the others (DDP waits for the slowest at the next all-reduce).
         iterations_gen = stream(self.seed, "attack_iterations", self.iteration)
+        # The curriculum follows the global step alone, which a checkpoint restores: a resumed
+        # run attacks as the uninterrupted one.
+        attack = curriculum_settings(self.attack_settings, self.global_step)
         with autocast_context(self.device, self.dtype):
-            adversarial = generate_training_attacks(self.composite, x, y, self.attack_settings,
-                                                    attack_gen, iterations_gen)
+            adversarial = generate_training_attacks(self.composite, x, y, attack, attack_gen,
+                                                    iterations_gen)
         n_clean = len(x) + len(x_extra)
         xs = torch.cat([x, x_extra.to(self.device), *adversarial])
         ys = torch.cat([y, y_extra.to(self.device), *([y] * len(adversarial))])
@@ -690,6 +700,10 @@ class Trainer:
                     self.total_steps, self.dtype, self.device)
         logger.info("lr %g, weight decay %g, accum_grad %d, output %s", ts.lr, ts.weight_decay,
                     ts.accum_grad, self.output_dir)
+        if self.attack_settings.curriculum_steps:
+            logger.info("attack curriculum: the training attacks' comp_loss_wmax and eps ramp "
+                        "linearly from 0 over the first %d optimizer steps",
+                        self.attack_settings.curriculum_steps)
         if self.pre_attacked is not None:
             logger.info("plus %d pre-attacked images per buffer (clean batch %d = batch * 5 // "
                         "%d blocks)", self.pa_slice, self.batch, self.pre_attacked["blocks"])

@@ -18,7 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
 from .provenance import NOTHING, RESULTS, WEIGHTS, WEIGHTS_AND_RESULTS
-from adaptive_smoothing.models.composite import check_alpha_range
+from adaptive_smoothing.models.composite import MixerInputs, check_alpha_range
 
 # The original code's short model names -> this project's registry names.
 MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
@@ -209,6 +209,18 @@ class ForwardSettings(Section):
                              affects=WEIGHTS_AND_RESULTS)
     pn_version: Literal[3, 4] = key(4, "mixing network version (V4 adds a 1x1 conv on the "
                                     "second features)", affects=WEIGHTS_AND_RESULTS)
+    mixer_inputs: MixerInputs = key(
+        "both", "what the mixer reads (docs/METHOD.md, \"Mixer inputs\"): `both` models' "
+                "feature maps (the paper's; every published checkpoint), `rob_features` (the "
+                "same network on ROB's feature maps only), `rob_logits` (a gate of ~240 "
+                "parameters on ROB's scaled logits, adaptive_smoothing/models/gate.py); with "
+                "`rob_*` gamma does not depend on STD, so an attacker cannot steer it through "
+                "STD's features", affects=WEIGHTS_AND_RESULTS)
+    mixer_width: Optional[Annotated[float, Field(gt=0)]] = key(
+        None, "multiplier of the mixing network's last two stage widths (c2, c3 of each "
+              "channel plan; docs/METHOD.md, \"Mixing network\"), e.g. 0.5 for a network of "
+              "about a third of the parameters; None = the plan as is (the paper's); not for "
+              "`mixer_inputs: rob_logits`", affects=WEIGHTS_AND_RESULTS)
     alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias",
                             affects=WEIGHTS_AND_RESULTS)
     alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1",
@@ -222,6 +234,15 @@ class ForwardSettings(Section):
     def _alpha_range(cls, bias: float, info: ValidationInfo) -> float:
         check_alpha_range(bias, info.data.get("alpha_scale", 0.0))
         return bias
+
+    @field_validator("mixer_width")
+    @classmethod
+    def _width_of_a_network(cls, width: Optional[float], info: ValidationInfo
+                            ) -> Optional[float]:
+        if width is not None and info.data.get("mixer_inputs") == "rob_logits":
+            raise ValueError("expected None: the logit gate of `mixer_inputs: rob_logits` has "
+                             "no channel plan to scale")
+        return width
 
 
 class DatasetSettings(Section):
@@ -381,7 +402,10 @@ class EvaluationSettings(Section):
 
 class NonlinearSettings(Section):
     """The nonlinear composite (docs/METHOD.md, "Nonlinear mixing"): no mixing network; STD's
-    map and ROB's transformed softmax mixed with one alpha. `scripts/calibrate.py` writes it."""
+    map and ROB's transformed softmax mixed with one alpha. `scripts/calibrate.py` writes it.
+    Its evaluation keys (`transfer_attacks`, `square_examples`, `square_queries`,
+    `surrogate_alpha`) also apply, with `enabled` false, to a composite whose mixer is the
+    `rob_logits` gate (docs/METHOD.md, "Mixer inputs")."""
 
     enabled: bool = key(False, "use the nonlinear composite instead of the mixing network / "
                         "fixed gamma of `forward_settings` (whose base models and logit scales "
@@ -402,7 +426,9 @@ class NonlinearSettings(Section):
               ">= (1 - alpha) / alpha", affects=RESULTS)
     surrogate_alpha: Optional[Unit] = key(
         None, "alpha of the gradient surrogate's linear mixture (the authors': the linear "
-              "mixture calibrated for its own beta); None = `alpha`", affects=RESULTS)
+              "mixture calibrated for its own beta), also the transfer attacks' one; None = "
+              "`alpha` (for a `rob_logits` gate: its alpha at gamma = the evaluation bias)",
+        affects=RESULTS)
     surrogate_raw_share: Unit = key(0.9, "share of ROB's raw softmax in the surrogate's ROB "
                                     "term (the rest: the transformed softmax)", affects=RESULTS)
     surrogate_attack: bool = key(True, "evaluation: also APGD-CE/T steered by the surrogate's "

@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, Literal, NamedTuple, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_smoothing.models.base import BaseClassifier
+from adaptive_smoothing.models.base import BaseClassifier, BaseOutput
 from adaptive_smoothing.models.distributed_bn import convert_to_global_batchnorm, global_mean_std
+from adaptive_smoothing.models.gate import LogitGate
 from adaptive_smoothing.models.mixing import MixingNet
+
+# What the mixer reads (docs/METHOD.md, "Mixer inputs"): both models' feature maps (the paper's
+# mixing network), ROB's feature maps alone (the same network), or ROB's logits (the gate).
+MixerInputs = Literal["both", "rob_features", "rob_logits"]
+MIXER_INPUTS: tuple[str, ...] = get_args(MixerInputs)
+Mixer = Union[MixingNet, LogitGate]
 
 # Training-mode clamp of gamma to [mean - k * std, mean + k * std] before the gamma BatchNorm.
 _CLAMP_STDS = 0.6
@@ -48,21 +55,26 @@ class CompositeModel(nn.Module):
 
     Args:
         std_model, rob_model: base classifiers; frozen here (eval mode, no parameter grads).
-        mixer: the mixing network, or None for a fixed ``gamma``.
+        mixer: the mixing network (or the logit gate), or None for a fixed ``gamma``.
+        mixer_inputs: what the mixer reads (docs/METHOD.md, "Mixer inputs"): ``"both"`` models'
+            feature maps (a :class:`MixingNet` built for (STD, ROB)), ``"rob_features"`` (a
+            :class:`MixingNet` built for (ROB,)) or ``"rob_logits"``, ROB's scaled logits (a
+            :class:`LogitGate`).
         std_scale, rob_scale: positive logit scales s_std, s_rob.
         gamma: fixed gamma when there is no mixer; -inf = STD only, +inf = ROB only.
         train_gamma, eval_gamma: (scale, bias) applied to the BN-normalised gamma in training and
             evaluation mode.
         alpha_scale, alpha_bias: with scale_alpha on, alpha <- alpha * alpha_scale + alpha_bias.
             (0, 0) means STD only, alpha_bias == 1 ROB only.
-        unsafe_detach_mixer_inputs: detach the features fed to the mixer, hiding the mixer from
-            gradient-based attacks. NOT VALID FOR EVALUATION: robustness measured with it on is
-            overstated. It exists only to reproduce the original code's ``policy_graph: false``.
+        unsafe_detach_mixer_inputs: detach the features (or logits) fed to the mixer, hiding
+            the mixer from gradient-based attacks. NOT VALID FOR EVALUATION: robustness measured
+            with it on is overstated. It exists only to reproduce the original code's
+            ``policy_graph: false``.
     """
 
     def __init__(self, std_model: BaseClassifier, rob_model: BaseClassifier,
-                 mixer: Optional[MixingNet] = None, *, std_scale: float = 1.0,
-                 rob_scale: float = 1.0, gamma: float = 0.0,
+                 mixer: Optional[Mixer] = None, *, mixer_inputs: MixerInputs = "both",
+                 std_scale: float = 1.0, rob_scale: float = 1.0, gamma: float = 0.0,
                  train_gamma: tuple[float, float] = (2.0, 0.4),
                  eval_gamma: tuple[float, float] = (2.0, 1.3),
                  alpha_scale: float = 1.0, alpha_bias: float = 0.0,
@@ -74,12 +86,19 @@ class CompositeModel(nn.Module):
         check_alpha_range(alpha_bias, alpha_scale)
         if math.isnan(gamma):
             raise ValueError("gamma must not be NaN")
+        if mixer_inputs not in MIXER_INPUTS:
+            raise ValueError(f"mixer_inputs must be one of {MIXER_INPUTS}, got {mixer_inputs!r}")
+        expected = LogitGate if mixer_inputs == "rob_logits" else MixingNet
+        if mixer is not None and not isinstance(mixer, expected):
+            raise ValueError(f"mixer_inputs {mixer_inputs!r} needs a {expected.__name__}, got "
+                             f"a {type(mixer).__name__}")
         self.std_model = std_model
         self.rob_model = rob_model
         for model in (self.std_model, self.rob_model):
             model.eval()
             model.requires_grad_(False)
         self.mixer = mixer
+        self.mixer_inputs: MixerInputs = mixer_inputs
         # Running statistics of gamma are learned with the mixer and saved as its "bn" state.
         self.gamma_bn = nn.BatchNorm1d(1, affine=False, momentum=0.01)
         self.std_scale = float(std_scale)
@@ -155,9 +174,8 @@ class CompositeModel(nn.Module):
             logits = self.rob_model(x).float() * self.rob_scale
             return CompositeOutput(logits, _full(batch, math.inf, x), _full(batch, 1.0, x))
 
-        std_out = self.std_model.forward_features(x)
-        rob_out = self.rob_model.forward_features(x)
-        gamma = self._gamma(std_out.features, rob_out.features, x, mixer)
+        std_out, rob_out = self._base_outputs(x)
+        gamma = self._gamma(std_out, rob_out, x, mixer)
 
         # log((1 - a) p_std + a p_rob) in log space: the direct form underflows to log(0) = -inf
         # (and NaN gradients) wherever both models give a class a probability below ~1e-38,
@@ -193,8 +211,45 @@ class CompositeModel(nn.Module):
                                   log_const(scale) + F.logsigmoid(-gamma))
         return log_std, log_rob
 
-    def _gamma(self, std_features: tuple[torch.Tensor, torch.Tensor],
-               rob_features: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+    def _base_outputs(self, x: torch.Tensor) -> tuple[BaseOutput, BaseOutput]:
+        """Both base models' logits, with the feature maps where the mixer reads them (a
+        model's plain forward otherwise: a RobustBench model without known feature maps then
+        still serves, e.g. as ROB under the logit gate)."""
+        reads = self._features_read()
+        outputs = []
+        for which, model in (("std", self.std_model), ("rob", self.rob_model)):
+            outputs.append(model.forward_features(x) if which in reads
+                           else BaseOutput(model(x), ()))
+        return outputs[0], outputs[1]
+
+    def _features_read(self) -> tuple[str, ...]:
+        # Without a mixer both models still give their features, as they always have: the
+        # paper's composite keeps computing exactly what it computed.
+        if self.mixer is None or self.mixer_inputs == "both":
+            return ("std", "rob")
+        return ("rob",) if self.mixer_inputs == "rob_features" else ()
+
+    def _mixer_output(self, std_out: BaseOutput, rob_out: BaseOutput,
+                      mixer: Optional[nn.Module] = None) -> torch.Tensor:
+        """The mixer's raw output (B, 1), in the gamma BN's dtype, on what its kind reads
+        (docs/METHOD.md, "Mixer inputs"): the one place that feeds the mixer, for the forward
+        and the gamma BN's re-estimation alike. Nothing is detached (unless
+        ``unsafe_detach_mixer_inputs``), so gradient attacks differentiate through the mixer."""
+        def fed(t: torch.Tensor) -> torch.Tensor:
+            return t.detach() if self.unsafe_detach_mixer_inputs else t
+
+        mixer = self.mixer if mixer is None else mixer
+        assert mixer is not None
+        if self.mixer_inputs == "rob_logits":
+            raw = mixer(fed(rob_out.logits.float() * self.rob_scale))
+        else:
+            models = (rob_out,) if self.mixer_inputs == "rob_features" else (std_out, rob_out)
+            raw = mixer([fed(out.features[0]) for out in models],
+                        [fed(out.features[1]) for out in models])
+        # The gamma BN runs in its own dtype (fp32 under autocast, fp64 after .double()).
+        return raw.to(self.gamma_bn.running_mean.dtype)
+
+    def _gamma(self, std_out: BaseOutput, rob_out: BaseOutput, x: torch.Tensor,
                mixer: Optional[nn.Module] = None) -> torch.Tensor:
         """gamma (B,): the mixer's output after clamp, BN and the gamma constants."""
         batch = x.shape[0]
@@ -204,14 +259,7 @@ class CompositeModel(nn.Module):
             # A degenerate range: alpha is the constant alpha_bias; report its logit as gamma.
             return torch.logit(_full(batch, self.alpha_bias, x))
 
-        firsts = [std_features[0], rob_features[0]]
-        seconds = [std_features[1], rob_features[1]]
-        if self.unsafe_detach_mixer_inputs:
-            firsts = [f.detach() for f in firsts]
-            seconds = [f.detach() for f in seconds]
-        # The gamma BN runs in its own dtype (fp32 under autocast, fp64 after .double()).
-        mixer = self.mixer if mixer is None else mixer
-        gamma = mixer(firsts, seconds).to(self.gamma_bn.running_mean.dtype)  # (B, 1)
+        gamma = self._mixer_output(std_out, rob_out, mixer)  # (B, 1)
         if self.training:
             # Clamping before the BN keeps outliers from dominating its running statistics.
             mean, std = (global_mean_std(gamma) if self.global_batch_stats
@@ -244,11 +292,7 @@ class CompositeModel(nn.Module):
             for x in batches:
                 if x.shape[0] < 2:
                     continue  # a batch of one has no variance (training never sees one)
-                std_out = self.std_model.forward_features(x)
-                rob_out = self.rob_model.forward_features(x)
-                raw = self.mixer([std_out.features[0], rob_out.features[0]],
-                                 [std_out.features[1], rob_out.features[1]]).to(
-                                     self.gamma_bn.running_mean.dtype)
+                raw = self._mixer_output(*self._base_outputs(x))
                 clamped = _clamp(raw, raw.mean(), raw.std())
                 means.append(clamped.mean())
                 variances.append(clamped.var())

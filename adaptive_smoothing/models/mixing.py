@@ -1,7 +1,9 @@
-"""The mixing ("policy") network that reads both base models' features and outputs gamma."""
+"""The mixing ("policy") network that reads base models' feature maps and outputs gamma
+(docs/METHOD.md, "Mixing network"): both models' (the paper's), or ROB's alone
+(``forward_settings.mixer_inputs: rob_features``, docs/METHOD.md, "Mixer inputs")."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +19,21 @@ CHANNEL_PLANS: dict[int, tuple[int, int, int, int]] = {
 }
 
 
-def channel_plan(in_planes: int) -> tuple[int, int, int, int]:
-    if in_planes in CHANNEL_PLANS:
-        return CHANNEL_PLANS[in_planes]
+def channel_plan(in_planes: int, width: Optional[float] = None) -> tuple[int, int, int, int]:
+    """The plan (c0, c1, c2, c3) of a base model whose first feature map has ``in_planes``
+    channels. ``width`` multiplies c2 and c3, the widths of the second and third stages
+    (rounded, at least 1); c0 is the input's channel count and c1 is what V3 adds the second
+    feature maps to, so both stay. None = the plan as is (the paper's)."""
     if in_planes <= 0:
         raise ValueError(f"in_planes must be positive, got {in_planes}")
-    return (in_planes, 2 * in_planes, 4 * in_planes, 8 * in_planes)
+    plan = CHANNEL_PLANS.get(in_planes,
+                             (in_planes, 2 * in_planes, 4 * in_planes, 8 * in_planes))
+    if width is None:
+        return plan
+    if not width > 0:
+        raise ValueError(f"the mixing network's width multiplier must be positive, got {width}")
+    c0, c1, c2, c3 = plan
+    return (c0, c1, max(1, round(c2 * width)), max(1, round(c3 * width)))
 
 
 class PreActBlock(nn.Module):
@@ -49,17 +60,23 @@ class PreActBlock(nn.Module):
 class MixingNet(nn.Module):
     """Mixing network V3 (``version=3``) or V4 (``version=4``, a 1x1 conv on the second features).
 
-    ``in_planes`` are the first-feature channel counts of the (STD, ROB) models. Three stages of
-    two PreActBlocks (first one stride 2), global average pool, Linear(P3 -> 1, no bias).
+    ``in_planes`` are the first-feature channel counts of the models it reads, in the order of
+    the feature lists given to :meth:`forward`: (STD, ROB), or (ROB,) alone. ``width``: see
+    :func:`channel_plan`. Three stages of two PreActBlocks (first one stride 2), global average
+    pool, Linear(P3 -> 1, no bias).
     """
 
-    def __init__(self, in_planes: Sequence[int], version: int = 4) -> None:
+    def __init__(self, in_planes: Sequence[int], version: int = 4,
+                 width: Optional[float] = None) -> None:
         super().__init__()
         if version not in (3, 4):
             raise ValueError(f"mixing network version must be 3 or 4, got {version}")
         self.version = version
         self.in_planes = tuple(int(p) for p in in_planes)
-        plans = [channel_plan(p) for p in self.in_planes]
+        if not self.in_planes:
+            raise ValueError("the mixing network needs the features of at least one model")
+        self.width = width
+        plans = [channel_plan(p, width) for p in self.in_planes]
         self.planes = tuple(int(sum(col)) for col in zip(*plans))
         width = self.planes[0]
         stages = []

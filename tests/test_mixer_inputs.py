@@ -1,0 +1,365 @@
+"""What the mixer reads (docs/METHOD.md, "Mixer inputs") and the attack curriculum
+(docs/TRAINING.md, "Curriculum"): each kind trains and resumes exactly, the adaptive attack's
+gradient reaches the gate, gamma ignores STD where it should, a checkpoint of another kind is
+refused in one line, and the defaults leave the recorded identities as they were.
+
+Tiny models (ResNet-18 of width 2 or 4) keep every test to seconds on a shared 2-core CPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adaptive_smoothing import evaluation, training
+from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd, curriculum_ramp,
+                                        curriculum_settings, draw_attack_run)
+from adaptive_smoothing.checkpoints import (CheckpointError, load_mixer_checkpoint,
+                                            mixer_checkpoint, save_checkpoint)
+from adaptive_smoothing.cli.errors import user_error_message
+from adaptive_smoothing.config import Config, ConfigError, apply_overrides, provenance
+from adaptive_smoothing.config.schema import EvaluationSettings, NonlinearSettings
+from adaptive_smoothing.factory import build_composite, load_composite_weights
+from adaptive_smoothing.prepare import prepare, resolve_checkpoints
+from adaptive_smoothing.models import CompositeModel, MixingNet
+from adaptive_smoothing.models.gate import LogitGate
+from adaptive_smoothing.training import (Trainer, TrainingResumeError, build_trainer,
+                                         run_training, training_identity)
+from synthetic import make_tiny_training_root, synthetic_data, tiny_base
+from test_training import _assert_states_close, _Interrupted, _load, _tiny_config
+
+CPU = torch.device("cpu")
+NEW_KEYS = ("forward_settings.mixer_inputs", "forward_settings.mixer_width",
+            "randomized_attack_settings.curriculum_steps")
+KINDS = ("both", "rob_features", "rob_logits")
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_training_root(tmp_path_factory.mktemp("mixer_inputs"))
+
+
+def _config(root: Path, out: str, kind: str, **overrides: Any):
+    """The tiny training of test_training (2 iterations of 2 optimizer steps), with the mixer
+    kind and a curriculum over the first 3 steps."""
+    extra = {"forward_settings.mixer_inputs": kind,
+             "randomized_attack_settings.curriculum_steps": 3}
+    if kind == "rob_features":
+        extra["forward_settings.mixer_width"] = 0.5
+    return apply_overrides(_tiny_config(root, out, epochs=1), **{**extra, **overrides})
+
+
+# -- each kind trains and resumes exactly --------------------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tiny_root: Path) -> dict[str, dict[str, Any]]:
+    """Per new kind, an uninterrupted run: its checkpoint, initial mixer, losses and the
+    training attacks' (global step, eps, comp_loss_wmax)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("rob_features", "rob_logits"):
+        config = _config(tiny_root, f"{kind}_reference", kind)
+        record: dict[str, list] = {"losses": [], "attacks": []}
+        original_iteration = Trainer._train_iteration
+        original_attacks = training.generate_training_attacks
+
+        def iteration(self: Trainer, *args: Any) -> Any:
+            metrics = original_iteration(self, *args)
+            record["losses"].append(metrics["loss"])
+            return metrics
+
+        def attacks(composite: Any, x: Any, y: Any, settings: RandomizedAttackSettings,
+                    *args: Any) -> Any:
+            record["attacks"].append((trainer.global_step, settings.eps,
+                                      settings.comp_loss_wmax))
+            return original_attacks(composite, x, y, settings, *args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Trainer, "_train_iteration", iteration)
+            patch.setattr(training, "generate_training_attacks", attacks)
+            trainer = build_trainer(prepare(config))
+            initial = {k: v.clone() for k, v in trainer.mixer.state_dict().items()}
+            path = trainer.fit()
+        out[kind] = {"config": config, "path": path, "initial": initial, **record,
+                     "mixer": type(trainer.mixer)}
+    return out
+
+
+@pytest.mark.parametrize("kind, mixer", [("rob_features", MixingNet), ("rob_logits", LogitGate)])
+def test_each_kind_builds_trains_and_changes_its_mixer(runs: dict, kind: str, mixer: type) -> None:
+    run = runs[kind]
+    assert run["mixer"] is mixer
+    assert len(run["losses"]) == 2 and all(torch.isfinite(torch.tensor(run["losses"])))
+    state = _load(run["path"])
+    assert state["global_step"] == 4 and state["nonfinite_streak"] == 0
+    changed = [k for k, v in run["initial"].items() if not torch.equal(v, state["model"][k])]
+    assert any(k.endswith("weight") for k in changed)
+
+
+@pytest.mark.parametrize("kind", ["rob_features", "rob_logits"])
+def test_each_kind_resumes_exactly(runs: dict, tiny_root: Path, kind: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(tiny_root, f"{kind}_resumed", kind)
+    original = Trainer._train_iteration
+
+    def crash_at_second(self: Trainer, *args: Any) -> Any:
+        if self.iteration == 1:  # killed after the first checkpoint, inside the curriculum
+            raise _Interrupted()
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_iteration", crash_at_second)
+    with pytest.raises(_Interrupted):
+        run_training(config)
+    monkeypatch.setattr(Trainer, "_train_iteration", original)
+    resumed, reference = _load(run_training(config)), _load(runs[kind]["path"])
+    assert resumed["global_step"] == reference["global_step"] == 4
+    _assert_states_close(resumed["model"], reference["model"])
+    _assert_states_close(resumed["bn"], reference["bn"])
+
+
+# -- the curriculum -------------------------------------------------------------------------------
+def test_curriculum_ramps_the_attack_weight_and_radius_linearly() -> None:
+    settings = RandomizedAttackSettings(eps=8 / 255, comp_loss_wmax=0.4, curriculum_steps=10)
+    for step, ramp in ((0, 0.0), (5, 0.5), (10, 1.0), (20, 1.0)):
+        at = curriculum_settings(settings, step)
+        assert curriculum_ramp(settings, step) == ramp
+        assert at.comp_loss_wmax == pytest.approx(0.4 * ramp)
+        assert at.eps == pytest.approx(8 / 255 * ramp)
+        # The same uniforms, scaled: every drawn eps_i and w_i is the full draw times the ramp.
+        full = draw_attack_run(settings, 6, torch.Generator().manual_seed(1))
+        ramped = draw_attack_run(at, 6, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(ramped.eps, full.eps * ramp)
+        torch.testing.assert_close(ramped.bce_weight, full.bce_weight * ramp)
+        assert ramped.n_iter == full.n_iter
+    off = RandomizedAttackSettings()
+    assert off.curriculum_steps == 0
+    assert curriculum_settings(off, 0) is off  # the default changes nothing
+
+
+def test_the_trainer_attacks_as_the_curriculum_says_at_each_global_step(runs: dict) -> None:
+    eps = runs["rob_logits"]["config"].randomized_attack_settings.eps
+    attacks = runs["rob_logits"]["attacks"]  # 2 iterations of 2 optimizer steps, N = 3
+    assert [step for step, _, _ in attacks] == [0, 2]
+    assert [a[1] for a in attacks] == pytest.approx([0.0, eps * 2 / 3])
+    assert [a[2] for a in attacks] == pytest.approx([0.0, 0.4 * 2 / 3])
+
+
+# -- the gate and the example configs ------------------------------------------------------------
+def test_the_gate_is_small_reads_sorted_logits_and_weighs_the_margin_non_negatively() -> None:
+    torch.manual_seed(0)
+    gate = LogitGate(10)
+    assert sum(p.numel() for p in gate.parameters()) < 300
+    logits = 3 * torch.randn(5, 10)
+    permuted = logits[:, torch.randperm(10)]
+    torch.testing.assert_close(gate(permuted), gate(logits))  # confidence, not classes
+    margin = gate.inputs(logits)[:, gate.top_k]
+    top2 = torch.nn.functional.layer_norm(logits, (10,)).topk(2, dim=1).values
+    torch.testing.assert_close(margin, top2[:, 0] - top2[:, 1])
+    with torch.no_grad():
+        gate.raw_margin_weight.fill_(-20.0)
+    assert gate.margin_weight.item() >= 0
+
+
+@pytest.mark.parametrize("name, kind", [("rob_logits", "rob_logits"),
+                                        ("rob_features", "rob_features")])
+def test_the_example_configs_load_and_build_their_mixer(name: str, kind: str) -> None:
+    from adaptive_smoothing.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / f"rn18w16_{name}_cpu.yaml")
+    fwd = config.forward_settings
+    assert fwd.mixer_inputs == kind and config.randomized_attack_settings.curriculum_steps > 0
+    assert config.training_settings.val_start >= config.evaluation_settings.n_examples
+    composite = build_composite(fwd, config.dataset_settings.num_classes)
+    assert composite.mixer_inputs == kind
+    assert isinstance(composite.mixer, LogitGate if kind == "rob_logits" else MixingNet)
+
+
+# -- gradients and what gamma depends on ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def bases():
+    return tiny_base(0, train=False), tiny_base(1, train=False)
+
+
+def _composite(bases, kind: str) -> CompositeModel:
+    std, rob = bases
+    torch.manual_seed(3)
+    mixer = {"both": lambda: MixingNet((4, 4), version=4),
+             "rob_features": lambda: MixingNet((4,), version=4, width=0.5),
+             "rob_logits": lambda: LogitGate(10)}[kind]()
+    return CompositeModel(std, rob, mixer, mixer_inputs=kind, alpha_bias=0.2,
+                          alpha_scale=0.75).eval()
+
+
+@pytest.mark.parametrize("kind", ["rob_features", "rob_logits"])
+def test_the_adaptive_attacks_gradient_reaches_the_mixers_input(bases, kind: str) -> None:
+    composite = _composite(bases, kind)
+    seen: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+
+    def capture(_module: Any, inputs: tuple, _output: Any) -> None:
+        tensors = [inputs[0]] if kind == "rob_logits" else [*inputs[0], *inputs[1]]
+        for tensor in tensors:
+            seen.append(tensor)
+            if tensor.requires_grad:
+                tensor.register_hook(grads.append)
+
+    composite.mixer.register_forward_hook(capture)
+    x, y = synthetic_data(6, seed=2)
+    # The adaptive attack's loss: (1 - w) CE + w BCE(gamma, 1), differentiated w.r.t. the input.
+    apgd(composite, x, y, 8 / 255, n_iter=1, bce_weight=0.5,
+         generator=torch.Generator().manual_seed(0))
+    assert seen and all(t.requires_grad for t in seen)
+    assert grads and all(torch.count_nonzero(g) > 0 for g in grads)
+    # With the inputs detached (the unsafe setting), nothing reaches the mixer.
+    composite.unsafe_detach_mixer_inputs = True
+    seen.clear()
+    with torch.enable_grad():
+        composite(x.requires_grad_(True))
+    assert seen and not any(t.requires_grad for t in seen)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("training_mode", [False, True])
+def test_gamma_depends_on_std_only_when_the_mixer_reads_both(bases, kind: str,
+                                                             training_mode: bool) -> None:
+    import copy
+
+    composite = _composite((copy.deepcopy(bases[0]), bases[1]), kind)
+    x, _ = synthetic_data(8, seed=4)
+
+    def gamma() -> torch.Tensor:
+        with torch.no_grad(), composite.mode(training_mode):
+            bn = copy.deepcopy(composite.gamma_bn.state_dict())
+            out = composite(x).gamma
+            composite.gamma_bn.load_state_dict(bn)  # training mode moves its statistics
+        return out
+
+    before = gamma()
+    with torch.no_grad():
+        for parameter in composite.std_model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    after = gamma()
+    if kind == "both":
+        assert not torch.allclose(before, after)
+    else:
+        assert torch.equal(before, after)
+
+
+# -- a checkpoint of another kind -----------------------------------------------------------------
+@pytest.mark.parametrize("saved, loaded", [
+    ("both", "rob_logits"), ("rob_logits", "both"), ("both", "rob_features"),
+    ("rob_features", "both"), ("rob_features", "rob_logits"), ("rob_logits", "rob_features")])
+def test_a_mixer_of_another_kind_is_refused_in_one_line_naming_the_key(
+        bases, tmp_path: Path, saved: str, loaded: str) -> None:
+    path = tmp_path / "mixer.pt"
+    save_checkpoint(mixer_checkpoint(_composite(bases, saved)), path)
+    target = _composite(bases, loaded)
+    before = {k: v.clone() for k, v in target.mixer.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_mixer_checkpoint(target, path)
+    message = user_error_message(err.value)
+    assert message is not None and "\n" not in message
+    assert f"forward_settings.mixer_inputs = '{saved}'" in message and repr(loaded) in message
+    _assert_states_close(before, target.mixer.state_dict(), atol=0)  # nothing was loaded
+    load_mixer_checkpoint(_composite(bases, saved), path)  # the right kind loads
+
+
+def test_a_config_of_another_kind_refuses_the_trained_mixer_and_its_resume(
+        runs: dict, tiny_root: Path) -> None:
+    trained = runs["rob_logits"]["path"]
+    config = apply_overrides(_config(tiny_root, "other_kind", "both"),
+                             **{"model_load_path.comp": str(trained)})
+    composite = build_composite(config.forward_settings, 10)
+    with pytest.raises(CheckpointError, match=r"forward_settings\.mixer_inputs = 'rob_logits'"):
+        load_composite_weights(composite, resolve_checkpoints(config))
+    # Resuming that run as another kind: the identity says which key changed ...
+    resumed = tiny_root / "other_kind_resume" / "checkpoints"
+    resumed.mkdir(parents=True)
+    (resumed / "last.pt").write_bytes(trained.read_bytes())
+    config = _config(tiny_root, "other_kind_resume", "both")
+    with pytest.raises(TrainingResumeError,
+                       match=r"forward_settings\.mixer_inputs: 'rob_logits' -> 'both'"):
+        build_trainer(prepare(config))
+    # ... and with the change allowed, the file is refused naming it.
+    with pytest.raises(TrainingResumeError, match=r"forward_settings\.mixer_inputs = "
+                                                  r"'rob_logits'.*--no-resume"):
+        build_trainer(prepare(config), allow_config_change=["forward_settings.mixer_inputs"])
+
+
+def test_a_width_for_the_gate_is_refused_naming_the_key(tiny_root: Path) -> None:
+    with pytest.raises(ConfigError, match=r"forward_settings\.mixer_width = 0\.5: expected None"):
+        _config(tiny_root, "gate_width", "rob_logits", **{"forward_settings.mixer_width": 0.5})
+
+
+# -- the defaults leave the recorded identities as they were --------------------------------------
+def test_the_new_keys_block_no_earlier_checkpoint_and_count_away_from_their_defaults(
+        tiny_root: Path) -> None:
+    """A checkpoint written before the keys existed records none of them: at their defaults
+    that is no change (declared provenance), set otherwise it is one."""
+    default = training_identity(prepare(_tiny_config(tiny_root, "identity_default")))
+    earlier = {k: v for k, v in default.items() if k not in NEW_KEYS}
+    assert provenance.differences(earlier, default, Config) == {}
+    for kind in ("rob_features", "rob_logits"):
+        identity = training_identity(prepare(_config(tiny_root, f"identity_{kind}", kind)))
+        changed = provenance.differences(earlier, identity, Config)
+        assert changed["forward_settings.mixer_inputs"] == (None, kind)
+        assert changed["randomized_attack_settings.curriculum_steps"] == (None, 3)
+
+
+def test_the_new_keys_block_no_earlier_evaluation_and_count_away_from_their_defaults(
+        tiny_root: Path) -> None:
+    default = apply_overrides(_tiny_config(tiny_root, "manifest_default"),
+                              **{"evaluation_settings.n_examples": 4})
+    *_, info = evaluation._load(prepare(default))
+    plan = evaluation._plan(default.evaluation_settings, info)
+    earlier = {k: v for k, v in plan.items() if not k.startswith("forward_settings.mixer_")}
+    assert provenance.differences(earlier, plan, Config) == {}
+    gate = apply_overrides(default, **{"forward_settings.mixer_inputs": "rob_logits"})
+    *_, info = evaluation._load(prepare(gate))
+    changed = provenance.differences(earlier, evaluation._plan(gate.evaluation_settings, info),
+                                     Config)
+    assert changed["forward_settings.mixer_inputs"] == (None, "rob_logits")
+
+
+# -- the rob_logits gate's evaluation: transfer attacks and Square too ---------------------------
+def test_the_gates_evaluation_adds_transfer_and_square_and_takes_the_worst_case(
+        tmp_path: Path) -> None:
+    std, rob = tiny_base(0), tiny_base(1)
+    torch.manual_seed(0)
+    composite = CompositeModel(std, rob, LogitGate(10), mixer_inputs="rob_logits",
+                               alpha_bias=0.5, alpha_scale=0.49).eval()
+    x, y = synthetic_data(16, seed=4)
+    settings = EvaluationSettings(n_examples=16, batch_size=8, precision="fp32",
+                                  data_dir="unused", attacks_to_run=("apgd-ce",), norm="Linf",
+                                  eps=4 / 255, autoattack_iterations=3, adaptive_attack=True,
+                                  adaptive_attack_iterations=3, seed=0)
+    nl = NonlinearSettings(square_examples=4, square_queries=10)  # not enabled: its eval keys
+    summary = evaluation.evaluate(composite, x, y, settings, tmp_path, device=CPU, nonlinear=nl)
+    assert summary["kind"] == "mixture" and summary["valid"]
+    assert summary["surrogate_robust_accuracy"] is None  # the gate is differentiable
+    names = ("autoattack", "adaptive", "transfer_rob", "transfer_linear")
+    for name in names:
+        assert summary["robust_accuracy"] <= summary[f"{name}_robust_accuracy"]
+    assert summary["square_examples"] == 4 and summary["square_queries"] == 10
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    extra = {k.removeprefix("extra_attacks."): v for k, v in manifest.items()
+             if k.startswith("extra_attacks.")}
+    assert extra["surrogate"] is False and extra["square_examples"] == 4
+    # The linear mixture's alpha: the composite's at the centre of its training gamma.
+    assert extra["linear_alpha"] == pytest.approx(0.5 + 0.49 * torch.sigmoid(
+        torch.tensor(composite.eval_gamma[1])).item())
+    per_image = json.loads((tmp_path / "per_image.json").read_text())["outcomes"]
+    assert {"transfer_rob", "transfer_linear", "square"} <= set(per_image)
+    assert (torch.tensor(per_image["square"][4:]) == -1).all()
+    robust = torch.tensor(per_image["robust"])
+    worst = torch.tensor(per_image["clean"]) & torch.tensor(per_image["autoattack"])
+    for name in ("transfer_rob", "transfer_linear"):
+        worst &= torch.tensor(per_image[name])
+    worst[:4] &= torch.tensor(per_image["square"][:4])
+    assert (robust <= worst).all()  # the adaptive attack is in the worst case too
+    # The paper's mixer gets none of them (its manifests stay as they were).
+    plain = CompositeModel(std, rob, MixingNet((4, 4), version=3), alpha_bias=0.5,
+                           alpha_scale=0.49).eval()
+    assert evaluation.extra_attacks(plain, nl) is None
