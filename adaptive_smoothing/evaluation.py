@@ -751,7 +751,7 @@ def run_evaluation(config: Config, *, overwrite: bool = False) -> Optional[str]:
         summary = evaluate(composite, x, y, _settings_for(composite, run.evaluation),
                            run.output_dir, device=run.device, dtype=dtype,
                            model_info=model_info, overwrite=overwrite, nonlinear=run.nonlinear)
-    rank, _ = distributed_rank_world()
+        rank, _ = distributed_rank_world()  # inside: the process group ends with the block
     return format_table(summary) if rank == 0 else None
 
 
