@@ -295,7 +295,7 @@ def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
         return original_step(*args, **kwargs)
     monkeypatch.setattr(trainer.scaler, "step", step)
     with SyncRecorder() as recorder:
-        trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
+        trainer._optimizer_step(xs, ys, labels, groups)
     # One decision (finite losses and gradient norm) for the whole accumulation group.
     assert syncs_before_step == [["_local_scalar_dense"]]
 

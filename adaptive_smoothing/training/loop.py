@@ -1,4 +1,4 @@
-"""Training the mixing network (docs/METHOD.md, "Training"); docs/TRAINING.md is the user's guide.
+"""The mixer's training loop (docs/METHOD.md, "Training"); docs/TRAINING.md is the user's guide.
 
 One *iteration* takes B clean training images and builds the buffer
 
@@ -8,25 +8,19 @@ then shuffles it, splits it into 2 * (n_target + 1) mini-batches of B images and
 optimizer step per ``accum_grad`` mini-batches. Only the mixing network's parameters (and the BN
 statistics of the mixer and of gamma) change; the base models are frozen and checked to be.
 
-Reproducibility and exact resumption: every random choice of an iteration (data order,
-augmentation, attack draws, buffer shuffle) comes from a generator seeded by
-``(seed, purpose, epoch or iteration, rank)`` (seeding.py; the batches are data.py's). A run therefore needs no random state besides its
-position (epoch, iteration) to continue exactly where it stopped; checkpoints also store the global
-torch RNG states for completeness. Checkpoints are written at iteration boundaries only.
-
-Configuration flows one way: :func:`run_training` turns the config into a
-:class:`~adaptive_smoothing.prepare.Run` (prepare.py), :func:`build_trainer` builds from the run,
-and :class:`Trainer` takes the built composite, the data and the settings sections as explicit
-arguments.
+Reproducibility: every random choice of an iteration (data order, augmentation, attack draws,
+buffer shuffle) comes from a generator seeded by ``(seed, purpose, epoch or iteration, rank)``
+(seeding.py; the batches are data.py's), so a checkpoint at an iteration boundary resumes
+exactly (resume.py). What the run reports (validation, detection, TensorBoard, the log file) is
+the :class:`~adaptive_smoothing.training.monitor.Monitor`'s; an iteration's statistics are
+:class:`~adaptive_smoothing.training.steps.StepStatistics`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -34,46 +28,32 @@ import pytorch_warmup
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from adaptive_smoothing.attacks import (Norm, RandomizedAttackSettings, curriculum_settings,
+from adaptive_smoothing.attacks import (RandomizedAttackSettings, curriculum_settings,
                                         generate_training_attacks)
-from adaptive_smoothing.checkpoints import (CheckpointError, check_mixer_inputs,
-                                            mixer_checkpoint, read_checkpoint, save_checkpoint)
-from adaptive_smoothing.config import MOVED, Config, ConfigError, TrainingSettings, provenance
+from adaptive_smoothing.config import TrainingSettings
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
-                                     build_dataset, endless_indices, load_tensors)
-from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
-from adaptive_smoothing.evaluation import validate
-from adaptive_smoothing.factory import build_composite, load_composite_weights
-from adaptive_smoothing.fingerprint import optional_file_sha256
-from adaptive_smoothing.losses import AttackLossName, CompLoss
+                                     endless_indices, load_tensors)
+from adaptive_smoothing.losses import CompLoss
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.models.composite import base_weight_sums
-from adaptive_smoothing.prepare import Run, prepared
-from adaptive_smoothing.persist import write_text_atomic
-from adaptive_smoothing.pre_attack import PreAttacked, load_pre_attacked
-from adaptive_smoothing.rundir import RunLock
+from adaptive_smoothing.pre_attack import PreAttacked
 from adaptive_smoothing.runtime import (autocast_context, barrier, distributed_rank_world,
                                         prepare_model, resolve_precision)
 from adaptive_smoothing.seeding import stream
+from adaptive_smoothing.training.monitor import Monitor, ValidationAttack
+from adaptive_smoothing.training.resume import (CHECKPOINT_DIR, LAST_CHECKPOINT, Position,
+                                                save_checkpoints, training_state)
+from adaptive_smoothing.training.resume import resume as resume_from
+from adaptive_smoothing.training.steps import StepStatistics
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_DIR", "LAST_CHECKPOINT", "TrainingDivergedError", "TrainingResumeError",
-           "Trainer", "ValidationAttack", "build_trainer", "optimizer_steps_per_iteration",
-           "run_training", "training_identity"]
+__all__ = ["DEBUG_DIR", "Trainer", "TrainingDivergedError", "optimizer_steps_per_iteration"]
 
-CHECKPOINT_DIR = "checkpoints"
-LAST_CHECKPOINT = "last.pt"
-MIXER_CHECKPOINT = "mixer.pt"
-TENSORBOARD_DIR = "tensorboard"
-LOG_FILE = "train.log"
-RESULTS_FILE = "training_results.json"
 DEBUG_DIR = "debug"
-CHECKPOINT_VERSION = 1
-
 GRAD_CLIP_NORM = 10.0          # docs/METHOD.md, "Training" step 4
 WARMUP_FRACTION = 25           # exponential warm-up over the first 1/25 of the optimizer steps
 DEBUG_ITERATIONS = 2
@@ -84,57 +64,16 @@ class TrainingDivergedError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
-class TrainingResumeError(RuntimeError):
-    """The checkpoint to resume from cannot continue this run (wrong file or changed config)."""
-
-
-# -- small pure helpers ---------------------------------------------------------------------------
 def optimizer_steps_per_iteration(n_target: int, accum_grad: int) -> int:
     """Optimizer steps per buffer of 2 * (n_target + 1) mini-batches (accum_grad -1: one)."""
     n_mini = 2 * (n_target + 1)
     return 1 if accum_grad == -1 else math.ceil(n_mini / accum_grad)
 
 
-def _restore_cuda_rng(states: Optional[list[torch.Tensor]], path: Path) -> None:
-    """Restore the saved per-GPU RNG states of the GPUs visible now (saved on a machine with
-    more or fewer GPUs, only the common ones; set_rng_state_all would fail on a missing one)."""
-    if not states or not torch.cuda.is_available():
-        return
-    visible = torch.cuda.device_count()
-    if len(states) != visible:
-        logger.warning("resuming %s: it holds RNG states of %d GPUs, %d are visible now; "
-                       "restoring the first %d", path, len(states), visible,
-                       min(len(states), visible))
-    for index, rng_state in enumerate(states[:visible]):
-        torch.cuda.set_rng_state(rng_state.cpu(), index)
-
-
-@dataclass(frozen=True)
-class ValidationAttack:
-    """The attacks of the periodic validation (:func:`~adaptive_smoothing.evaluation.validate`)
-    and of the held-out detection AUCs (docs/TRAINING.md, "Validation").
-
-    ``n_target``: APGD-T's target classes after APGD-CE (0: APGD-CE alone); ``use_apgd`` false:
-    PGD with ``pgd_step_size``, ``pgd_loss`` and ``pgd_bce_weight`` instead.
-    ``detection_bce_weight``: the weight of the BCE(gamma, 1) term of the adaptive detection
-    attack.
-    """
-
-    eps: float
-    norm: Norm
-    iterations: int
-    n_target: int = 0
-    use_apgd: bool = True
-    pgd_step_size: Optional[float] = None
-    pgd_loss: AttackLossName = "ce"
-    pgd_bce_weight: float = 0.0
-    detection_bce_weight: float = 0.5
-
-
 # -- the trainer ----------------------------------------------------------------------------------
 class Trainer:
     """The mixer's training loop. ``Trainer(...).fit()`` trains and returns last.pt's path;
-    :func:`build_trainer` makes one from a config.
+    :func:`~adaptive_smoothing.training.build.build_trainer` makes one from a prepared run.
 
     Args:
         composite: the model to train, on ``device``, with a mixing network; its base models'
@@ -222,9 +161,11 @@ class Trainer:
         self.x_val, self.y_val = (val_set if isinstance(val_set, tuple)
                                   else load_tensors(val_set, n_val))
         self.x_val, self.y_val = self.x_val[:n_val], self.y_val[:n_val]
-        # Detection AUCs: the first validation images; their fixed-attack images are made once.
-        self.n_detection = min(ts.n_detection_examples, len(self.x_val))
-        self.x_det_fixed: Optional[torch.Tensor] = None
+        self.monitor = Monitor(
+            self.composite, self.x_val, self.y_val, attack=validation,
+            n_detection=ts.n_detection_examples, detection_alpha=ts.detection_alpha,
+            batch_size=ts.batch_size_test_per_gpu, seed=seed, rank=self.rank, device=device,
+            dtype=self.dtype, output_dir=self.output_dir)
         # The last training buffer (images, mini-batch index lists): re-estimating the gamma BN
         # on it needs no extra attacks, and a checkpoint always follows a training iteration.
         self.last_buffer: Optional[tuple[torch.Tensor, list[torch.Tensor]]] = None
@@ -251,8 +192,9 @@ class Trainer:
                                            weight_decay=ts.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer,
                                                                     T_max=self.total_steps)
-        self.warmup = pytorch_warmup.ExponentialWarmup(
-            self.optimizer, warmup_period=max(1, self.total_steps // WARMUP_FRACTION))
+        self.warmup_period = max(1, self.total_steps // WARMUP_FRACTION)
+        self.warmup = pytorch_warmup.ExponentialWarmup(self.optimizer,
+                                                       warmup_period=self.warmup_period)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
         # Position.
@@ -267,127 +209,35 @@ class Trainer:
         elif self.checkpoint_path.exists():
             logger.warning("%s exists but resume is off: starting over; it will be overwritten",
                            self.checkpoint_path)
-        self.writer: Any = None
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        # "model" + "bn": the authors' mixer checkpoint (docs/METHOD.md, "Published models"),
-        # loadable as such.
-        return mixer_checkpoint(
-            self.composite,
-            optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-            warmup=self.warmup.state_dict(), scaler=self.scaler.state_dict(),
-            rng=rng, epoch=self.epoch, batch=self.iteration_in_epoch,
-            iteration=self.iteration, global_step=self.global_step,
-            nonfinite_streak=self.nonfinite_streak,
-            iterations_per_epoch=self.data.iterations_per_epoch,
-            total_steps=self.total_steps, world_size=self.world,
-            validation=dict(self.last_validation), config=self.config_record,
-            identity=self.identity, config_changes=list(self.config_changes),
-            format_version=CHECKPOINT_VERSION)
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.iteration_in_epoch, self.iteration, self.global_step,
+                        self.nonfinite_streak)
 
-    def _check_resumable(self, path: Path, state: Any) -> dict[str, list[Any]]:
-        """Refuse a file that is not this project's training checkpoint, or one whose run had
-        another config; returns the allowed changes {key: [old, new]}."""
-        if not isinstance(state, dict) or state.get("format_version") != CHECKPOINT_VERSION:
-            keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
-            raise TrainingResumeError(
-                f"{path}: not a training checkpoint of this version (format_version "
-                f"{CHECKPOINT_VERSION} with optimizer state; it holds {keys}, e.g. a mixer-only "
-                "file such as epoch_NNN.pt or a published mixer); move it away, or use "
-                "--no-resume to start over (it will be overwritten)")
-        old = state.get("identity")
-        if old is None:  # written before identities were recorded: compare the config only
-            old = {k: v for k, v in provenance.flat(state.get("config", {})).items()
-                   if not k.startswith("model_load_path.")}  # paths, not fingerprints
-            logger.warning("%s records no fingerprints of its base models and data (an older "
-                           "version); only its config is compared", path)
-        changed = provenance.differences(
-            provenance.restrict(provenance.migrate(old, MOVED), "weights", Config),
-            self.identity, Config)
-        allowed = set(provenance.migrate(dict.fromkeys(self.allow_config_change), MOVED))
-        refused = {k: v for k, v in changed.items() if k not in allowed}
-        if refused:
-            listed = "; ".join(provenance.describe(k, *v) for k, v in refused.items())
-            raise TrainingResumeError(
-                f"{path}: cannot resume, the config changed in what shapes the trained weights "
-                f"({listed}); apply the change with --allow-config-change "
-                f"{','.join(refused)} (recorded in the checkpoint), or start over with a new "
-                "--output-dir or --no-resume")
-        return changed
+    def _state(self) -> dict[str, Any]:
+        return training_state(
+            self.composite, optimizer=self.optimizer, scheduler=self.scheduler,
+            warmup=self.warmup, scaler=self.scaler, position=self.position,
+            iterations_per_epoch=self.data.iterations_per_epoch, total_steps=self.total_steps,
+            world=self.world, validation=self.last_validation, config_record=self.config_record,
+            identity=self.identity, config_changes=self.config_changes)
 
     def _load(self, path: Path) -> None:
-        state = read_checkpoint(path, "a training checkpoint written by adaptive_smoothing")
-        changed = self._check_resumable(path, state)
-        for key, now in (("iterations_per_epoch", self.data.iterations_per_epoch),
-                         ("total_steps", self.total_steps), ("world_size", self.world)):
-            if state[key] != now:
-                logger.warning("resuming %s: %s was %s, now %s; the data order or learning-rate "
-                               "schedule will differ from an uninterrupted run", path, key,
-                               state[key], now)
-        try:
-            check_mixer_inputs(self.composite, state.get("model", {}), path)
-        except CheckpointError as err:
-            raise TrainingResumeError(f"{err}; or start over with a new --output-dir or "
-                                      "--no-resume") from None
-        try:
-            self.mixer.load_state_dict(state["model"])
-            self.composite.gamma_bn.load_state_dict(state["bn"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise TrainingResumeError(
-                f"{path}: its mixer or optimizer state does not fit this run's mixing network "
-                f"({first}); move it away, or start over with a new --output-dir or "
-                "--no-resume") from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.warmup.load_state_dict(state["warmup"])
-        if state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        elif self.scaler.is_enabled():
-            # A disabled scaler (bf16/fp32) saves an empty state, which load_state_dict refuses.
-            logger.info("resuming %s in fp16 from a run without a gradient scaler (bf16/fp32): "
-                        "the scaler starts afresh", path)
-        self.config_changes = list(state.get("config_changes", []))
-        # The lr in force when it was saved, from the optimizer (the scheduler's initial_lr, which
-        # _apply_schedule_settings keeps at the configured lr), not from the config record: a
-        # Trainer built without a config records whatever its caller passes.
-        self._apply_schedule_settings(float(state["optimizer"]["param_groups"][0]["initial_lr"]))
-        if changed:
-            self.config_changes.append({"iteration": int(state["iteration"]),
-                                        "global_step": int(state["global_step"]),
-                                        "changes": {k: list(v) for k, v in changed.items()}})
-            logger.warning("resuming %s with config changes (allowed): %s", path,
-                           "; ".join(provenance.describe(k, *v) for k, v in changed.items()))
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        _restore_cuda_rng(state["rng"].get("cuda"), path)
-        self.epoch, self.iteration_in_epoch = int(state["epoch"]), int(state["batch"])
-        self.iteration, self.global_step = int(state["iteration"]), int(state["global_step"])
-        self.nonfinite_streak = int(state["nonfinite_streak"])
-        self.last_validation = dict(state["validation"])
-        logger.info("resuming from %s: epoch %d, iteration %d, optimizer step %d", path,
-                    self.epoch, self.iteration, self.global_step)
-
-    def _apply_schedule_settings(self, checkpoint_lr: float) -> None:
-        """Make the restored optimizer and schedules follow the config in force: the loaded
-        states carry the old lr, weight decay and schedule length, which would otherwise
-        silently win over an (allowed) change."""
         ts = self.settings
-        ratio = ts.lr / checkpoint_lr
-        for group in self.optimizer.param_groups:
-            group["lr"] *= ratio
-            group["initial_lr"] = ts.lr
-            group["weight_decay"] = ts.weight_decay
-        self.warmup.lrs = [lr * ratio for lr in self.warmup.lrs]
-        self.scheduler.base_lrs = [ts.lr for _ in self.optimizer.param_groups]
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        self.scheduler.T_max = self.total_steps
-        period = max(1, self.total_steps // WARMUP_FRACTION)
-        self.warmup.warmup_params = [{"warmup_period": period}
-                                     for _ in self.optimizer.param_groups]
+        resumed = resume_from(
+            path, self.composite, optimizer=self.optimizer, scheduler=self.scheduler,
+            warmup=self.warmup, scaler=self.scaler, identity=self.identity,
+            allow_config_change=self.allow_config_change, lr=ts.lr,
+            weight_decay=ts.weight_decay, iterations_per_epoch=self.data.iterations_per_epoch,
+            total_steps=self.total_steps, warmup_period=self.warmup_period, world=self.world)
+        p = resumed.position
+        self.epoch, self.iteration_in_epoch = p.epoch, p.iteration_in_epoch
+        self.iteration, self.global_step = p.iteration, p.global_step
+        self.nonfinite_streak = p.nonfinite_streak
+        self.last_validation = resumed.validation
+        self.config_changes = resumed.config_changes
 
     def _sync_gamma_bn(self) -> None:
         # The gamma BN is outside DDP, so its running statistics drift apart between processes;
@@ -405,41 +255,11 @@ class Trainer:
         if self.settings.reestimate_gamma_bn:
             self._reestimate_gamma_bn()
         self._sync_gamma_bn()
-        v = self.validation
-        self.last_validation = validate(
-            self.composite, self.x_val, self.y_val, eps=v.eps, norm=v.norm, n_iter=v.iterations,
-            n_target=v.n_target, device=self.device, dtype=self.dtype,
-            batch_size=self.settings.batch_size_test_per_gpu,
-            generator=stream(self.seed, "validate", self.rank), use_apgd=v.use_apgd,
-            pgd_step_size=v.pgd_step_size, pgd_loss=v.pgd_loss, pgd_bce_weight=v.pgd_bce_weight)
+        self.last_validation = self.monitor.validate(self.global_step)
         if self.rank == 0:
-            self.last_validation.update(self._detection())
-            v = self.last_validation
-            logger.info("validation at step %d (%d images): clean %.2f%%, robust %.2f%%, gamma "
-                        "clean %.3f / attacked %.3f", self.global_step, int(v["n"]),
-                        100 * v["clean_acc"], 100 * v["robust_acc"], v["gamma_clean"],
-                        v["gamma_adv"])
-            if "auc_adaptive" in v:
-                logger.info("detection (%d held-out images): AUC of gamma, clean vs attacked: "
-                            "fixed attack %.3f, adaptive attack %.3f; mean alpha clean %.3f, "
-                            "fixed-attacked %.3f, adaptive-attacked %.3f", self.n_detection,
-                            v["auc_fixed"], v["auc_adaptive"], v["det_alpha_clean"],
-                            v["det_alpha_fixed"], v["det_alpha_adaptive"])
-            for key, value in v.items():
-                if key != "n":
-                    self.writer.add_scalar(f"val/{key}", value, self.global_step)
-            self.writer.flush()
-            state = self._state()
-            save_checkpoint(state, self.checkpoint_path)
-            # The mixer alone (a twelfth of last.pt with AdamW's moments): what evaluation and
-            # sharing need, always the latest, and kept at epoch ends.
-            mixer_only = mixer_checkpoint(self.composite, **{
-                k: state[k] for k in ("epoch", "global_step", "validation", "config")})
-            save_checkpoint(mixer_only, self.checkpoint_path.parent / MIXER_CHECKPOINT)
-            if self.iteration_in_epoch == 0 and self.epoch > 0 and not self.debug:
-                save_checkpoint(mixer_only, self.checkpoint_path.parent /
-                                f"epoch_{self.epoch:03d}.pt")
-            logger.info("saved %s", self.checkpoint_path)
+            epoch_end = self.iteration_in_epoch == 0 and self.epoch > 0 and not self.debug
+            save_checkpoints(self._state(), self.composite, self.checkpoint_path,
+                             epoch_end=epoch_end)
         barrier()
 
     def _pre_attacked_slice(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -459,17 +279,6 @@ class Trainer:
                           stream(self.seed, "pa_augment", self.iteration, self.rank))
         return x, pa["y"][idx].to(self.device), pa["label"][idx].to(self.device)
 
-    def _write_results(self) -> None:
-        """The final validation (detection AUCs included) as JSON beside the checkpoints."""
-        if self.rank != 0:
-            return
-        results = {"iteration": self.iteration, "global_step": self.global_step,
-                   "epoch": self.epoch, "validation": dict(self.last_validation),
-                   "checkpoint": str(self.checkpoint_path)}
-        path = write_text_atomic(self.output_dir / RESULTS_FILE,
-                                 json.dumps(results, indent=2) + "\n")
-        logger.info("final validation written to %s", path)
-
     def _reestimate_gamma_bn(self) -> None:
         if self.last_buffer is None:
             logger.warning("no training buffer yet: the gamma BN's running statistics are kept")
@@ -481,24 +290,6 @@ class Trainer:
         logger.info("gamma BN re-estimated on %d training mini-batches: running mean %.4f, var "
                     "%.4f", count, bn.running_mean.item(), bn.running_var.item())
 
-    def _detection(self) -> dict[str, float]:
-        """Held-out detection AUCs (rank 0 only; eval-mode forwards need no collectives)."""
-        if self.n_detection == 0:
-            return {}
-        v, ts = self.validation, self.settings
-        x, y = self.x_val[:self.n_detection], self.y_val[:self.n_detection]
-        if self.x_det_fixed is None:
-            self.x_det_fixed = fixed_attack_images(
-                self.composite, x, y, alpha=ts.detection_alpha, eps=v.eps, norm=v.norm,
-                n_iter=v.iterations, batch_size=ts.batch_size_test_per_gpu,
-                device=self.device, dtype=self.dtype,
-                generator=stream(self.seed, "detection_fixed"))
-        return detection_metrics(
-            self.composite, x, y, self.x_det_fixed, eps=v.eps, norm=v.norm, n_iter=v.iterations,
-            bce_weight=v.detection_bce_weight, batch_size=ts.batch_size_test_per_gpu,
-            device=self.device, dtype=self.dtype,
-            generator=stream(self.seed, "detection_adaptive"))
-
     # -- one optimizer step ------------------------------------------------------------------
     def _all_true(self, flag: torch.Tensor) -> bool:
         """One host-device synchronisation (and one all-reduce) per optimizer step."""
@@ -508,9 +299,10 @@ class Trainer:
         return bool(flag.item())
 
     def _optimizer_step(self, xs: torch.Tensor, ys: torch.Tensor, labels: torch.Tensor,
-                        groups: list[torch.Tensor], stats: torch.Tensor,
-                        scales: Optional[torch.Tensor] = None) -> None:
-        """Forward/backward the mini-batches of one accumulation group and take one step.
+                        groups: list[torch.Tensor],
+                        scales: Optional[torch.Tensor] = None) -> StepStatistics:
+        """Forward/backward the mini-batches of one accumulation group, take one step and
+        return its statistics (on the device).
 
         The finiteness of the losses is collected on the device and decided once per step: a
         non-finite loss makes the gradients non-finite and the step is skipped, so no mini-batch
@@ -518,6 +310,7 @@ class Trainer:
         """
         buffers = [b.detach().clone() for b in self._mixer_buffers()]
         losses_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        stats = StepStatistics.zeros(self.device)
         with self.composite.mode(True, scale_alpha=False):
             for j, idx in enumerate(groups):
                 last = j == len(groups) - 1
@@ -532,16 +325,8 @@ class Trainer:
                     finite_loss = torch.isfinite(loss.detach())
                     losses_finite &= finite_loss
                     self.scaler.scale(loss).backward()
-                gamma, label = out.gamma.detach().double(), labels[idx]
-                adv, clean = label > 0.5, label <= 0.5
-                zero = torch.zeros_like(gamma)
-                batch_stats = torch.stack([
-                    loss.detach().double() * len(groups), torch.ones_like(gamma[0]),
-                    torch.where(adv, gamma, zero).sum(), adv.sum(), (adv & (gamma > 0)).sum(),
-                    torch.where(clean, gamma, zero).sum(), clean.sum(),
-                    (clean & (gamma <= 0)).sum()]).to(stats)
-                # Masked by where (not multiplied): a NaN loss must not reach the statistics.
-                stats[:8] += torch.where(finite_loss, batch_stats, torch.zeros_like(batch_stats))
+                stats = stats.add(StepStatistics.of_minibatch(
+                    loss, out.gamma, labels[idx], len(groups), finite_loss))
 
         grad_norm = torch.zeros((), device=self.device)
         if self.scaler.is_enabled():
@@ -574,7 +359,7 @@ class Trainer:
                     f"{self.global_step}); stopping. The last good checkpoint is "
                     f"{self.checkpoint_path} (unchanged). Try a lower learning rate, bf16/fp32 "
                     f"precision, or check the data and base models")
-            return
+            return stats
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -587,7 +372,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
         self.global_step += 1
-        stats[8] += grad_norm.detach().float().to(stats.device)
+        return stats.with_grad_norm(grad_norm)
 
     def _mixer_buffers(self) -> list[torch.Tensor]:
         return [*self.mixer.buffers(), *self.composite.gamma_bn.buffers()]
@@ -627,34 +412,24 @@ class Trainer:
                                                          self.rank)).to(self.device)
         minibatches = list(order.chunk(self.n_mini))
         self.last_buffer = (xs, minibatches)
-        stats = torch.zeros(9, dtype=torch.float64, device=self.device)
+        stats = StepStatistics.zeros(self.device)
         steps = 0
         for start in range(0, len(minibatches), self.accum):
-            self._optimizer_step(xs, ys, labels, minibatches[start:start + self.accum], stats,
-                                 scales)
+            stats = stats.add(self._optimizer_step(
+                xs, ys, labels, minibatches[start:start + self.accum], scales))
             steps += 1
             if self.global_step >= self.total_steps:
                 break
         if self.world > 1:
-            dist.all_reduce(stats)
-        s = stats.tolist()
-        return {"loss": s[0] / max(s[1], 1), "gamma_adv": s[2] / max(s[3], 1),
-                "p_gamma_pos_adv": s[4] / max(s[3], 1), "gamma_clean": s[5] / max(s[6], 1),
-                "p_gamma_nonpos_clean": s[7] / max(s[6], 1),
-                "grad_norm": s[8] / max(steps * self.world, 1)}
+            stats = stats.all_reduced()
+        return stats.metrics(steps, self.world)
 
     def _log_iteration(self, metrics: dict[str, float], bar: Any) -> None:
         if self.rank != 0:
             return
         lr = self.optimizer.param_groups[0]["lr"]
-        scalars = {"train/loss": metrics["loss"], "train/gamma_mean_label1": metrics["gamma_adv"],
-                   "train/gamma_mean_label0": metrics["gamma_clean"],
-                   "train/p_gamma_pos_label1": metrics["p_gamma_pos_adv"],
-                   "train/p_gamma_nonpos_label0": metrics["p_gamma_nonpos_clean"],
-                   "train/lr": lr, "train/grad_scale": self.scaler.get_scale(),
-                   "train/grad_norm": metrics["grad_norm"]}
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, self.global_step)
+        self.monitor.log_iteration(metrics, lr=lr, grad_scale=self.scaler.get_scale(),
+                                   global_step=self.global_step)
         mixer_accuracy = (metrics["p_gamma_pos_adv"] + metrics["p_gamma_nonpos_clean"]) / 2
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
                         mixer_acc=f"{mixer_accuracy:.2f}")
@@ -668,30 +443,17 @@ class Trainer:
         if self._done():
             logger.info("training already finished (%s); nothing to do", self.checkpoint_path)
             return self.checkpoint_path
-        file_handler = self._open_logs()
+        self.monitor.open(self.global_step)
         try:
+            self._log_plan()
             self._fit()
         finally:
-            if self.writer is not None:
-                self.writer.close()
-            if file_handler is not None:
-                logging.getLogger("adaptive_smoothing").removeHandler(file_handler)
-                file_handler.close()
+            self.monitor.close()
         return self.checkpoint_path
 
-    def _open_logs(self) -> Optional[logging.Handler]:
+    def _log_plan(self) -> None:
         if self.rank != 0:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run logged after its last checkpoint. The checkpoint
-        # at step N is saved after step N's scalars (training and validation), so those stay:
-        # purging from N would erase the validation at every resume point from the curves.
-        self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR),
-                                    purge_step=self.global_step + 1 if self.global_step else None)
-        handler = logging.FileHandler(self.output_dir / LOG_FILE)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("adaptive_smoothing").addHandler(handler)
+            return
         ts = self.settings
         logger.info("training the mixer: %d iterations (%d per epoch) of %d clean + %d extra + %d "
                     "attacked images per process, %d processes, %d optimizer steps, %s on %s",
@@ -707,7 +469,6 @@ class Trainer:
         if self.pre_attacked is not None:
             logger.info("plus %d pre-attacked images per buffer (clean batch %d = batch * 5 // "
                         "%d blocks)", self.pa_slice, self.batch, self.pre_attacked["blocks"])
-        return handler
 
     def _fit(self) -> None:
         eval_every = self.settings.eval_freq.iter
@@ -736,113 +497,8 @@ class Trainer:
                         break
             if not checkpointed:
                 self._checkpoint()
-        self._write_results()
+        self.monitor.write_results(iteration=self.iteration, global_step=self.global_step,
+                                   epoch=self.epoch, validation=self.last_validation,
+                                   checkpoint=self.checkpoint_path)
         logger.info("training finished after %d iterations, %d optimizer steps: %s",
                     self.iteration, self.global_step, self.checkpoint_path)
-
-
-# -- from a prepared run ------------------------------------------------------------------------
-def training_identity(run: Run) -> dict[str, Any]:
-    """Everything that shapes the trained weights: the config keys declared to
-    (config/provenance.py), the checkpoints' content fingerprints, and the training data's."""
-    ds = run.dataset
-    data = None
-    if ds.format == "npz":
-        split = "test" if ds.train_with_test else "train"
-        path = Path(ds.path)
-        data = optional_file_sha256(path if path.is_file() else path / f"{split}.npz")
-    # Folders (torchvision, imagefolder) are too large to hash on every start: their path stands
-    # in for their content.
-    identity = dict(run.weights_identity)
-    identity[provenance.FINGERPRINT_PREFIX + "train_data"] = data or f"path {ds.path}"
-    if ds.pa_path is not None:
-        pa = Path(ds.pa_path)
-        identity[provenance.FINGERPRINT_PREFIX + "pa_data"] = (
-            optional_file_sha256(pa) if pa.is_file() else f"path {ds.pa_path}")
-    return identity
-
-
-def build_trainer(run: Run, *, resume: bool = True, debug: bool = False,
-                  train_set: Optional[Dataset] = None,
-                  val_set: Union[Dataset, tuple[torch.Tensor, torch.Tensor], None] = None,
-                  allow_config_change: Iterable[str] = ()) -> Trainer:
-    """The :class:`Trainer` of a prepared run: loads the pre-attacked data (``pa_path``), builds
-    the composite on the run's device (base weights loaded, the mixer initialised from the seed
-    or ``model_load_path.comp``) and the datasets, and passes them with the run's sections.
-
-    ``train_set`` / ``val_set`` replace the datasets the config names (tests, custom data); see
-    :class:`Trainer`. A ``val_set`` given here is used from its first image
-    (``training_settings.val_start`` selects within the config's test set only). ``resume``,
-    ``debug``, ``allow_config_change``: as in :func:`run_training`.
-    """
-    fwd, ds, pgd, source = run.forward, run.dataset, run.pgd, run.source
-    pre_attacked = None
-    if ds.pa_path is not None:
-        pre_attacked = load_pre_attacked(ds.pa_path, ds.gamma_0, ds.blocks, source=source)
-
-    if not fwd.use_policy:
-        raise ConfigError("expected true: training needs the mixing network",
-                          key="forward_settings.use_policy", value=False, file=source)
-    if run.nonlinear.enabled:
-        raise ConfigError("expected false: the nonlinear composite has no mixing network to "
-                          "train; calibrate it with scripts/calibrate.py and evaluate it with "
-                          "run.py --eval", key="nonlinear_settings.enabled", value=True,
-                          file=source)
-    torch.manual_seed(run.seed)  # the mixer's initial weights follow the seed
-    composite = build_composite(fwd, ds.num_classes, run.device, source=source)
-    load_composite_weights(composite, run.checkpoints)
-
-    if train_set is None:
-        train_set = build_dataset(ds.name, "test" if ds.train_with_test else "train",
-                                  ds.format, ds.path, augment=False)
-    if val_set is None:
-        val_set = build_dataset(ds.name, "test", ds.format, ds.path, augment=False)
-        start = run.training.val_start
-        if start >= len(val_set):
-            raise ConfigError(f"expected less than the {len(val_set)} test images",
-                              key="training_settings.val_start", value=start, file=source)
-        val_set = Subset(val_set, range(start, len(val_set)))
-    attack = run.attack
-    validation = ValidationAttack(
-        eps=pgd.eps, norm=pgd.norm, iterations=pgd.iters_test,
-        n_target=attack.n_target if "apgd-t" in pgd.attacks_to_run else 0,
-        use_apgd=pgd.use_aa, pgd_step_size=pgd.alpha_test,
-        pgd_loss="dlr" if pgd.pgd_eval_loss == "dlr" else "ce",
-        pgd_bce_weight=0.5 if pgd.pgd_eval_loss == "comp_simple" else 0.0,
-        detection_bce_weight=run.evaluation.adaptive_attack_weight)
-    return Trainer(composite, train_set, val_set, settings=run.training,
-                   attack=attack, validation=validation, seed=run.seed,
-                   output_dir=run.output_dir, device=run.device,
-                   identity=training_identity(run), config_record=run.config_record,
-                   shuffle=ds.train_shuffle, pre_attacked=pre_attacked, resume=resume,
-                   debug=debug, allow_config_change=allow_config_change)
-
-
-def run_training(config: Config, *, resume: bool = True, debug: bool = False,
-                 allow_config_change: Iterable[str] = ()) -> Path:
-    """Train the mixing network as ``config`` describes (docs/METHOD.md, "Training").
-
-    Args:
-        resume: continue from ``output_dir/checkpoints/last.pt`` when it exists.
-        debug: two iterations end to end (attacks, optimizer steps, validation on a few images,
-            checkpoint) into ``output_dir/debug``, then stop.
-        allow_config_change: dotted config keys that may differ from the checkpoint's on
-            resume (applied, and recorded in the checkpoint's ``config_changes``).
-
-    Returns:
-        The path of the final checkpoint (``output_dir/checkpoints/last.pt``).
-
-    The output folder is locked for the run's life: a second run into it is refused.
-    """
-    with prepared(config) as run:
-        rank, _ = distributed_rank_world()
-        output_dir = run.output_dir
-        lock = RunLock(output_dir / DEBUG_DIR if debug else output_dir) if rank == 0 else None
-        if lock is not None:
-            lock.acquire()
-        try:
-            return build_trainer(run, resume=resume, debug=debug,
-                                 allow_config_change=allow_config_change).fit()
-        finally:
-            if lock is not None:
-                lock.release()
