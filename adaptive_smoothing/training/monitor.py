@@ -22,7 +22,7 @@ from adaptive_smoothing.losses import AttackLossName
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.seeding import stream
-from adaptive_smoothing.evaluation import validate
+from adaptive_smoothing.validation import validate
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ RESULTS_FILE = "training_results.json"
 
 @dataclass(frozen=True)
 class ValidationAttack:
-    """The attacks of the periodic validation (:func:`~adaptive_smoothing.evaluation.validate`)
+    """The attacks of the periodic validation (:func:`~adaptive_smoothing.validation.validate`)
     and of the held-out detection AUCs (docs/TRAINING.md, "Validation").
 
     ``n_target``: APGD-T's target classes after APGD-CE (0: APGD-CE alone); ``use_apgd`` false:
