@@ -5,6 +5,9 @@ The attacked function is always the whole composite in eval mode with scale_alph
 attacks through the composite itself (so they also see gamma). Results are persisted per batch
 under ``output_dir/batches``: a run that is killed and restarted skips the finished batches, and within a
 batch AutoAttack resumes from its own state file.
+
+This module is the engine (attacks, batches, manifest, resumption); the numbers and tables it
+writes are report.py's, and the training's quick validation is validation.py's.
 """
 from __future__ import annotations
 
@@ -15,15 +18,13 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-import torch.distributed as dist
-
-from adaptive_smoothing.attacks import Norm, PerImageRandom, adaptive_attack, apgd_cascade, pgd
+from adaptive_smoothing.attacks import PerImageRandom, adaptive_attack, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
 from adaptive_smoothing.config import (MOVED, STANDARD_AUTOATTACK, Config, EvaluationSettings,
                                        NonlinearSettings, provenance)
@@ -32,12 +33,13 @@ from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import Composite, build_composite, load_composite_weights
-from adaptive_smoothing.losses import AttackLossName
 from adaptive_smoothing.fingerprint import tensors_sha256
 from adaptive_smoothing.prepare import Run, prepared
+# format_table is also read from here (``from adaptive_smoothing.evaluation import ...``).
+from adaptive_smoothing.report import COUNTERS, format_table, per_image, summarize, sweep_table
 from adaptive_smoothing.persist import BatchStore, write_atomic, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
-from adaptive_smoothing.runtime import (AutocastModule, autocast_context, barrier,
+from adaptive_smoothing.runtime import (AutocastModule, barrier,
                                         distributed_rank_world, prepare_model,
                                         resolve_precision)
 
@@ -47,18 +49,6 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 MANIFEST_FILE = "manifest.json"
 
-# Per-batch counters; every reported number is a ratio of two of these sums.
-_COUNTERS = ("n", "clean_correct", "autoattack_robust", "pgd_robust", "adaptive_robust",
-             "robust", "gamma_clean_sum", "alpha_clean_sum", "gamma_adv_sum", "alpha_adv_sum",
-             "adv_n", "gamma_nonfinite", "surrogate_robust", "transfer_rob_robust",
-             "transfer_linear_robust", "square_robust", "square_n")
-# The extra attacks of a nonlinear composite and of a rob_logits gate's (docs/METHOD.md,
-# "Evaluating a nonlinear composite", "Mixer inputs"): counter -> what the table calls it.
-_EXTRA_ATTACKS = {
-    "surrogate_robust": "APGD-CE/T steered by the surrogate's gradient",
-    "transfer_rob_robust": "APGD-CE/T examples of ROB alone, transferred",
-    "transfer_linear_robust": "APGD-CE/T examples of the linear mixture, transferred",
-}
 # forward_settings keys that choose the mixer, which a fixed mixture does not read.
 _MIXER_KEYS: dict[str, Any] = {"mixer_inputs": "both", "mixer_width": None}
 # Per-image outcomes kept for paired comparisons (analysis.paired_comparison): 1 = correct.
@@ -198,10 +188,10 @@ def clear_results(output_dir: Path) -> None:
 def _read_batch(path: Path) -> dict[str, Any]:
     counters = _read_json(path, "batch result")
     if not isinstance(counters, dict) or any(
-            not isinstance(counters.get(k, 0.0), (int, float, type(None))) for k in _COUNTERS) or \
+            not isinstance(counters.get(k, 0.0), (int, float, type(None))) for k in COUNTERS) or \
             "n" not in counters:
         raise EvaluationError(f"{path}: not a batch result of this project (expected a JSON "
-                              f"object with counters {list(_COUNTERS)}); delete this file (it "
+                              f"object with counters {list(COUNTERS)}); delete this file (it "
                               "is recomputed), or rerun with --overwrite to start over")
     return counters
 
@@ -362,7 +352,7 @@ def evaluate_batch(composite: Composite, x: torch.Tensor, y: torch.Tensor,
                           clean_out.alpha.float())
     clean_correct = pred == y
     robust = clean_correct.clone()
-    counters: dict[str, Any] = {k: 0.0 for k in _COUNTERS}
+    counters: dict[str, Any] = {k: 0.0 for k in COUNTERS}
     counters["n"] = len(y)
     counters["clean_correct"] = int(clean_correct.sum())
     counters["gamma_clean_sum"], nonfinite = _sum_finite(gamma)
@@ -437,186 +427,6 @@ def evaluate_batch(composite: Composite, x: torch.Tensor, y: torch.Tensor,
         nonfinite += nonfinite_adv
     counters["gamma_nonfinite"] = nonfinite
     return counters, x_adv_report
-
-
-def validate(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-             norm: Norm, n_iter: int, n_target: int, device: torch.device, dtype: torch.dtype,
-             batch_size: int, generator: torch.Generator, use_apgd: bool = True,
-             pgd_step_size: Optional[float] = None, pgd_loss: AttackLossName = "ce",
-             pgd_bce_weight: float = 0.0) -> dict[str, float]:
-    """Clean and robust accuracy and mean gamma/alpha of the composite on (x, y): the training's
-    validation (docs/TRAINING.md).
-
-    The composite is evaluated as deployed (eval mode, scale_alpha on). Robust accuracy: with
-    ``use_apgd`` :func:`~adaptive_smoothing.attacks.apgd_cascade` (APGD-CE on all points, then
-    APGD-T with ``n_target`` targets on the points still robust, ``n_iter`` iterations each,
-    plain CE/DLR losses: AutoAttack's first two attacks); otherwise PGD (``n_iter``,
-    ``pgd_step_size``, ``pgd_loss``, ``pgd_bce_weight``). "Attacked" gamma/alpha are measured on
-    the first attack's output for every point (the first adversarial example found, else the
-    highest-loss point), so they describe attacked inputs whether or not the attack succeeded.
-
-    Under torch.distributed each process takes every world-th example (``generator`` is this
-    process's); the sums are all-reduced.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    x, y = x[rank::world], y[rank::world]
-    sums = torch.zeros(7, dtype=torch.float64)
-    with composite.mode(False), autocast_context(device, dtype):
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
-            with torch.no_grad():
-                clean = composite(xb)
-            correct = clean.log_probs.argmax(1) == yb
-            if use_apgd:
-                result = apgd_cascade(composite, xb, yb, eps, norm=norm, n_iter=n_iter,
-                                      n_target=n_target, generator=generator,
-                                      clean_correct=correct, first_on_all=True)
-                robust, x_first = result.robust, result.first_x_adv
-            else:
-                first = pgd(composite, xb, yb, eps, norm=norm, n_iter=n_iter,
-                            step_size=pgd_step_size, loss=pgd_loss, bce_weight=pgd_bce_weight,
-                            generator=generator)
-                robust, x_first = correct & ~first.fooled, first.x_adv
-            with torch.no_grad():
-                attacked = composite(x_first)
-            sums += torch.tensor([len(yb), correct.sum().item(), robust.sum().item(),
-                                  clean.gamma.float().sum().item(),
-                                  attacked.gamma.float().sum().item(),
-                                  clean.alpha.float().sum().item(),
-                                  attacked.alpha.float().sum().item()], dtype=torch.float64)
-    if world > 1:
-        reduced = sums.to(device)
-        dist.all_reduce(reduced)
-        sums = reduced.cpu()
-    n = max(sums[0].item(), 1.0)
-    keys = ("clean_acc", "robust_acc", "gamma_clean", "gamma_adv", "alpha_clean", "alpha_adv")
-    return {"n": sums[0].item(), **{k: (sums[i + 1] / n).item() for i, k in enumerate(keys)}}
-
-
-def _per_image(counters: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Every image's outcome per attack, in image order (1 correct, 0 fooled, -1 not
-    attacked); batches from before these were recorded leave ``complete`` false."""
-    ordered = sorted(counters, key=lambda c: c.get("start", 0))
-    complete = all("per_image" in c and "start" in c for c in ordered)
-    out: dict[str, Any] = {"complete": complete, "image_ids": [], "outcomes": {}}
-    if not complete:
-        return out
-    for batch in ordered:
-        out["image_ids"] += list(range(int(batch["start"]), int(batch["end"])))
-        for name, flags in batch["per_image"].items():
-            out["outcomes"].setdefault(name, []).extend(flags)
-    return out
-
-
-def _ran(extra: Optional[ExtraAttacks], name: str) -> bool:
-    """Whether the extra attack ``name`` (a counter) was run."""
-    if extra is None:
-        return False
-    return {"surrogate_robust": extra.surrogate,
-            "transfer_rob_robust": extra.transfer,
-            "transfer_linear_robust": extra.transfer,
-            "square": extra.square_examples > 0}[name]
-
-
-def summarize(counters: Iterable[dict[str, float]], settings: EvaluationSettings,
-              model_info: dict[str, Any],
-              extra: Optional[ExtraAttacks] = None, *,
-              nonlinear: bool = False) -> dict[str, Any]:
-    """Aggregate per-batch counters into the reported numbers (``extra``: the extra attacks
-    run, then reported; ``nonlinear``: the model is a nonlinear composite)."""
-    total = {k: 0.0 for k in _COUNTERS}
-    for batch in counters:
-        for k in _COUNTERS:
-            value = batch.get(k, 0.0)
-            total[k] += math.nan if value is None else value  # None: a NaN written as JSON
-    n, adv_n = total["n"], total["adv_n"]
-
-    def ratio(num: float, den: float) -> Optional[float]:
-        return None if den == 0 else num / den
-
-    # With -inf/+inf gamma (one-model modes) a mean gamma is meaningless: report None.
-    gamma_ok = total["gamma_nonfinite"] == 0
-    return {
-        "n_examples": int(n),
-        "norm": settings.norm,
-        "eps": settings.eps,
-        "clean_accuracy": ratio(total["clean_correct"], n),
-        "autoattack": list(settings.attacks_to_run),
-        "autoattack_version": settings.autoattack_version if settings.attacks_to_run else None,
-        "autoattack_iterations": (settings.autoattack_iterations if settings.attacks_to_run
-                                  else None),
-        "autoattack_robust_accuracy": (ratio(total["autoattack_robust"], n)
-                                       if settings.attacks_to_run else None),
-        "pgd_robust_accuracy": ratio(total["pgd_robust"], n) if settings.pgd else None,
-        "pgd": ({"iterations": settings.pgd_iters, "step_size": settings.pgd_step_size,
-                 "loss": settings.pgd_loss} if settings.pgd else None),
-        "adaptive_robust_accuracy": (ratio(total["adaptive_robust"], n)
-                                     if settings.adaptive_attack else None),
-        "adaptive_attack_weight": (settings.adaptive_attack_weight
-                                   if settings.adaptive_attack else None),
-        **{f"{name.removesuffix('_robust')}_robust_accuracy": (
-            ratio(total[name], n) if _ran(extra, name) else None)
-           for name in _EXTRA_ATTACKS},
-        "square_examples": int(total["square_n"]) if _ran(extra, "square") else None,
-        "square_queries": extra.square_queries if extra and _ran(extra, "square") else None,
-        "square_robust_accuracy": (ratio(total["square_robust"], total["square_n"])
-                                   if _ran(extra, "square") else None),
-        "robust_accuracy": (ratio(total["robust"], n) if adv_n else None),
-        "mean_gamma_clean": ratio(total["gamma_clean_sum"], n) if gamma_ok else None,
-        "mean_alpha_clean": ratio(total["alpha_clean_sum"], n),
-        "mean_gamma_adv": ratio(total["gamma_adv_sum"], adv_n) if gamma_ok else None,
-        "mean_alpha_adv": ratio(total["alpha_adv_sum"], adv_n),
-        "model": model_info,
-        "kind": "nonlinear" if nonlinear else "mixture",
-        # Output-only gradients of a nonlinear composite can be masked (hard max has none): its
-        # robust accuracy counts only with the surrogate attack.
-        "valid": not model_info.get("unsafe_detach_mixer_inputs", False) and not (
-            nonlinear and settings.attacks_to_run and not (extra and extra.surrogate)),
-    }
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """A Markdown table of the reported numbers."""
-    def pct(v: Optional[float]) -> str:
-        return "-" if v is None else f"{100 * v:.2f}%"
-
-    def num(v: Optional[float]) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    rows = [("examples", str(summary["n_examples"])),
-            ("threat model", f"{summary['norm']}, eps = {summary['eps']:.5f}"),
-            ("clean accuracy", pct(summary["clean_accuracy"]))]
-    if summary["autoattack"]:
-        rows.append((f"AutoAttack {summary['autoattack_version']} "
-                     f"({', '.join(summary['autoattack'])}; "
-                     f"{summary['autoattack_iterations']} APGD iterations)",
-                     pct(summary["autoattack_robust_accuracy"])))
-    if summary["pgd"]:
-        rows.append((f"PGD-{summary['pgd']['iterations']} ({summary['pgd']['loss']})",
-                     pct(summary["pgd_robust_accuracy"])))
-    if summary["adaptive_attack_weight"] is not None:
-        rows.append((f"adaptive APGD-CE/T (w = {summary['adaptive_attack_weight']})",
-                     pct(summary["adaptive_robust_accuracy"])))
-    for name, label in _EXTRA_ATTACKS.items():
-        value = summary.get(f"{name.removesuffix('_robust')}_robust_accuracy")
-        if value is not None:
-            rows.append((label, pct(value)))
-    if summary.get("square_examples") is not None:
-        rows.append((f"Square ({summary['square_queries']} queries; first "
-                     f"{summary['square_examples']} images)", pct(summary["square_robust_accuracy"])))
-    rows += [("robust accuracy (worst case over attacks)", pct(summary["robust_accuracy"])),
-             ("mean gamma clean / attacked",
-              f"{num(summary['mean_gamma_clean'])} / {num(summary['mean_gamma_adv'])}"),
-             ("mean alpha clean / attacked",
-              f"{num(summary['mean_alpha_clean'])} / {num(summary['mean_alpha_adv'])}")]
-    lines = ["| metric | value |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
-    if not summary["valid"]:
-        lines.append("\n**NOT VALID**: " + (
-            "a nonlinear composite evaluated without the surrogate attack; output-only "
-            "gradients can be masked" if summary.get("kind") == "nonlinear" else
-            "the mixer's inputs were detached (unsafe_detach_mixer_inputs)")
-            + "; robust accuracy is overstated.")
-    return "\n".join(lines) + "\n"
 
 
 def evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
@@ -713,7 +523,7 @@ def _evaluate(composite: Composite, x_all: torch.Tensor, y_all: torch.Tensor,
     if rank != 0:
         return summary
     _atomic_write_json(summary, output_dir / RESULTS_FILE)
-    _atomic_write_json(_per_image(counters), output_dir / PER_IMAGE_FILE)
+    _atomic_write_json(per_image(counters), output_dir / PER_IMAGE_FILE)
     write_text_atomic(output_dir / TABLE_FILE, format_table(summary))
     logger.info("results written to %s", output_dir / RESULTS_FILE)
     return summary
@@ -882,16 +692,4 @@ def _alpha_sweep(run: Run, alphas: Sequence[float], *, overwrite: bool = False,
     rank, _ = distributed_rank_world()
     if rank == 0:
         _atomic_write_json(rows, output_dir / "sweep.json")
-    lines = ["| model | clean | robust (worst case) | mean alpha clean / attacked |",
-             "| --- | --- | --- | --- |"]
-    def percent(value: Optional[float]) -> str:  # None: no attack was run
-        return "-" if value is None else f"{100 * value:.2f}%"
-
-    def mean(value: Optional[float]) -> str:
-        return "-" if value is None else f"{value:.3f}"
-
-    for variant, summary in rows.items():
-        lines.append(f"| {variant} | {percent(summary['clean_accuracy'])} | "
-                     f"{percent(summary['robust_accuracy'])} | "
-                     f"{mean(summary['mean_alpha_clean'])} / {mean(summary['mean_alpha_adv'])} |")
-    return "\n".join(lines) + "\n"
+    return sweep_table(rows)

@@ -50,10 +50,9 @@ def _train_steps(root: Path, rank: int, world: int) -> dict[str, torch.Tensor]:
     trainer = build_trainer(prepare(config))
     xs, ys, labels = (t[rank::world] for t in _global_buffer())  # half of every mini-batch
     local = GLOBAL_BATCH // world
-    stats = torch.zeros(9, dtype=torch.float64)
     for step in range(STEPS):
         groups = [torch.arange(local) + (step * GROUP + j) * local for j in range(GROUP)]
-        trainer._optimizer_step(xs, ys, labels, groups, stats)
+        trainer._optimizer_step(xs, ys, labels, groups)
     state = {f"mixer.{k}": v.detach().clone() for k, v in trainer.mixer.state_dict().items()}
     state.update({f"bn.{k}": v.detach().clone()
                   for k, v in trainer.composite.gamma_bn.state_dict().items()})
@@ -107,7 +106,7 @@ def test_bf16_training_steps_run_under_cpu_autocast(tmp_path: Path) -> None:
         lambda module, inputs, output: dtypes.append(output.dtype))
     xs, ys, labels = _global_buffer()
     groups = [torch.arange(GLOBAL_BATCH) + j * GLOBAL_BATCH for j in range(GROUP)]
-    trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
+    trainer._optimizer_step(xs, ys, labels, groups)
     hook.remove()
     assert dtypes and set(dtypes) == {torch.bfloat16}
     after = trainer.mixer.state_dict()

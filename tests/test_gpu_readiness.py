@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from adaptive_smoothing import analysis, base_training, training
+from adaptive_smoothing import analysis, base_training
+from adaptive_smoothing.training import loop as training_loop  # where the Trainer looks names up
 from adaptive_smoothing.checkpoints import save_checkpoint
 from adaptive_smoothing.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer, build_trainer
@@ -153,7 +154,7 @@ def test_fp16_resume_from_a_bf16_or_fp32_checkpoint_starts_a_fresh_scaler(
         saved_trainer: Trainer, tiny_root: Path, monkeypatch: pytest.MonkeyPatch,
         request: pytest.FixtureRequest) -> None:
     assert not saved_trainer.scaler.is_enabled()  # fp32: the checkpoint's scaler state is empty
-    monkeypatch.setattr(training, "resolve_precision", lambda name, device: torch.float16)
+    monkeypatch.setattr(training_loop, "resolve_precision", lambda name, device: torch.float16)
     # The saved trainer's config (the fixture names its folder after this test).
     config = _tiny_config(tiny_root, f"gpu_{request.node.name}")
     resumed = build_trainer(prepare(config), resume=True)
@@ -294,7 +295,7 @@ def test_mixer_optimizer_step_waits_for_the_device_once_not_per_mini_batch(
         return original_step(*args, **kwargs)
     monkeypatch.setattr(trainer.scaler, "step", step)
     with SyncRecorder() as recorder:
-        trainer._optimizer_step(xs, ys, labels, groups, torch.zeros(9, dtype=torch.float64))
+        trainer._optimizer_step(xs, ys, labels, groups)
     # One decision (finite losses and gradient norm) for the whole accumulation group.
     assert syncs_before_step == [["_local_scalar_dense"]]
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from adaptive_smoothing import evaluation, training
+from adaptive_smoothing import evaluation
+from adaptive_smoothing.training import loop as training_loop  # where the Trainer looks names up
 from adaptive_smoothing.attacks import (RandomizedAttackSettings, apgd, curriculum_ramp,
                                         curriculum_settings, draw_attack_run)
 from adaptive_smoothing.checkpoints import (CheckpointError, load_mixer_checkpoint,
@@ -62,7 +63,7 @@ def runs(tiny_root: Path) -> dict[str, dict[str, Any]]:
         config = _config(tiny_root, f"{kind}_reference", kind)
         record: dict[str, list] = {"losses": [], "attacks": []}
         original_iteration = Trainer._train_iteration
-        original_attacks = training.generate_training_attacks
+        original_attacks = training_loop.generate_training_attacks
 
         def iteration(self: Trainer, *args: Any) -> Any:
             metrics = original_iteration(self, *args)
@@ -77,7 +78,7 @@ def runs(tiny_root: Path) -> dict[str, dict[str, Any]]:
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(Trainer, "_train_iteration", iteration)
-            patch.setattr(training, "generate_training_attacks", attacks)
+            patch.setattr(training_loop, "generate_training_attacks", attacks)
             trainer = build_trainer(prepare(config))
             initial = {k: v.clone() for k, v in trainer.mixer.state_dict().items()}
             path = trainer.fit()

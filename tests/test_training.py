@@ -259,8 +259,8 @@ def test_final_results_hold_the_detection_aucs_of_the_saved_mixer(reference_run:
     load_composite_weights(composite, resolve_checkpoints(reference_run["config"]))
     load_mixer_checkpoint(composite, reference_run["path"])
     with torch.no_grad():
-        clean = composite.eval()(trainer.x_val[:trainer.n_detection]).gamma
-        attacked = composite(trainer.x_det_fixed).gamma
+        clean = composite.eval()(trainer.x_val[:trainer.monitor.n_detection]).gamma
+        attacked = composite(trainer.monitor.x_det_fixed).gamma
     assert results["validation"]["auc_fixed"] == pytest.approx(roc_auc(clean, attacked),
                                                                abs=1e-6)
 
