@@ -24,6 +24,7 @@ import torch.distributed as dist
 from adaptive_smoothing.attacks import Norm, PerImageRandom, adaptive_attack, apgd_cascade, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
 from adaptive_smoothing.config import STANDARD_AUTOATTACK, EvaluationSettings, NonlinearSettings
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
@@ -61,7 +62,7 @@ _NONLINEAR_ATTACKS = {
 PER_IMAGE_FILE = "per_image.json"
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     pass
 
 

@@ -42,6 +42,7 @@ from adaptive_smoothing.config import Config, ConfigError, TrainingSettings, con
 from adaptive_smoothing.data import (IterationData, as_float_images, augment_batch,
                                      build_dataset, endless_indices, load_tensors)
 from adaptive_smoothing.detection import detection_metrics, fixed_attack_images
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.evaluation import validate
 from adaptive_smoothing.factory import (build_composite, checkpoint_paths, load_composite_weights,
                                         require_checkpoint_files)
@@ -78,11 +79,11 @@ DEBUG_ITERATIONS = 2
 DEBUG_VAL_EXAMPLES = 8
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 
-class TrainingResumeError(RuntimeError):
+class TrainingResumeError(UserError, RuntimeError):
     """The checkpoint to resume from cannot continue this run (wrong file or changed config)."""
 
 

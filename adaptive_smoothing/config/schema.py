@@ -17,6 +17,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
 from adaptive_smoothing.attacks import RandomizedAttackSettings
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models.composite import check_alpha_range
 
 # The original code's short model names -> this project's registry names.
@@ -33,7 +34,7 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed and pyautoattack take seeds up to this
 BIT_STD_RESIZE = 128  # the published STD model sees CIFAR images resized to 128x128
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, one line: ``file: key.path = value: problem``."""
 
     def __init__(self, problem: str, *, key: Optional[str] = None, value: Any = ...,
