@@ -108,3 +108,10 @@ def test_unknown_model_name():
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="'resnet18' registered twice"):
         register_model("resnet18")(lambda num_classes=10: None)
+
+
+def test_the_torch_free_name_table_is_the_registry():
+    from adaptive_smoothing.model_names import MODEL_NAMES
+    assert list_models() == sorted(MODEL_NAMES)  # the config checks names against the table
+    with pytest.raises(ValueError, match="'resnet9' is missing from model_names.MODEL_NAMES"):
+        register_model("resnet9")(lambda num_classes=10: None)

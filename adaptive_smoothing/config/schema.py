@@ -16,9 +16,11 @@ from typing import Annotated, Any, Callable, Literal, Optional, get_args
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
-from adaptive_smoothing.attacks import RandomizedAttackSettings
+# Torch-free modules only: the config loads and validates without torch.
+from adaptive_smoothing.alpha_range import check_alpha_range
+from adaptive_smoothing.config.randomized_attack import RandomizedAttackSettings
 from adaptive_smoothing.errors import UserError
-from adaptive_smoothing.models.composite import check_alpha_range
+from adaptive_smoothing.model_names import MODEL_NAMES
 
 # The original code's short model names -> this project's registry names.
 MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
@@ -83,16 +85,14 @@ def _names(table: dict[str, str]) -> BeforeValidator:
 
 
 def _model_name(value: Any) -> Any:
-    from adaptive_smoothing.models import list_models  # torch only once a name is checked
-
     name = MODEL_TYPE_ALIASES.get(value.strip().lower(), value.strip()) if isinstance(
         value, str) else value
     # A RobustBench zoo name is checked against the zoo when the model is built (importing
     # robustbench here would slow every config load).
     if isinstance(name, str) and re.fullmatch(r"robustbench:\s*\S+", name):
         return re.sub(r":\s*", ":", name, count=1)
-    if name not in list_models():
-        raise ValueError(f"expected one of {list_models()}, a short name "
+    if not isinstance(name, str) or name not in MODEL_NAMES:
+        raise ValueError(f"expected one of {sorted(MODEL_NAMES)}, a short name "
                          f"{sorted(MODEL_TYPE_ALIASES)} or robustbench:<zoo model name>")
     return name
 

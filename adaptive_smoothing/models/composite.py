@@ -16,25 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The check lives in a torch-free module: the config validates with it too.
+from adaptive_smoothing.alpha_range import ALPHA_RANGE_TOLERANCE, check_alpha_range  # noqa: F401
 from adaptive_smoothing.models.base import BaseClassifier
 from adaptive_smoothing.models.distributed_bn import convert_to_global_batchnorm, global_mean_std
 from adaptive_smoothing.models.mixing import MixingNet
 
 # Training-mode clamp of gamma to [mean - k * std, mean + k * std] before the gamma BatchNorm.
 _CLAMP_STDS = 0.6
-
-
-# How far alpha_bias + alpha_scale may exceed 1. Not 0: robustbench's checkpoints store the two
-# as float32 scalars, and float32 round-off of numbers whose exact sum is 1 exceeds 1 by up to
-# ~1e-7 (0.85 + 0.15 in float32: 1 + 3e-8), which must load. Any real excess is far above this.
-ALPHA_RANGE_TOLERANCE = 1e-6
-
-
-def check_alpha_range(alpha_bias: float, alpha_scale: float) -> None:
-    """ValueError unless the alpha range (alpha_bias, alpha_bias + alpha_scale) lies in [0, 1]."""
-    if alpha_bias < 0 or alpha_scale < 0 or alpha_bias + alpha_scale > 1 + ALPHA_RANGE_TOLERANCE:
-        raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
-                         f"({alpha_bias}, {alpha_bias + alpha_scale}) must lie in [0, 1]")
 
 
 class CompositeOutput(NamedTuple):

@@ -1,0 +1,24 @@
+"""The names of the registered base architectures, as a table that needs no torch.
+
+The config checks ``forward_settings.std_model_type`` / ``rob_model_type`` against it, so that
+loading and validating a config does not import torch and every architecture module. The
+registry (``models/registry.py``) refuses to register a name missing here, so the table and the
+registered builders cannot drift apart (``tests/test_models.py`` checks they are equal).
+"""
+from __future__ import annotations
+
+__all__ = ["MODEL_NAMES"]
+
+_BIT_SIZES = ("r50x1", "r50x3", "r101x1", "r101x3", "r152x2", "r152x4")
+
+MODEL_NAMES: frozenset[str] = frozenset({
+    # models/bit.py: BiT ResNet-v2, upstream M (ImageNet-21k) and S (ImageNet-1k)
+    *(f"bit_{upstream}_{size}" for upstream in ("m", "s") for size in _BIT_SIZES),
+    # models/wide_resnet.py: DeepMind's WRNs (Swish, or SiLU with the _silu suffix)
+    "dm_wrn", "dm_wrn_28_10", "dm_wrn_28_10_silu", "dm_wrn_34_10", "dm_wrn_34_10_silu",
+    "dm_wrn_70_16", "dm_wrn_70_16_silu",
+    # models/robustbench_zoo.py: RaWideResNet-70-16 (Peng2023Robust)
+    "ra_wrn_70_16",
+    # models/resnet.py: CIFAR ResNet-18
+    "resnet18",
+})
