@@ -382,7 +382,7 @@ def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
 
 def test_run_robustbench_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
-    from adaptive_smoothing.benchmark import run_benchmark
+    from adaptive_smoothing.robustbench_eval import run_benchmark
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="runs in one process.*python.*--device cuda:N"):
         run_benchmark(tmp_path, "cifar10", "edm", device="cpu", output_dir=tmp_path)

@@ -30,7 +30,7 @@ def test_each_console_command_is_a_click_command_of_the_cli_package(name: str) -
 
 def test_run_files_and_scripts_call_the_console_commands_functions() -> None:
     targets = {value.partition(":")[0].rsplit(".", 1)[1]: value for value in ENTRY_POINTS.values()}
-    files = {"run": REPO / "run.py", "robustbench": REPO / "run_robustbench.py",
+    files = {"run": REPO / "run.py", "robustbench_eval": REPO / "run_robustbench.py",
              **{path.stem: path for path in (REPO / "scripts").glob("*.py")}}
     assert set(files) == set(targets), "a CLI file without a console command, or the reverse"
     for stem, path in files.items():
