@@ -20,7 +20,8 @@ import torch
 from adaptive_smoothing.config import load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
-from adaptive_smoothing.speed import BASELINE, SpeedSetting, robust_accuracy
+from adaptive_smoothing.tools.precision import robust_accuracy
+from adaptive_smoothing.tools.speed import BASELINE, SpeedSetting
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

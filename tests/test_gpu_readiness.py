@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 from adaptive_smoothing import analysis, base_training, training
 from adaptive_smoothing.checkpoints import save_checkpoint
-from adaptive_smoothing.readiness import SyncRecorder
+from adaptive_smoothing.tools.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer, build_trainer
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
