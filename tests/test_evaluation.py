@@ -236,7 +236,7 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
 
 
 def test_committed_evaluation_folders_still_resume_under_the_current_schema(shared_cifar10):
-    """The fixed-alpha folders of benchmarks/results/rn18w16_cpu/eval were written by an
+    """The fixed-alpha folders of experiments/rn18w16_cpu/eval were written by an
     earlier version: keys added to the schema since (nonlinear_settings, robustbench_model_dir)
     must not change what their manifest compares, or every earlier evaluation is refused."""
     from pathlib import Path
@@ -244,10 +244,10 @@ def test_committed_evaluation_folders_still_resume_under_the_current_schema(shar
     from adaptive_smoothing.config import apply_overrides, load_config
 
     root = Path(__file__).resolve().parents[1]
-    folder = root / "benchmarks/results/rn18w16_cpu/eval/fixed/alpha_0.720"
+    folder = root / "experiments/rn18w16_cpu/eval/fixed/alpha_0.720"
     manifest = json.loads((folder / "manifest.json").read_text())
     config = apply_overrides(load_config(root / "configs/rn18w16_cifar10_cpu.yaml"), **{
-        "log_dir": str(root / "benchmarks/results/rn18w16_cpu"),
+        "log_dir": str(root / "experiments/rn18w16_cpu"),
         "dataset_settings.path": str(shared_cifar10),
         "evaluation_settings.data_dir": str(shared_cifar10)})
     *_, info = evaluation._prepare(config)
