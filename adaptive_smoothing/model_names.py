@@ -1,9 +1,10 @@
 """The names of the registered base architectures, as a table that needs no torch.
 
 The config checks ``forward_settings.std_model_type`` / ``rob_model_type`` against it, so that
-loading and validating a config does not import torch and every architecture module. The
-registry (``models/registry.py``) refuses to register a name missing here, so the table and the
-registered builders cannot drift apart (``tests/test_models.py`` checks they are equal).
+loading and validating a config does not import torch and every architecture module (names
+registered at run time with ``register_model`` are accepted too once the registry is loaded).
+``tests/test_models.py`` checks that the table is the built-in architectures' registry: add a new
+architecture's name here.
 """
 from __future__ import annotations
 

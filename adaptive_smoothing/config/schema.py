@@ -10,6 +10,7 @@ import ast
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
@@ -84,6 +85,13 @@ def _names(table: dict[str, str]) -> BeforeValidator:
                            if isinstance(v, str) else v)
 
 
+def _known_model_names() -> set[str]:
+    """The built-in architectures (a torch-free table) and, once the registry is loaded (torch
+    then is too), the names registered at run time with ``register_model``."""
+    registry = sys.modules.get("adaptive_smoothing.models.registry")
+    return set(MODEL_NAMES) | (set(registry.list_models()) if registry is not None else set())
+
+
 def _model_name(value: Any) -> Any:
     name = MODEL_TYPE_ALIASES.get(value.strip().lower(), value.strip()) if isinstance(
         value, str) else value
@@ -91,8 +99,9 @@ def _model_name(value: Any) -> Any:
     # robustbench here would slow every config load).
     if isinstance(name, str) and re.fullmatch(r"robustbench:\s*\S+", name):
         return re.sub(r":\s*", ":", name, count=1)
-    if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ValueError(f"expected one of {sorted(MODEL_NAMES)}, a short name "
+    known = _known_model_names()
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"expected one of {sorted(known)}, a short name "
                          f"{sorted(MODEL_TYPE_ALIASES)} or robustbench:<zoo model name>")
     return name
 
