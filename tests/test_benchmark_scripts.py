@@ -90,6 +90,7 @@ def test_benchmark_refuses_fp16_on_cpu_in_one_line(benchmark_main):
     assert "Error: precision 'fp16' needs a CUDA device" in result.output
 
 
+@pytest.mark.e2e
 def test_gpu_check_smoke_run_writes_every_record(tmp_path):
     env = dict(os.environ, GPU_CHECK_SMOKE="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env,

@@ -209,6 +209,7 @@ def test_second_evaluation_into_a_locked_folder_is_refused(composite, data, tmp_
 
 
 # -- per-image determinism ----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
     """Random starts drawn per batch made robust accuracy depend on --batch-size (7.0% at 250
     vs 7.5% at 25 on the same 200 images); per-image draws make every image's result, and so

@@ -77,6 +77,7 @@ def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_rank_that_finishes_early_does_not_hit_the_process_group_timeout(tmp_path: Path) -> None:
     mp.spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -110,6 +111,7 @@ def _download_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_only_rank_zero_downloads_the_dataset_and_a_slow_download_does_not_time_out(
         tmp_path: Path) -> None:
     mp.spawn(_download_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -368,6 +370,7 @@ def _torchrun_eval_worker(rank: int, world: int, port: int, config_path: str, da
         {"table": table, "group_left": not dist.is_initialized()}))
 
 
+@pytest.mark.distributed
 def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
         tmp_path: Path, shared_cifar10: Path) -> None:
     from test_cli import _write_config

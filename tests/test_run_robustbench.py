@@ -36,6 +36,7 @@ def small_world(monkeypatch):
     return calls, composite
 
 
+@pytest.mark.e2e
 def test_benchmark_runs_end_to_end_and_resumes(small_world, tmp_path, monkeypatch, caplog):
     calls, composite = small_world
     args = ["--root_dir", str(tmp_path / "models"), "--dataset", "cifar10", "--model_name",
