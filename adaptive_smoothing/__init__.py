@@ -8,15 +8,18 @@ import os
 # the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from adaptive_smoothing.models import (CompositeModel, LogProbClassifier,  # noqa: E402
-                                       MixingNet, create_model)
-
 __all__ = ["CompositeModel", "LogProbClassifier", "MixingNet", "create_model",
            "load_published_model"]
 
+_MODELS = ("CompositeModel", "LogProbClassifier", "MixingNet", "create_model")
+
 
 def __getattr__(name: str):
-    # Lazy, so that importing the package does not pull in the checkpoint code's dependencies.
+    # Lazy, so that importing a torch-free part (adaptive_smoothing.config, .errors) does not load
+    # torch and every architecture, nor the checkpoint code's dependencies.
+    if name in _MODELS:
+        from adaptive_smoothing import models
+        return getattr(models, name)
     if name == "load_published_model":
         from adaptive_smoothing.published import load_published_model
         return load_published_model

@@ -24,13 +24,19 @@ from adaptive_smoothing.attacks import pgd
 from adaptive_smoothing.checkpoints import (BASE_TRAINING_FORMAT, load_checked, read_entries,
                                             save_checkpoint)
 from adaptive_smoothing.data import IterationData
-from adaptive_smoothing.models import create_model
+from adaptive_smoothing.errors import UserError
+from adaptive_smoothing.models import create_model, list_models
 from adaptive_smoothing.runtime import (autocast_context, prepare_model, resolve_precision,
                                         select_device)
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("standard", "pgd", "fgsm")
+
+
+class BaseTrainingError(UserError, ValueError):
+    """Base-training settings that cannot train (names the setting), or a checkpoint to resume
+    that was trained under other settings."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,19 @@ class BaseTrainingSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # The registry's own message; checked here so that it is a BaseTrainingError (one line
+        # in the CLI), not the registry's ValueError from deep inside the training.
+        if not self.arch.startswith("robustbench:") and self.arch not in list_models():
+            raise BaseTrainingError(f"unknown model {self.arch!r}; expected one of "
+                                    f"{list_models()}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise BaseTrainingError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("epochs", "batch_size", "pgd_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise BaseTrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "eps", "pgd_step_size", "fgsm_step_factor"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise BaseTrainingError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 def _adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -96,7 +107,7 @@ def _check_same_settings(path: Path, saved: dict[str, Any],
     changed = [f"{key}: {saved[key]!r} -> {current[key]!r}" for key in sorted(saved)
                if key in current and key not in _RESUMABLE_CHANGES and saved[key] != current[key]]
     if changed:
-        raise ValueError(f"{path}: cannot resume, settings differ from the checkpoint's "
+        raise BaseTrainingError(f"{path}: cannot resume, settings differ from the checkpoint's "
                          f"({'; '.join(changed)}); use another --output or --no-resume")
 
 

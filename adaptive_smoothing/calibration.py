@@ -33,13 +33,14 @@ from tqdm import tqdm
 from adaptive_smoothing.analysis import probability_margin
 from adaptive_smoothing.attacks import Norm, PerImageRandom, apgd
 from adaptive_smoothing.config import provenance
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models.nonlinear import Clamp, rob_map
 from adaptive_smoothing.persist import BatchStore, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 
-class CalibrationError(RuntimeError):
+class CalibrationError(UserError, RuntimeError):
     """A calibration that cannot run as asked (overlap with evaluated images, a folder of
     another calibration, no data of a kind)."""
 

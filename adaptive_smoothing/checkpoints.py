@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models.bit import ResNetV2
 from adaptive_smoothing.models.composite import CompositeModel
 from adaptive_smoothing.models.gate import MARGIN_PARAMETER, LogitGate
@@ -89,7 +90,7 @@ def rob_format(module: nn.Module) -> str:
             "state_dict")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable, or does not match the model it is loaded into."""
 
 

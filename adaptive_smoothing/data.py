@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.runtime import barrier, distributed_rank_world
 from adaptive_smoothing.seeding import stream
 
@@ -85,7 +86,7 @@ CIFAR100_CLASSES = (
 CLASS_NAMES = {"cifar10": CIFAR10_CLASSES, "cifar100": CIFAR100_CLASSES}
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A dataset cannot be built or read; the message names the file/key and what was expected."""
 
 

@@ -29,6 +29,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.published import (DEFAULT_BASE_URLS, PUBLISHED_MODELS, WEIGHT_FILES,
                                           WeightFile, resolve_base_urls)
 
@@ -41,7 +42,7 @@ TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
 _HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A checkpoint could not be fetched or verified; the message names the URL and target."""
 
 

@@ -28,6 +28,7 @@ from adaptive_smoothing.attacks import PerImageRandom, adaptive_attack, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
 from adaptive_smoothing.config import (MOVED, STANDARD_AUTOATTACK, Config, EvaluationSettings,
                                        NonlinearSettings, provenance)
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
 from adaptive_smoothing.models.nonlinear import NonlinearComposite, SurrogateGradientClassifier
@@ -40,8 +41,7 @@ from adaptive_smoothing.report import COUNTERS, format_table, per_image, summari
 from adaptive_smoothing.persist import BatchStore, write_atomic, write_text_atomic
 from adaptive_smoothing.rundir import RunLock
 from adaptive_smoothing.runtime import (AutocastModule, barrier,
-                                        distributed_rank_world, prepare_model,
-                                        resolve_precision)
+                                        distributed_rank_world, prepare_model)
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ _MIXER_KEYS: dict[str, Any] = {"mixer_inputs": "both", "mixer_width": None}
 PER_IMAGE_FILE = "per_image.json"
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     pass
 
 
@@ -534,7 +534,7 @@ def _load(run: Run) -> tuple[Composite, torch.Tensor, torch.Tensor, torch.dtype,
     """The run's composite with its weights, the first n_examples test images, and the record
     that identifies the model in the results."""
     settings = run.evaluation
-    dtype = resolve_precision(settings.precision, run.device)
+    dtype = run.eval_dtype
     composite = build_composite(run.forward, run.num_classes, run.device, source=run.source,
                                 nonlinear=run.nonlinear)
     load_composite_weights(composite, run.checkpoints)

@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable, Generic, Optional, TypeVar, Union
 
+from adaptive_smoothing.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -29,7 +31,7 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """A write found no space left (ENOSPC / EDQUOT). The message names the folder, the file and
     the space needed; the files already there are intact (every write is atomic)."""
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from adaptive_smoothing.attacks import Norm, pgd
 from adaptive_smoothing.config import ConfigError
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models.composite import (CompositeModel, base_weight_sums,
                                                   fixed_alpha_composite)
 from adaptive_smoothing.persist import BatchStore, write_atomic
@@ -43,7 +44,7 @@ VERSION = 1
 DEFAULT_GAMMAS = (-math.inf, -2.0, 0.0, 2.0, 4.0, 6.0, 8.0, math.inf)
 
 
-class PreAttackedError(ValueError):
+class PreAttackedError(UserError, ValueError):
     """A pre-attacked data file that cannot be used (names the file and the problem)."""
 
 

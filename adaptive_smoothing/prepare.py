@@ -26,7 +26,7 @@ from adaptive_smoothing.fingerprint import optional_file_sha256
 from adaptive_smoothing.models.robustbench_zoo import (DATASET_BY_CLASSES, ZOO_THREAT_MODEL,
                                                        is_zoo_name, zoo_model_name)
 from adaptive_smoothing.published import std_alternative, weight_file_for
-from adaptive_smoothing.runtime import distributed_session, init_distributed
+from adaptive_smoothing.runtime import distributed_session, init_distributed, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Run:
     attack: RandomizedAttackSettings
     evaluation: EvaluationSettings
     checkpoints: CheckpointFiles
+    eval_dtype: torch.dtype  # evaluation_settings.precision on this device
     fingerprints: Mapping[str, Optional[str]]  # of the checkpoint files: std, rob, comp
     weights_identity: Mapping[str, Any]  # the config keys that shape trained weights, + prints
     model_record: Mapping[str, Any]  # what evaluation reports as the evaluated model
@@ -79,6 +80,8 @@ def prepare(config: Config) -> Run:
     """Resolve ``config`` into a :class:`Run` on this process (call inside
     :func:`prepared`, or where the process group, if any, is already joined)."""
     _, _, device = init_distributed(config.run.device)
+    # A setting this machine cannot honour is reported before any file is looked for.
+    eval_dtype = resolve_precision(config.evaluation_settings.precision, device)
     checkpoints = resolve_checkpoints(config)
     # Contents, not paths: a checkpoint replaced at the same path must not pass for the one an
     # earlier run used.
@@ -96,7 +99,7 @@ def prepare(config: Config) -> Run:
                nonlinear=config.nonlinear_settings, dataset=dataset,
                training=config.training_settings, pgd=config.pgd_settings,
                attack=config.randomized_attack_settings, evaluation=config.evaluation_settings,
-               checkpoints=checkpoints, fingerprints=fingerprints,
+               checkpoints=checkpoints, eval_dtype=eval_dtype, fingerprints=fingerprints,
                weights_identity=provenance.identity(config, "weights", fingerprints),
                model_record=_json(model_record),
                config_record=config_to_dict(config))

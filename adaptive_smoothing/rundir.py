@@ -14,12 +14,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional, Type, Union
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.persist import remove_stale_temporaries
 
 LOCK_FILE = ".lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output folder cannot be created or written, or another run holds it."""
 
 

@@ -11,6 +11,7 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 from torch import nn
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.grad_scaling import call_with_scaled_gradients
 
 logger = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ logger = logging.getLogger(__name__)
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """The requested device does not exist on this machine."""
 
 
@@ -46,7 +47,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-class RuntimeSettingsError(ValueError):
+class RuntimeSettingsError(UserError, ValueError):
     """A precision / device / thread setting this machine cannot honour (one-line message)."""
 
 

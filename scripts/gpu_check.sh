@@ -13,9 +13,9 @@
 #   OUT=/path/to/out bash scripts/gpu_check.sh
 #   GPU_CHECK_SMOKE=1 OUT=/tmp/gc bash scripts/gpu_check.sh   # CPU smoke test at tiny sizes
 #
-# To add a check: a function in adaptive_smoothing/gpu_check.py (CHECKS) and a `check` line below.
+# To add a check: a function in adaptive_smoothing/tools/gpu_check.py (CHECKS) and a `check` line below.
 set -uo pipefail
-cd "$(dirname "$0")/.."  # python3 -m adaptive_smoothing.cli.X runs from here, installed or not
+cd "$(dirname "$0")/.."  # python3 -m adaptive_smoothing.tools.cli.X runs from here, installed or not
 
 OUT=${OUT:-outputs/gpu_check}
 CONFIG=${GPU_CHECK_CONFIG:-configs/cifar10_edm.yaml}
@@ -43,7 +43,7 @@ check() {  # check NAME SECONDS KIND [options...]
   NAMES+=("$name")
   echo "== $name (limit $((seconds * LIMIT)) s)"
   timeout --signal=INT --kill-after=20 "$((seconds * LIMIT))" \
-    python3 -m adaptive_smoothing.cli.gpu_check "$kind" --name "$name" --out "$OUT" \
+    python3 -m adaptive_smoothing.tools.cli.gpu_check "$kind" --name "$name" --out "$OUT" \
     --config "$CONFIG" \
     --device "$DEVICE" "${EXTRA[@]}" "$@" || echo "== $name: failed or timed out (rc $?)"
 }
@@ -69,7 +69,7 @@ READY=(--out "$OUT/readiness" --device "$DEVICE")
 [ -f data/cifar10/test.npz ] && READY+=(--data-dir data/cifar10)
 echo "== readiness (limit $((240 * LIMIT)) s)"
 timeout --signal=INT --kill-after=20 "$((240 * LIMIT))" \
-  python3 -m adaptive_smoothing.cli.gpu_readiness "${READY[@]}" \
+  python3 -m adaptive_smoothing.tools.cli.gpu_readiness "${READY[@]}" \
   || echo "== readiness: failed or timed out (rc $?)"
 
-IFS=, ; python3 -m adaptive_smoothing.cli.gpu_check summary --out "$OUT" --expect "${NAMES[*]}"
+IFS=, ; python3 -m adaptive_smoothing.tools.cli.gpu_check summary --out "$OUT" --expect "${NAMES[*]}"

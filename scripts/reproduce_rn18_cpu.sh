@@ -21,5 +21,5 @@ python3 run.py --eval --config configs/rn18w8_cifar10_cpu.yaml --data-dir "$DATA
   --mixer-checkpoint mixer/checkpoints/last.pt --output-dir "$RUNS/sweep" --alpha-sweep 0,0.2,0.4,0.5,0.6,0.7,0.8,0.9,0.95,1 \
   --device cpu
 python3 -m adaptive_smoothing.cli.plot_results "$RUNS/sweep" \
-  --output-dir benchmarks/results/rn18w8_cpu \
+  --output-dir experiments/rn18w8_cpu \
   --title "ResNet-18 (width 8), CIFAR-10"

@@ -9,7 +9,7 @@
 #   DATA=data/cifar10  offline copy (train.npz/test.npz) of ../shared/data/cifar10
 #   N_TRAIN=50000  EPOCHS_STD=15  EPOCHS_ROB=15  BASE_BATCH=512
 #   MIXER_BATCH=256  N_EVAL=1000  AA_ITERS=100  SWEEP=0,0.2,0.5,0.7,0.8,0.9,0.95,1
-#   DEVICE=auto  PLOTS=benchmarks/results/rn18_gpu  MIXER_DEBUG=0 (1: two mixer iterations only)
+#   DEVICE=auto  PLOTS=experiments/rn18_gpu  MIXER_DEBUG=0 (1: two mixer iterations only)
 # A CPU smoke test of the whole script (minutes): N_TRAIN=256 EPOCHS_STD=1 EPOCHS_ROB=1
 #   BASE_BATCH=64 MIXER_BATCH=8 MIXER_DEBUG=1 N_EVAL=16 AA_ITERS=2 SWEEP=0,1
 #   PLOTS=/tmp/smoke_plots DATA=../shared/data/cifar10 bash scripts/reproduce_rn18_gpu.sh
@@ -44,5 +44,5 @@ python3 run.py --eval "${CONFIG[@]}" --mixer-checkpoint "$MIXER" \
   --autoattack-iterations "${AA_ITERS:-100}" --alpha-sweep "${SWEEP:-0,0.2,0.5,0.7,0.8,0.9,0.95,1}"
 echo "evaluated: ${SECONDS} s"
 python3 -m adaptive_smoothing.cli.plot_results "$RUNS/sweep" \
-  --output-dir "${PLOTS:-benchmarks/results/rn18_gpu}" \
+  --output-dir "${PLOTS:-experiments/rn18_gpu}" \
   --title "ResNet-18, CIFAR-10 (GPU schedule)"

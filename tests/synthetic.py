@@ -70,10 +70,25 @@ def train_tiny(model: BaseClassifier, steps: int = 40, seed: int = 0) -> BaseCla
     return model.eval()
 
 
+# Trained tiny bases by (seed, width): their weights and the global RNG state the training left.
+# Training on the CPU is deterministic, so training again would give the same weights bit for
+# bit; the tests build these models dozens of times, and the training is most of their cost.
+_TRAINED: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+
+
 def tiny_base(seed: int = 0, train: bool = True, width: int = 4) -> BaseClassifier:
     torch.manual_seed(seed)
     model = create_model("resnet18", num_classes=10, width=width)
-    return train_tiny(model, seed=seed) if train else model.eval()
+    if not train:
+        return model.eval()
+    if (seed, width) not in _TRAINED:
+        train_tiny(model, seed=seed)
+        _TRAINED[seed, width] = ({k: v.clone() for k, v in model.state_dict().items()},
+                                 torch.get_rng_state())
+    weights, rng_state = _TRAINED[seed, width]
+    model.load_state_dict(weights)
+    torch.set_rng_state(rng_state)  # as if it had just been trained
+    return model.eval()
 
 
 def tiny_composite(mixer: bool = True, seed: int = 0, **kwargs) -> CompositeModel:

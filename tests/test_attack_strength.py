@@ -15,13 +15,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 
 from adaptive_smoothing.config import load_config
 from adaptive_smoothing.data import build_dataset, load_tensors
 from adaptive_smoothing.factory import build_composite, load_composite_weights
 from adaptive_smoothing.prepare import resolve_checkpoints
-from adaptive_smoothing.speed import BASELINE, SpeedSetting, robust_accuracy
+from adaptive_smoothing.tools.precision import robust_accuracy
+from adaptive_smoothing.tools.speed import BASELINE, SpeedSetting
+
+pytestmark = pytest.mark.e2e  # 256 images, APGD-CE + APGD-T, twice, bf16 emulated on most CPUs
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptive_smoothing.config import load_config
-from adaptive_smoothing.speed import build_benchmark_composite, flops_per_attack_step
+from adaptive_smoothing.tools.speed import build_benchmark_composite, flops_per_attack_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,7 @@ def test_benchmark_refuses_fp16_on_cpu_in_one_line(benchmark_main):
     assert "Error: precision 'fp16' needs a CUDA device" in result.output
 
 
+@pytest.mark.e2e
 def test_gpu_check_smoke_run_writes_every_record(tmp_path):
     env = dict(os.environ, GPU_CHECK_SMOKE="1", OUT=str(tmp_path), OMP_NUM_THREADS="1")
     done = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], cwd=REPO, env=env,
@@ -113,8 +114,9 @@ def test_gpu_check_smoke_run_writes_every_record(tmp_path):
         fp32, bf16 = row["robust_accuracy"].values()
         assert row["difference_points"] == pytest.approx(100 * (bf16 - fp32))
         assert row["within_1_point"] == (abs(bf16 - fp32) <= 0.01)
-    # The GPU-readiness checks (adaptive_smoothing/readiness.py), one record each, all passing.
-    from adaptive_smoothing.readiness import CHECKS
+    # The GPU-readiness checks (adaptive_smoothing/tools/readiness.py), one record each, all
+    # passing.
+    from adaptive_smoothing.tools.readiness import CHECKS
     readiness = {name: json.loads((tmp_path / "readiness" / f"{name}.json").read_text())
                  for name in CHECKS}
     assert {name: r.get("error", r["ok"]) for name, r in readiness.items()} == {

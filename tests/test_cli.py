@@ -373,3 +373,48 @@ def test_debug_log_level_keeps_the_traceback_of_a_one_line_error(tmp_path, share
                                                "cuda:7", "--log-level", "DEBUG"])
     assert "device 'cuda:7'" in _one_line_error(result)
     assert any(record.exc_info for record in caplog.records)  # for bug reports
+
+
+def test_every_user_error_derives_from_one_base_and_keeps_its_builtin_base():
+    from adaptive_smoothing import (base_training, calibration, checkpoints, data, download,
+                                    evaluation, persist, pre_attack, rundir, runtime, training)
+    from adaptive_smoothing.config import ConfigError
+    from adaptive_smoothing.errors import UserError
+    from adaptive_smoothing.models.robustbench_zoo import RobustBenchMissingError
+
+    # Each class is still caught by what callers caught it as before it had the base.
+    builtin = {
+        base_training.BaseTrainingError: ValueError, calibration.CalibrationError: RuntimeError,
+        checkpoints.CheckpointError: Exception,
+        checkpoints.CheckpointNotFoundError: FileNotFoundError, ConfigError: ValueError,
+        data.DataError: RuntimeError, download.DownloadError: RuntimeError,
+        evaluation.EvaluationError: RuntimeError, persist.DiskFullError: OSError,
+        pre_attack.PreAttackedError: ValueError, rundir.RunDirError: RuntimeError,
+        runtime.DeviceError: ValueError, runtime.RuntimeSettingsError: ValueError,
+        training.TrainingDivergedError: RuntimeError,
+        training.TrainingResumeError: RuntimeError, RobustBenchMissingError: ImportError}
+    for cls, base in builtin.items():
+        assert issubclass(cls, UserError) and issubclass(cls, base), cls
+
+
+def test_train_base_reports_bad_settings_in_one_line_and_lets_a_bug_through(tmp_path,
+                                                                           monkeypatch):
+    from adaptive_smoothing.cli import train_base
+    from synthetic import write_npz
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_npz(data / "train.npz", 8, 0)
+    args = ["--output", str(tmp_path / "std.pt"), "--arch-kwargs", '{"width": 2}',
+            "--data-format", "npz", "--data-dir", str(data), "--device", "cpu"]
+    bad = CliRunner().invoke(train_base.main, args + ["--epochs", "0"])
+    assert "epochs must be >= 1, got 0" in _one_line_error(bad)
+    unknown = CliRunner().invoke(train_base.main, args + ["--arch", "resnet1800"])
+    assert "unknown model 'resnet1800'" in _one_line_error(unknown)
+
+    # A ValueError that is not a user's mistake is a bug: it keeps its traceback.
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug")
+    monkeypatch.setattr(train_base, "train_base_model", buggy)
+    result = CliRunner().invoke(train_base.main, args)
+    assert isinstance(result.exception, ValueError) and str(result.exception) == "a bug"

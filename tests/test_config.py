@@ -592,6 +592,7 @@ def test_implausible_eps_is_refused_instead_of_reporting_zero_robustness(overrid
 
 
 # -- the authors' layout at the boundary ----------------------------------------------------------
+@pytest.mark.slow  # builds the authors' published-size composite twice
 def test_unused_authors_keys_are_logged_once_each_and_given_no_meaning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,8 @@ import torch.multiprocessing as mp
 from adaptive_smoothing.evaluation import evaluate
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
+
+pytestmark = pytest.mark.distributed
 
 
 def _free_port() -> int:

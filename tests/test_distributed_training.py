@@ -13,6 +13,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,6 +73,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
             dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_train_the_same_mixer_as_one(tmp_path: Path) -> None:
     root = tmp_path / "root"
     make_tiny_training_root(root)

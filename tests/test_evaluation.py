@@ -210,6 +210,7 @@ def test_second_evaluation_into_a_locked_folder_is_refused(composite, data, tmp_
 
 
 # -- per-image determinism ----------------------------------------------------------------------
+@pytest.mark.e2e
 def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
     """Random starts drawn per batch made robust accuracy depend on --batch-size (7.0% at 250
     vs 7.5% at 25 on the same 200 images); per-image draws make every image's result, and so
@@ -240,7 +241,7 @@ def test_demo_robust_accuracy_does_not_depend_on_the_batch_size(tmp_path):
 
 def test_committed_evaluation_folders_still_resume_under_the_current_schema(shared_cifar10,
                                                                            tmp_path):
-    """The fixed-alpha folders of benchmarks/results/rn18w16_cpu/eval were written by an
+    """The fixed-alpha folders of experiments/rn18w16_cpu/eval were written by an
     earlier version (a nested manifest, before declared provenance, and before the schema
     gained nonlinear_settings and robustbench_model_dir): they must still match, and a real
     change must still be refused."""
@@ -250,9 +251,9 @@ def test_committed_evaluation_folders_still_resume_under_the_current_schema(shar
     from adaptive_smoothing.config import apply_overrides, load_config
 
     root = Path(__file__).resolve().parents[1]
-    folder = root / "benchmarks/results/rn18w16_cpu/eval/fixed/alpha_0.720"
+    folder = root / "experiments/rn18w16_cpu/eval/fixed/alpha_0.720"
     config = apply_overrides(load_config(root / "configs/rn18w16_cifar10_cpu.yaml"), **{
-        "log_dir": str(root / "benchmarks/results/rn18w16_cpu"),
+        "log_dir": str(root / "experiments/rn18w16_cpu"),
         "dataset_settings.path": str(shared_cifar10),
         "evaluation_settings.data_dir": str(shared_cifar10)})
     *_, info = evaluation._load(prepare(config))

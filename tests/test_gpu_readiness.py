@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from adaptive_smoothing import analysis, base_training
 from adaptive_smoothing.training import loop as training_loop  # where the Trainer looks names up
 from adaptive_smoothing.checkpoints import save_checkpoint
-from adaptive_smoothing.readiness import SyncRecorder
+from adaptive_smoothing.tools.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer, build_trainer
 from adaptive_smoothing.prepare import prepare
 from synthetic import synthetic_data, tiny_composite
@@ -79,6 +79,7 @@ def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_rank_that_finishes_early_does_not_hit_the_process_group_timeout(tmp_path: Path) -> None:
     mp.spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -112,6 +113,7 @@ def _download_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_only_rank_zero_downloads_the_dataset_and_a_slow_download_does_not_time_out(
         tmp_path: Path) -> None:
     mp.spawn(_download_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -370,6 +372,7 @@ def _torchrun_eval_worker(rank: int, world: int, port: int, config_path: str, da
         {"table": table, "group_left": not dist.is_initialized()}))
 
 
+@pytest.mark.distributed
 def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
         tmp_path: Path, shared_cifar10: Path) -> None:
     from test_cli import _write_config
@@ -384,7 +387,7 @@ def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
 
 def test_run_robustbench_under_torchrun_is_refused(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
-    from adaptive_smoothing.benchmark import run_benchmark
+    from adaptive_smoothing.robustbench_eval import run_benchmark
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="runs in one process.*python.*--device cuda:N"):
         run_benchmark(tmp_path, "cifar10", "edm", device="cpu", output_dir=tmp_path)

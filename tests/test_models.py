@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +109,20 @@ def test_unknown_model_name():
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="'resnet18' registered twice"):
         register_model("resnet18")(lambda num_classes=10: None)
+
+
+def test_the_torch_free_name_table_is_the_registry():
+    from adaptive_smoothing.model_names import MODEL_NAMES
+    assert list_models() == sorted(MODEL_NAMES)  # the config checks names against the table
+
+
+def test_a_name_registered_at_run_time_is_a_valid_model_type(monkeypatch):
+    from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
+    from adaptive_smoothing.models import registry
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    with pytest.raises(ConfigError, match="'my_net': expected one of"):
+        apply_overrides(config, **{"forward_settings.std_model_type": "my_net"})
+    monkeypatch.setitem(registry._MODEL_BUILDERS, "my_net", lambda num_classes=10: None)
+    changed = apply_overrides(config, **{"forward_settings.std_model_type": "my_net"})
+    assert changed.forward_settings.std_model_type == "my_net"

@@ -139,6 +139,7 @@ def test_full_disk_during_base_training_is_one_line(tmp_path, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_full_disk_during_mixer_training_is_one_line_and_leaves_no_partial_checkpoint(
         tmp_path, monkeypatch):
     _fill_disk_for(monkeypatch, "last.pt")

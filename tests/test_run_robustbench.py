@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 import run_robustbench
-from adaptive_smoothing import benchmark
+from adaptive_smoothing import robustbench_eval
 from adaptive_smoothing.compat import import_autoattack, import_robustbench
 from adaptive_smoothing.models import LogProbClassifier
 from synthetic import synthetic_data, tiny_composite
@@ -31,11 +31,12 @@ def small_world(monkeypatch):
         x, y = synthetic_data(24, seed=3)
         return x[:n_examples], y[:n_examples]
 
-    monkeypatch.setattr(benchmark, "load_published_model", fake_load_published_model)
+    monkeypatch.setattr(robustbench_eval, "load_published_model", fake_load_published_model)
     monkeypatch.setattr(robustbench.eval, "load_clean_dataset", fake_load_clean_dataset)
     return calls, composite
 
 
+@pytest.mark.e2e
 def test_benchmark_runs_end_to_end_and_resumes(small_world, tmp_path, monkeypatch, caplog):
     calls, composite = small_world
     args = ["--root_dir", str(tmp_path / "models"), "--dataset", "cifar10", "--model_name",

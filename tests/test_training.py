@@ -522,6 +522,7 @@ def _robust_accuracy(model: CompositeModel, x: torch.Tensor, y: torch.Tensor,
     return robust.float().mean().item()
 
 
+@pytest.mark.e2e
 def test_trained_mixer_separates_clean_from_attacked_inputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for which in ("std", "rob"):

@@ -11,20 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import click
 
-from adaptive_smoothing.cli.errors import fail, one_line_errors
+from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import PRECISION_HELP, parse_set_items, speed_options
-from adaptive_smoothing.config import AUTOATTACK_NAMES, ConfigError, apply_overrides, load_config
+from adaptive_smoothing.config import AUTOATTACK_NAMES, apply_overrides, load_config
 
 logger = logging.getLogger("run")
-
-
-def _fail(err: Exception) -> NoReturn:
-    """One line for the user; the traceback only at --log-level DEBUG (for bug reports)."""
-    raise fail(err) from None
 
 
 def _attack_list(value: Optional[str]) -> Optional[list[str]]:
@@ -133,33 +128,31 @@ def main(config_path: Path, eval_flag: bool, training_flag: bool, set_items: tup
     if data_dir is not None and data_format is None:
         data_format = "auto"  # another folder than the config's: its layout is detected
     section = "evaluation_settings" if mode == "eval" else "training_settings"
-    try:
-        config = load_config(config_path)
-        config = apply_overrides(config, **parse_set_items(set_items))
-        config = apply_overrides(config, **{
-            "seed": seed,
-            "dataset_settings.path": data_dir,
-            "dataset_settings.format": data_format,
-            "model_load_path.comp": mixer_checkpoint,
-            "evaluation_settings.device": device,
-            "evaluation_settings.precision": precision,
-            "evaluation_settings.output_dir": output_dir,
-            "evaluation_settings.n_examples": n_examples,
-            "evaluation_settings.attacks_to_run": _attack_list(attacks),
-            "evaluation_settings.pgd": pgd,
-            "evaluation_settings.adaptive_attack": adaptive,
-            "evaluation_settings.save_adversarial": save_adversarial,
-            "evaluation_settings.autoattack_iterations": autoattack_iterations,
-            "evaluation_settings.data_dir": data_dir,
-            ("evaluation_settings.batch_size" if mode == "eval"
-             else "training_settings.batch_size"): batch_size,
-            "training_settings.precision": precision if mode == "training" else None,
-            f"{section}.channels_last": channels_last,
-            f"{section}.compile": compile_model,
-            "evaluation_settings.threads": threads,
-        })
-    except ConfigError as err:
-        _fail(err)
+    # A ConfigError becomes one line in one_line_errors, as every UserError does.
+    config = load_config(config_path)
+    config = apply_overrides(config, **parse_set_items(set_items))
+    config = apply_overrides(config, **{
+        "seed": seed,
+        "dataset_settings.path": data_dir,
+        "dataset_settings.format": data_format,
+        "model_load_path.comp": mixer_checkpoint,
+        "evaluation_settings.device": device,
+        "evaluation_settings.precision": precision,
+        "evaluation_settings.output_dir": output_dir,
+        "evaluation_settings.n_examples": n_examples,
+        "evaluation_settings.attacks_to_run": _attack_list(attacks),
+        "evaluation_settings.pgd": pgd,
+        "evaluation_settings.adaptive_attack": adaptive,
+        "evaluation_settings.save_adversarial": save_adversarial,
+        "evaluation_settings.autoattack_iterations": autoattack_iterations,
+        "evaluation_settings.data_dir": data_dir,
+        ("evaluation_settings.batch_size" if mode == "eval"
+         else "training_settings.batch_size"): batch_size,
+        "training_settings.precision": precision if mode == "training" else None,
+        f"{section}.channels_last": channels_last,
+        f"{section}.compile": compile_model,
+        "evaluation_settings.threads": threads,
+    })
 
     alphas: list[float] = []
     if mode == "eval" and alpha_sweep is not None:

@@ -11,7 +11,7 @@ from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.base_training import METHODS, BaseTrainingSettings, train_base_model
 from adaptive_smoothing.cli.options import PRECISIONS, speed_options
 from adaptive_smoothing.data import FORMATS, build_dataset, take_first
-from adaptive_smoothing.runtime import RuntimeSettingsError, configure_threads
+from adaptive_smoothing.runtime import configure_threads
 
 
 @click.command(context_settings={"show_default": True})
@@ -63,10 +63,8 @@ def main(arch: str, arch_kwargs: str, dataset: str, data_format: str, data_dir: 
     train_set = take_first(build_dataset(dataset, "train", data_format, data_dir, augment=False),
                            n_train)
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        train_base_model(settings, train_set, output, resume=resume)
-    except (RuntimeSettingsError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    # Bad settings (BaseTrainingError, RuntimeSettingsError) become one line in one_line_errors.
+    train_base_model(settings, train_set, output, resume=resume)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,20 @@ import ast
 import math
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, get_args
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
                       StringConstraints, ValidationInfo, field_validator, model_validator)
 
-from adaptive_smoothing.attacks import RandomizedAttackSettings
+# Torch-free modules only: the config loads and validates without torch.
+from adaptive_smoothing.alpha_range import check_alpha_range
+from adaptive_smoothing.config.randomized_attack import RandomizedAttackSettings
+from adaptive_smoothing.errors import UserError
+from adaptive_smoothing.model_names import MODEL_NAMES
+from adaptive_smoothing.model_names import MixerInputs
 from .provenance import NOTHING, RESULTS, WEIGHTS, WEIGHTS_AND_RESULTS
-from adaptive_smoothing.models.composite import MixerInputs, check_alpha_range
 
 # The original code's short model names -> this project's registry names.
 MODEL_TYPE_ALIASES = {"rn18": "resnet18", "rn50": "bit_m_r50x1", "rn152": "bit_m_r152x2",
@@ -34,7 +39,7 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed and pyautoattack take seeds up to this
 BIT_STD_RESIZE = 128  # the published STD model sees CIFAR images resized to 128x128
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem, one line: ``file: key.path = value: problem``."""
 
     def __init__(self, problem: str, *, key: Optional[str] = None, value: Any = ...,
@@ -82,17 +87,23 @@ def _names(table: dict[str, str]) -> BeforeValidator:
                            if isinstance(v, str) else v)
 
 
-def _model_name(value: Any) -> Any:
-    from adaptive_smoothing.models import list_models  # torch only once a name is checked
+def _known_model_names() -> set[str]:
+    """The built-in architectures (a torch-free table) and, once the registry is loaded (torch
+    then is too), the names registered at run time with ``register_model``."""
+    registry = sys.modules.get("adaptive_smoothing.models.registry")
+    return set(MODEL_NAMES) | (set(registry.list_models()) if registry is not None else set())
 
+
+def _model_name(value: Any) -> Any:
     name = MODEL_TYPE_ALIASES.get(value.strip().lower(), value.strip()) if isinstance(
         value, str) else value
     # A RobustBench zoo name is checked against the zoo when the model is built (importing
     # robustbench here would slow every config load).
     if isinstance(name, str) and re.fullmatch(r"robustbench:\s*\S+", name):
         return re.sub(r":\s*", ":", name, count=1)
-    if name not in list_models():
-        raise ValueError(f"expected one of {list_models()}, a short name "
+    known = _known_model_names()
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"expected one of {sorted(known)}, a short name "
                          f"{sorted(MODEL_TYPE_ALIASES)} or robustbench:<zoo model name>")
     return name
 

@@ -10,38 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterable, Iterator, Literal, NamedTuple, Optional, Union, get_args
+from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The check lives in a torch-free module: the config validates with it too.
+from adaptive_smoothing.alpha_range import ALPHA_RANGE_TOLERANCE, check_alpha_range  # noqa: F401
+from adaptive_smoothing.model_names import MIXER_INPUTS, MixerInputs  # noqa: F401
 from adaptive_smoothing.models.base import BaseClassifier, BaseOutput
 from adaptive_smoothing.models.distributed_bn import convert_to_global_batchnorm, global_mean_std
 from adaptive_smoothing.models.gate import LogitGate
 from adaptive_smoothing.models.mixing import MixingNet
 
-# What the mixer reads (docs/METHOD.md, "Mixer inputs"): both models' feature maps (the paper's
-# mixing network), ROB's feature maps alone (the same network), or ROB's logits (the gate).
-MixerInputs = Literal["both", "rob_features", "rob_logits"]
-MIXER_INPUTS: tuple[str, ...] = get_args(MixerInputs)
+# The mixer, by what it reads (docs/METHOD.md, "Mixer inputs"): the mixing network on both
+# models' feature maps or on ROB's alone, or the gate on ROB's logits.
 Mixer = Union[MixingNet, LogitGate]
 
 # Training-mode clamp of gamma to [mean - k * std, mean + k * std] before the gamma BatchNorm.
 _CLAMP_STDS = 0.6
-
-
-# How far alpha_bias + alpha_scale may exceed 1. Not 0: robustbench's checkpoints store the two
-# as float32 scalars, and float32 round-off of numbers whose exact sum is 1 exceeds 1 by up to
-# ~1e-7 (0.85 + 0.15 in float32: 1 + 3e-8), which must load. Any real excess is far above this.
-ALPHA_RANGE_TOLERANCE = 1e-6
-
-
-def check_alpha_range(alpha_bias: float, alpha_scale: float) -> None:
-    """ValueError unless the alpha range (alpha_bias, alpha_bias + alpha_scale) lies in [0, 1]."""
-    if alpha_bias < 0 or alpha_scale < 0 or alpha_bias + alpha_scale > 1 + ALPHA_RANGE_TOLERANCE:
-        raise ValueError(f"alpha range (alpha_bias, alpha_bias + alpha_scale) = "
-                         f"({alpha_bias}, {alpha_bias + alpha_scale}) must lie in [0, 1]")
 
 
 class CompositeOutput(NamedTuple):

@@ -22,6 +22,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models.base import BaseClassifier, BaseOutput
 from adaptive_smoothing.models.registry import register_model
 
@@ -48,7 +49,7 @@ FEATURE_MODULES: dict[str, tuple[str, str]] = {
 _PROBE_SHAPE = (1, 3, 32, 32)
 
 
-class RobustBenchMissingError(ImportError):
+class RobustBenchMissingError(UserError, ImportError):
     """robustbench is not installed, and a model needs it."""
 
 

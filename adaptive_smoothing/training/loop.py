@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.attacks import (RandomizedAttackSettings, curriculum_settings,
                                         generate_training_attacks)
 from adaptive_smoothing.config import TrainingSettings
@@ -60,7 +61,7 @@ DEBUG_ITERATIONS = 2
 DEBUG_VAL_EXAMPLES = 8
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(UserError, RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 import pytorch_warmup
 import torch
 
+from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.checkpoints import (CheckpointError, check_mixer_inputs,
                                             mixer_checkpoint, read_checkpoint, save_checkpoint)
 from adaptive_smoothing.config import MOVED, Config, provenance
@@ -33,7 +34,7 @@ MIXER_CHECKPOINT = "mixer.pt"
 CHECKPOINT_VERSION = 1
 
 
-class TrainingResumeError(RuntimeError):
+class TrainingResumeError(UserError, RuntimeError):
     """The checkpoint to resume from cannot continue this run (wrong file or changed config)."""
 
 

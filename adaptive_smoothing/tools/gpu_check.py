@@ -21,7 +21,7 @@ import torch
 from adaptive_smoothing.config import Config, EvaluationSettings, apply_overrides, load_config
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import resolve_device
-from adaptive_smoothing import speed
+from adaptive_smoothing.tools import precision, speed
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,11 @@ def _calibrate_eps(composite: Any, x: torch.Tensor, y: torch.Tensor,
     model = copy.deepcopy(composite)
     for _ in range(steps):
         middle = (low + high) / 2
-        settings = evaluation.model_copy(update=dict(
-            attacks_to_run=("apgd-ce",), norm="Linf", eps=math.exp(middle),
-            autoattack_iterations=min(10, options.attack_iters), pgd=False,
-            adaptive_attack=False, batch_size=n))
-        accuracy = speed.robust_accuracy(model, x[:n], y[:n], settings, speed.BASELINE,
-                                         device=device)
+        settings = precision.apgd_ce_settings(evaluation, eps=math.exp(middle),
+                                              iterations=min(10, options.attack_iters),
+                                              batch_size=n)
+        accuracy = precision.robust_accuracy(model, x[:n], y[:n], settings, speed.BASELINE,
+                                             device=device)
         low, high = (middle, high) if accuracy > 0.5 else (low, middle)
     eps = math.exp((low + high) / 2)
     logger.info("calibrated eps: %.5f (%.3f/255)", eps, eps * 255)
@@ -122,8 +121,6 @@ def check_bf16_attack_agreement(options: CheckOptions) -> dict[str, Any]:
     """APGD-CE robust accuracy in fp32 and in the fast path on ``n_examples`` random images of
     a random-weight composite with sharpened heads, labelled by its own clean predictions; the
     two must agree within 1 point at each eps (an eps of 0 is replaced by a calibrated one)."""
-    import copy
-
     device = resolve_device(options.device)
     config = options.load()
     fast = speed.SpeedSetting(options.precision, options.channels_last, options.compile)
@@ -138,17 +135,12 @@ def check_bf16_attack_agreement(options: CheckOptions) -> dict[str, Any]:
              for eps in options.eps]
     rows = []
     for eps in radii:
-        settings = config.evaluation_settings.model_copy(update=dict(
-            attacks_to_run=("apgd-ce",), norm="Linf", eps=eps,
-            autoattack_iterations=options.attack_iters, pgd=False, adaptive_attack=False,
-            batch_size=min(options.n_examples, max(options.batch_sizes))))
-        accuracies = {}
-        for setting in (speed.BASELINE, fast):
-            start = time.perf_counter()
-            accuracies[setting.label] = speed.robust_accuracy(
-                copy.deepcopy(composite), x, y, settings, setting, device=device)
-            logger.info("eps %.4f, %s: robust accuracy %.4f (%.1f s)", eps, setting.label,
-                        accuracies[setting.label], time.perf_counter() - start)
+        settings = precision.apgd_ce_settings(
+            config.evaluation_settings, eps=eps, iterations=options.attack_iters,
+            batch_size=min(options.n_examples, max(options.batch_sizes)))
+        results = precision.compare_settings(composite, x, y, settings, (speed.BASELINE, fast),
+                                             device=device)
+        accuracies = {label: r["robust_accuracy"] for label, r in results.items()}
         difference = accuracies[fast.label] - accuracies[speed.BASELINE.label]
         rows.append({"eps": eps, "robust_accuracy": accuracies,
                      "difference_points": 100 * difference,

@@ -3,11 +3,11 @@
 # CIFAR-10 (the offline copy), one thread each, niced so that other work keeps the cores.
 # Resumable: rerun the same line and it continues the file from its last finished epoch
 # (each epoch's order depends on (seed, epoch) alone; changed settings are refused).
-#   bash benchmarks/results/rn18w16_cpu/train_bases.sh std    # standard training, 30 epochs
-#   bash benchmarks/results/rn18w16_cpu/train_bases.sh fgsm   # FGSM-RS (eps 8/255, step 10/255), 20 epochs
+#   bash experiments/rn18w16_cpu/train_bases.sh std    # standard training, 30 epochs
+#   bash experiments/rn18w16_cpu/train_bases.sh fgsm   # FGSM-RS (eps 8/255, step 10/255), 20 epochs
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-HERE=benchmarks/results/rn18w16_cpu
+cd "$(dirname "$0")/../.."
+HERE=experiments/rn18w16_cpu
 DATA=${DATA:-../shared/data/cifar10}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 COMMON=(--arch resnet18 --arch-kwargs '{"width": 16}' --data-format npz --data-dir "$DATA"

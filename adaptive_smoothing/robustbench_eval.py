@@ -1,4 +1,5 @@
-"""RobustBench's ``benchmark()`` on the published composite models (``run_robustbench.py``)."""
+"""The RobustBench evaluation of a published composite model: RobustBench's ``benchmark()``
+(standard AutoAttack, Linf 8/255), resumable (``run_robustbench.py``)."""
 from __future__ import annotations
 
 import json

@@ -1,10 +1,10 @@
 """Time a config's composite: attack steps, mixer training iterations or AutoAttack.
 
-    adaptive-smoothing-benchmark --config configs/demo.yaml --mode attack --compare
-    adaptive-smoothing-benchmark --config configs/cifar10_edm.yaml --batch-size 16 --iters 2
+    python3 scripts/benchmark.py --config configs/demo.yaml --mode attack --compare
+    python3 scripts/benchmark.py --config configs/cifar10_edm.yaml --batch-size 16 --iters 2
 
 The model has random weights when the config's checkpoints are absent. See
-adaptive_smoothing/speed.py for what is measured.
+adaptive_smoothing/tools/speed.py for what is measured.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ import click
 
 from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import parse_set_items, speed_options
-from adaptive_smoothing.config import ConfigError, apply_overrides, load_config
-from adaptive_smoothing.runtime import (RuntimeSettingsError, configure_threads,
-                                        resolve_device)
+from adaptive_smoothing.config import apply_overrides, load_config
+from adaptive_smoothing.runtime import configure_threads, resolve_device
 
 logger = logging.getLogger("benchmark")
 
@@ -60,20 +59,15 @@ def main(config_path: Path, mode: str, batch_size: int, precision: str, channels
          flops: bool, json_path: Optional[Path], label: Optional[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     configure_threads(threads)
-    try:
-        config = apply_overrides(load_config(config_path), **parse_set_items(overrides))
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
-    from adaptive_smoothing import speed
-    try:
-        torch_device = resolve_device(device)
-        setting = speed.SpeedSetting(precision, channels_last, compile_model)
-        record = speed.run_benchmark(config, setting, mode=mode, batch=batch_size,
-                                     iterations=iters, warmup=warmup, rounds=rounds,
-                                     compare=compare, n_eval=n_examples, device=torch_device,
-                                     count_flops=flops)
-    except (RuntimeSettingsError, ConfigError) as err:
-        raise click.ClickException(str(err)) from None
+    # ConfigError, RuntimeSettingsError: one line in one_line_errors.
+    config = apply_overrides(load_config(config_path), **parse_set_items(overrides))
+    from adaptive_smoothing.tools import speed
+    torch_device = resolve_device(device)
+    setting = speed.SpeedSetting(precision, channels_last, compile_model)
+    record = speed.run_benchmark(config, setting, mode=mode, batch=batch_size,
+                                 iterations=iters, warmup=warmup, rounds=rounds,
+                                 compare=compare, n_eval=n_examples, device=torch_device,
+                                 count_flops=flops)
     record.update(label=label, command=" ".join(["python3", "scripts/benchmark.py",
                                                  *sys.argv[1:]]), config=str(config_path))
     click.echo(speed.format_record(record))

@@ -6,7 +6,7 @@ from pathlib import Path
 from adaptive_smoothing.base_training import load_base_model
 from adaptive_smoothing.pre_attack import load_blocks
 torch.set_num_threads(1)
-here = Path("benchmarks/results/rn18w16_cpu")
+here = Path("experiments/rn18w16_cpu")
 std, rob = load_base_model(here / "std.pt"), load_base_model(here / "rob_fgsm.pt")
 pa = load_blocks(sys.argv[1])
 from adaptive_smoothing.data import build_dataset, dataset_tensors

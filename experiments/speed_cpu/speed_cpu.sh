@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU speed measurements for docs/RESULTS.md (issue 10 items 2 and 5). Run it on a QUIET machine
 # (nothing else running: the figures are only as good as the quiet); it takes roughly 30-60
-# minutes on 2 cores and (re)writes benchmarks/results/speed_cpu.json:
+# minutes on 2 cores and (re)writes experiments/speed_cpu/speed_cpu.json:
 #   1. ResNet-18 composites (two ResNet-18 + mixer V3, random weights) at widths 8, 16, 32, 64:
 #      attack steps at batch 128, fp32 NCHW eager vs the fast path (bf16 + channels_last where the
 #      CPU has native bf16, else fp32 + channels_last; FAST_PRECISION=bf16|fp32 chooses),
@@ -12,14 +12,14 @@
 #      loop; another torch job), with the package's thread policy (threads = cores, idle OpenMP
 #      threads sleep), with spinning OpenMP threads, and with one thread.
 #
-#   bash benchmarks/speed_cpu.sh                  # everything
-#   SMOKE=1 OUT=/tmp/s.json bash benchmarks/speed_cpu.sh   # tiny sizes, to check it runs
+#   bash experiments/speed_cpu/speed_cpu.sh                  # everything
+#   SMOKE=1 OUT=/tmp/s.json bash experiments/speed_cpu/speed_cpu.sh   # tiny sizes, to check it runs
 # Knobs (environment): WIDTHS, BATCH, ITERS, ROUNDS, FAST_PRECISION, PUBLISHED (0: skip),
 # PUBLISHED_BATCH, PUBLISHED_ITERS, BUSY (0: skip part 3), DEMO_N, REPEATS, DATA, OUT.
 set -euo pipefail
-cd "$(dirname "$0")/.."  # python3 -m adaptive_smoothing.cli.X runs from here, installed or not
+cd "$(dirname "$0")/../.."  # python3 -m adaptive_smoothing.X runs from here, installed or not
 
-OUT=${OUT:-benchmarks/results/speed_cpu.json}
+OUT=${OUT:-experiments/speed_cpu/speed_cpu.json}
 WIDTHS=${WIDTHS:-8 16 32 64}
 BATCH=${BATCH:-128}
 ITERS=${ITERS:-5}
@@ -51,7 +51,7 @@ mkdir -p "$(dirname "$OUT")"
 
 for width in $WIDTHS; do
   echo "== ResNet-18 composite, width $width"
-  python3 -m adaptive_smoothing.cli.benchmark --config configs/rn18_cifar10.yaml \
+  python3 -m adaptive_smoothing.tools.cli.benchmark --config configs/rn18_cifar10.yaml \
     --set "forward_settings.std_model_kwargs={width: $width}" \
     --set "forward_settings.rob_model_kwargs={width: $width}" \
     --set forward_settings.in_planes=None \
@@ -61,7 +61,7 @@ for width in $WIDTHS; do
 done
 if [ "$FAST_PRECISION" != bf16 ]; then
   echo "== ResNet-18 composite, width 8, emulated bf16"
-  python3 -m adaptive_smoothing.cli.benchmark --config configs/rn18_cifar10.yaml \
+  python3 -m adaptive_smoothing.tools.cli.benchmark --config configs/rn18_cifar10.yaml \
     --set "forward_settings.std_model_kwargs={width: 8}" \
     --set "forward_settings.rob_model_kwargs={width: 8}" --set forward_settings.in_planes=None \
     --mode attack --compare --precision bf16 --channels-last --batch-size "$BATCH" \
@@ -70,7 +70,7 @@ fi
 
 if [ "$PUBLISHED" = 1 ]; then
   echo "== published CIFAR-10 architecture, batch $PUBLISHED_BATCH"
-  python3 -m adaptive_smoothing.cli.benchmark --config configs/cifar10_edm.yaml \
+  python3 -m adaptive_smoothing.tools.cli.benchmark --config configs/cifar10_edm.yaml \
     --set log_dir=/nonexistent \
     --mode attack --compare --precision "$FAST_PRECISION" --channels-last \
     --batch-size "$PUBLISHED_BATCH" \
@@ -81,7 +81,7 @@ fi
 if [ "$BUSY" = 1 ]; then
 echo "== run.py --eval (demo, $DEMO_N images) alone and beside a busy process"
 DEMO_OUT=$(mktemp -d)
-python3 -m adaptive_smoothing.cli.benchmark_busy --json "$OUT" \
+python3 -m adaptive_smoothing.tools.cli.benchmark_busy --json "$OUT" \
   --label "demo_eval_n${DEMO_N}_beside_busy" \
   --repeats "$REPEATS" -- \
   bash -c "rm -rf '$DEMO_OUT/demo' && exec python3 run.py --eval --config configs/demo.yaml \

@@ -1,7 +1,7 @@
-"""Checks of what only a GPU run can show, one JSON file per check (readiness.py).
+"""Checks of what only a GPU run can show, one JSON file per check (tools/readiness.py).
 
-    adaptive-smoothing-gpu-readiness --out "$OUT/gpu_readiness"             # on a GPU machine
-    adaptive-smoothing-gpu-readiness --smoke --device cpu --out /tmp/ready  # tiny, on a CPU
+    python3 scripts/gpu_readiness.py --out "$OUT/gpu_readiness"             # on a GPU machine
+    python3 scripts/gpu_readiness.py --smoke --device cpu --out /tmp/ready  # tiny, on a CPU
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 import click
 
 from adaptive_smoothing.cli.errors import one_line_errors
-from adaptive_smoothing.readiness import CHECKS, run_checks
+from adaptive_smoothing.tools.readiness import CHECKS, run_checks
 from adaptive_smoothing.runtime import select_device
 
 
@@ -30,11 +30,12 @@ from adaptive_smoothing.runtime import select_device
 def main(out_dir: Path, checks: str, device: str, smoke: bool, data_dir: Optional[Path]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     names = [c.strip() for c in checks.split(",") if c.strip()]
-    try:
-        results = run_checks(names, out_dir, select_device(device), smoke=smoke,
-                             data_dir=data_dir)
-    except ValueError as err:
-        raise click.BadParameter(str(err), param_hint="--checks/--device") from None
+    unknown = sorted(set(names) - set(CHECKS))
+    if unknown:
+        raise click.BadParameter(f"unknown check(s) {unknown}; expected some of "
+                                 f"{sorted(CHECKS)}", param_hint="--checks")
+    # A device this machine lacks (DeviceError) is one line in one_line_errors.
+    results = run_checks(names, out_dir, select_device(device), smoke=smoke, data_dir=data_dir)
     click.echo(json.dumps({name: result["ok"] for name, result in results.items()}))
 
 

@@ -1,5 +1,5 @@
 """Run one sub-check of the prepared device check (scripts/gpu_check.sh) into OUT/NAME.json, or
-summarize the records there. See adaptive_smoothing/gpu_check.py."""
+summarize the records there. See adaptive_smoothing/tools/gpu_check.py."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +12,7 @@ import yaml
 
 from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import parse_set_items, speed_options
-from adaptive_smoothing.gpu_check import CHECKS, CheckOptions, run_check, summarize
+from adaptive_smoothing.tools.gpu_check import CHECKS, CheckOptions, run_check, summarize
 from adaptive_smoothing.runtime import configure_threads
 
 

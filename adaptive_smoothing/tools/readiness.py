@@ -6,9 +6,9 @@ Each check returns a JSON-able dict and never raises: a failure is recorded as
 
 - ``sync_debug``: host-device synchronisations in the composite's forward and in APGD steps
   (``torch.cuda.set_sync_debug_mode("warn")``; on the CPU a dispatch-mode stand-in).
-- ``precision``: APGD-CE in fp32, bf16 and fp16 on the same points: robust accuracy, and the
-  share of points whose input gradient is all zero with and without the gradient scaling of
-  ``grad_scaling.py``.
+- ``precision``: APGD-CE in fp32, bf16 and fp16 on the same points (the comparison of
+  ``tools/precision.py``): robust accuracy, and the share of points whose input gradient is all
+  zero with and without the gradient scaling of ``grad_scaling.py``.
 - ``base_resume``: base-model training resumed on the device (the RNG-state crash).
 - ``precision_resume``: the mixer trained in bf16, then resumed in fp16 for two steps.
 - ``autoattack_cost``: memory and time of the published architecture (random weights) per
@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 from adaptive_smoothing.attacks import apgd
 from adaptive_smoothing.models import CompositeModel, MixingNet, create_model
 from adaptive_smoothing.persist import write_text_atomic
-from adaptive_smoothing.runtime import AutocastModule
+from adaptive_smoothing.runtime import AutocastModule, resolve_precision
 
 __all__ = ["CHECKS", "run_checks"]
 
@@ -42,7 +42,7 @@ NCCL_DEFAULT_TIMEOUT_S = 600.0
 # attack succeeds (the worst case): APGD-CE 100, APGD-T 9 x 100, FAB-T 9 x 100 iterations
 # (about one forward + backward each), Square 5000 queries (forwards).
 AUTOATTACK_BACKWARDS, AUTOATTACK_FORWARDS = 100 + 900 + 900, 5000
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- shared pieces --------------------------------------------------------------------------------
@@ -159,22 +159,27 @@ def _zero_grad_share(model: AutocastModule, x: torch.Tensor, y: torch.Tensor,
 
 def _precision_comparison(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
                           n_iter: int) -> dict[str, Any]:
+    from adaptive_smoothing.config import EvaluationSettings
+    from adaptive_smoothing.tools.precision import apgd_ce_settings, compare_settings
+    from adaptive_smoothing.tools.speed import SpeedSetting
+
     device = x.device
+    # The evaluation's APGD-CE (tools/precision.py, as the device check's bf16 agreement runs it).
+    settings = apgd_ce_settings(EvaluationSettings(), eps=8 / 255, iterations=n_iter,
+                                batch_size=len(y))
     results: dict[str, Any] = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                        ("fp16", torch.float16)):
+    for name in ("fp32", "bf16", "fp16"):
         try:
-            model = AutocastModule(composite, device, dtype)
-            with torch.no_grad():
-                clean = model(x).log_probs.argmax(1) == y
-            result = apgd(model, x, y, 8 / 255, n_iter=n_iter, loss="ce",
-                          return_adversarial=True, generator=torch.Generator().manual_seed(0))
+            setting = SpeedSetting(name)
+            result = compare_settings(composite, x, y, settings, [setting],
+                                      device=device)[setting.label]
+            model = AutocastModule(composite, device, resolve_precision(name, device))
             results[name] = {
-                "clean_accuracy": clean.float().mean().item(),
-                "robust_accuracy": (clean & ~result.fooled).float().mean().item(),
+                "clean_accuracy": result["clean_accuracy"],
+                "robust_accuracy": result["robust_accuracy"],
                 "zero_input_gradient_share_scaled": _zero_grad_share(model, x, y, True),
                 "zero_input_gradient_share_unscaled": _zero_grad_share(model, x, y, False)}
-        except Exception as exc:  # noqa: BLE001 - e.g. a dtype the CPU autocast lacks
+        except Exception as exc:  # noqa: BLE001 - e.g. fp16, which needs CUDA
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
     # Sound when no precision loses more input gradients to zero than fp32 does (1 point slack).
     fp32 = results["fp32"].get("zero_input_gradient_share_scaled")

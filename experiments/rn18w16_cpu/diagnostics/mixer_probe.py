@@ -7,7 +7,7 @@ from adaptive_smoothing.pre_attack import load_blocks
 from adaptive_smoothing.data import build_dataset, dataset_tensors
 from adaptive_smoothing.models.mixing import MixingNet
 torch.set_num_threads(1); torch.manual_seed(0)
-here = Path("benchmarks/results/rn18w16_cpu")
+here = Path("experiments/rn18w16_cpu")
 std, rob = load_base_model(here / "std.pt"), load_base_model(here / "rob_fgsm.pt")
 pa = load_blocks(sys.argv[1]); block = int(sys.argv[2]); steps = int(sys.argv[3]); lr = float(sys.argv[4])
 xs, ys = dataset_tensors(build_dataset("cifar10", "train", "npz", "../shared/data/cifar10", augment=False))

@@ -10,7 +10,7 @@ from adaptive_smoothing.pre_attack import load_blocks
 from adaptive_smoothing.data import build_dataset, dataset_tensors
 torch.set_num_threads(1); torch.manual_seed(0)
 cfg = load_config("configs/rn18w16_cifar10_cpu.yaml")
-here = Path("benchmarks/results/rn18w16_cpu")
+here = Path("experiments/rn18w16_cpu")
 comp = build_composite(cfg.forward_settings, 10)
 load_authors_checkpoints(comp, here / "std.pt", here / "rob_fgsm.pt", None)
 pa = load_blocks(sys.argv[1]); block = int(sys.argv[2]); steps = int(sys.argv[3])

@@ -1,4 +1,5 @@
-"""Benchmark a published adaptive-smoothing model with RobustBench (AutoAttack, Linf 8/255).
+"""Evaluate a published adaptive-smoothing model with RobustBench's benchmark() (AutoAttack, Linf
+8/255).
 
     adaptive-smoothing-robustbench --root_dir models --dataset cifar10 --model_name edm
     python3 run_robustbench.py --root_dir models --dataset cifar10 --model_name edm  # the same
@@ -14,7 +15,7 @@ from typing import Optional
 
 import click
 
-from adaptive_smoothing.benchmark import published_model_or_error, run_benchmark
+from adaptive_smoothing.robustbench_eval import published_model_or_error, run_benchmark
 from adaptive_smoothing.checkpoints import swapped_bases_allowed
 from adaptive_smoothing.cli.errors import one_line_errors
 from adaptive_smoothing.cli.options import PRECISION_HELP, speed_options

@@ -17,8 +17,8 @@
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
 # pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
-HERE=benchmarks/results/rn18w16_cpu
+cd "$(dirname "$0")/../.."
+HERE=experiments/rn18w16_cpu
 CONFIG=configs/rn18w16_cifar10_cpu.yaml
 RUNS=${RUNS:-runs/rn18w16}       # trainings and pre-attacked data (large; not committed)
 EVAL=${EVAL:-$HERE/eval}          # evaluations (small; committed, so they resume anywhere)

@@ -9,7 +9,7 @@ their own gamma constants, so that they are comparable: with statistics that fol
 two z agree in sign and size; with stale ones the deployed z swings.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 \
-        python3 benchmarks/gamma_bn_reestimation.py --data ../shared/data/cifar10 --out /tmp/gamma_bn
+        python3 experiments/gamma_bn_reestimation/gamma_bn_reestimation.py --data ../shared/data/cifar10 --out /tmp/gamma_bn
 
 Small on purpose (runs in minutes on one CPU thread): batch 16, one target class, ~5-iteration
 training attacks, lr 1e-3 (the CPU config's), 12 iterations = 48 optimizer steps, a checkpoint
@@ -26,7 +26,7 @@ from adaptive_smoothing.config import apply_overrides, load_config
 from adaptive_smoothing.prepare import prepare
 from adaptive_smoothing.training import build_trainer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(data: str, out: Path, reestimate: bool) -> list[dict]:

@@ -35,8 +35,8 @@ from typing import Any, Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from adaptive_smoothing.attacks import RandomizedAttackSettings
-from adaptive_smoothing.config import CompLossParams, Config, ConfigError, EvaluationSettings
+from adaptive_smoothing.config import (CompLossParams, Config, ConfigError, EvaluationSettings,
+                                       RandomizedAttackSettings)
 from adaptive_smoothing.models import CompositeModel
 from adaptive_smoothing.persist import write_text_atomic
 from adaptive_smoothing.runtime import (autocast_context, native_bf16, prepare_model,
@@ -44,9 +44,9 @@ from adaptive_smoothing.runtime import (autocast_context, native_bf16, prepare_m
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["attack", "train", "eval"]  # the CLI's --mode choices (cli/benchmark.py)
+Mode = Literal["attack", "train", "eval"]  # the CLI's --mode choices (tools/cli/benchmark.py)
 
-__all__ = ["Mode", "SpeedResult", "SpeedSetting", "Work", "append_record",
+__all__ = ["BASELINE", "Mode", "SpeedResult", "SpeedSetting", "Work", "append_record",
            "build_benchmark_composite",
            "compare", "flops_per_attack_step", "format_record", "machine_info", "measure",
            "random_batch", "run_benchmark"]
@@ -374,61 +374,3 @@ def append_record(path: "os.PathLike[str] | str", record: dict[str, Any]) -> Non
             raise ValueError(f"{target}: expected a JSON object with a 'runs' list")
     data["runs"].append(record)
     write_text_atomic(target, json.dumps(data, indent=2) + "\n")
-
-
-def robust_accuracy(composite: CompositeModel, x: torch.Tensor, y: torch.Tensor,
-                    settings: Any, setting: SpeedSetting, *, device: torch.device,
-                    seed: int = 0) -> float:
-    """Robust accuracy of ``composite`` on (x, y) under ``settings`` (an EvaluationSettings:
-    attacks, iterations, eps, batch size), evaluated through the evaluation's own batch code
-    (pyautoattack) in the precision and memory format of ``setting``. ``composite`` is modified
-    (channels_last, compile)."""
-    from adaptive_smoothing.evaluation import evaluate_batch
-
-    model = prepare_model(composite, channels_last=setting.channels_last, compile=setting.compile)
-    dtype = resolve_precision(setting.precision, device)
-    robust = 0
-    for start in range(0, len(y), settings.batch_size):
-        counters, _ = evaluate_batch(model, x[start:start + settings.batch_size],
-                                     y[start:start + settings.batch_size], settings,
-                                     device=device, dtype=dtype, seed=seed + start)
-        robust += counters["robust"]
-    return robust / len(y)
-
-
-# A busy neighbour process for time_beside_busy: 'python' keeps one core busy; 'torch' is another
-# ML job (matrix products on torch's default threads, default OpenMP policy: it does not import
-# this package).
-NEIGHBOURS = {
-    "python": "while True:\n    pass\n",
-    "torch": "import torch\na = torch.randn(1024, 1024)\nwhile True:\n    a @ a\n",
-}
-
-
-def time_beside_busy(command: list[str], *, neighbour: Optional[str] = None,
-                     env: Optional[dict[str, str]] = None, cwd: Optional[str] = None,
-                     settle_s: float = 2.0) -> dict[str, Any]:
-    """Wall time of ``command`` alone (``neighbour`` None) or while a busy ``neighbour`` process
-    (a key of NEIGHBOURS) runs beside it; the neighbour is stopped afterwards."""
-    import subprocess
-
-    if neighbour is not None and neighbour not in NEIGHBOURS:
-        raise ValueError(f"unknown neighbour {neighbour!r}; expected one of {sorted(NEIGHBOURS)}")
-    busy = None
-    if neighbour is not None:
-        busy = subprocess.Popen([sys.executable, "-c", NEIGHBOURS[neighbour]],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(settle_s)  # let it import torch and start working
-    try:
-        start = time.perf_counter()
-        done = subprocess.run(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        seconds = time.perf_counter() - start
-    finally:
-        if busy is not None:
-            busy.kill()
-            busy.wait()
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): "
-                           f"{done.stderr[-1000:]}")
-    return {"command": command, "neighbour": neighbour, "seconds": seconds}
