@@ -663,3 +663,15 @@ def test_overrides_compose_and_rederive_only_what_was_not_given(tmp_path: Path) 
     assert new.run.output_dir == "/data/models/other"
     pinned = apply_overrides(cfg, **{"evaluation_settings.seed": 3})
     assert apply_overrides(pinned, seed=9).evaluation_settings.seed == 3
+
+
+def test_the_authors_comp_simple_is_read_once_as_comp() -> None:
+    """One meaning for validation and evaluation: CE + w * BCE(gamma, 1) with the evaluation's
+    adaptive_attack_weight (the authors' word decoded at the boundary, not by each reader)."""
+    from adaptive_smoothing.config import apply_overrides, load_config
+    from conftest import REPO_ROOT
+
+    config = apply_overrides(load_config(REPO_ROOT / "configs/rn18_cifar10_authors.yaml"),
+                             **{"pgd_settings.pgd_eval_loss": "comp_simple"})
+    assert config.pgd_settings.pgd_eval_loss == "comp"
+    assert config.evaluation_settings.pgd_loss == "comp"

@@ -180,7 +180,7 @@ def _validate(flat: Mapping[str, Any], source: Optional[str]) -> Config:
     ev = _fill(ev, eps=pgd.eps if ev.norm == pgd.norm else DEFAULT_EPS[ev.norm],
                data_dir=config.dataset_settings.path, seed=config.seed,
                pgd_iters=pgd.iters_test, pgd_step_size=pgd.alpha_test,
-               pgd_loss="comp" if pgd.pgd_eval_loss == "comp_simple" else pgd.pgd_eval_loss)
+               pgd_loss=pgd.pgd_eval_loss)
     _check_eps(ev.eps, ev.norm, "evaluation_settings.eps", source)
     config = config.model_copy(update={
         "forward_settings": _fill(fwd, std_resize=BIT_STD_RESIZE if is_bit else None,

@@ -364,8 +364,11 @@ class PgdSettings(Section):
     alpha_test: Num = key(0.0027, "PGD step size in validation", gt=0, affects=NOTHING)
     use_aa: bool = key(True, "validate with APGD rather than PGD", affects=NOTHING)
     n_target_classes: PosInt = key(9, "targets of APGD-T (at most classes - 1)", affects=WEIGHTS)
-    pgd_eval_loss: Literal["ce", "dlr", "comp_simple"] = key("ce", "loss of the validation PGD",
-                                                             affects=NOTHING)
+    # The authors' word 'comp_simple' is read as 'comp' here, once: CE + w * BCE(gamma, 1) with
+    # w = evaluation_settings.adaptive_attack_weight, for validation and evaluation alike.
+    pgd_eval_loss: Annotated[Literal["ce", "dlr", "comp"], _names({"comp_simple": "comp"})] = key(
+        "ce", "loss of the validation PGD (`comp`, the authors' `comp_simple`: CE + w * "
+              "BCE(gamma, 1), w = `evaluation_settings.adaptive_attack_weight`)", affects=NOTHING)
     attacks_to_run: Attacks = key(TRAINING_ATTACKS, "validation attacks (a list or "
                                   f"comma-separated) of {list(AUTOATTACK_NAMES)}",
                                   "apgd-ce, apgd-t", affects=NOTHING)
@@ -391,7 +394,7 @@ class EvaluationSettings(Section):
     pgd_step_size: Num = key(0.0027, "PGD step size", "`pgd_settings.alpha_test`", gt=0,
                              affects=RESULTS)
     pgd_loss: Literal["ce", "dlr", "comp"] = key(
-        "ce", "PGD loss", "`pgd_settings.pgd_eval_loss` (`comp_simple` -> `comp`)", affects=RESULTS)
+        "ce", "PGD loss", "`pgd_settings.pgd_eval_loss`", affects=RESULTS)
     adaptive_attack: bool = key(False, "also run the adaptive (mixer-aware) attack: APGD with a "
                                 "BCE(gamma, 1) term", affects=RESULTS)
     adaptive_attack_weight: Unit = key(0.5, "weight w of that BCE term", affects=RESULTS)

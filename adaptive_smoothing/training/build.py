@@ -96,7 +96,8 @@ def build_trainer(run: Run, *, resume: bool = True, debug: bool = False,
         n_target=attack.n_target if "apgd-t" in pgd.attacks_to_run else 0,
         use_apgd=pgd.use_aa, pgd_step_size=pgd.alpha_test,
         pgd_loss="dlr" if pgd.pgd_eval_loss == "dlr" else "ce",
-        pgd_bce_weight=0.5 if pgd.pgd_eval_loss == "comp_simple" else 0.0,
+        pgd_bce_weight=(run.evaluation.adaptive_attack_weight if pgd.pgd_eval_loss == "comp"
+                        else 0.0),
         detection_bce_weight=run.evaluation.adaptive_attack_weight)
     return Trainer(composite, train_set, val_set, settings=run.training,
                    attack=attack, validation=validation, seed=run.seed,
