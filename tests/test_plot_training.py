@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -13,14 +14,19 @@ from adaptive_smoothing.plots import read_validation_curves
 
 def _write_run(run_dir):
     """A training validated at steps 100, 200, 300, then resumed from its step-200 checkpoint:
-    step 300 is validated again with another value, as a real resume does."""
-    first = SummaryWriter(run_dir / "tensorboard")
+    step 300 is validated again with another value, as a real resume does. The resumed writer's
+    file is made ten seconds later, as a real resume's process would: event files are read in
+    name order, and two writers of one process in one second are told apart only by a counter
+    whose decimal names sort 10 before 9."""
+    with mock.patch("time.time", return_value=1_800_000_000.0):
+        first = SummaryWriter(run_dir / "tensorboard")
     for step, auc in ((100, 0.45), (200, 0.55), (300, 0.60)):
         first.add_scalar("val/auc_adaptive", auc, step)
         first.add_scalar("val/clean_acc", 0.8, step)
         first.add_scalar("train/loss", 1.0, step)
     first.close()
-    resumed = SummaryWriter(run_dir / "tensorboard")
+    with mock.patch("time.time", return_value=1_800_000_010.0):
+        resumed = SummaryWriter(run_dir / "tensorboard")
     for step, auc in ((300, 0.62), (400, 0.70)):
         resumed.add_scalar("val/auc_adaptive", auc, step)
     resumed.close()
