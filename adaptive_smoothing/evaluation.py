@@ -102,9 +102,9 @@ def extra_attacks(composite: nn.Module,
     if (isinstance(composite, CompositeModel) and composite.mixer is not None
             and composite.mixer_inputs == "rob_logits"):
         alpha = nonlinear.surrogate_alpha
-        if alpha is None:
-            alpha = composite.alpha_bias + composite.alpha_scale / (
-                1 + math.exp(-composite.eval_gamma[1]))
+        if alpha is None:  # alpha at the centre of the evaluated gamma
+            centre = composite.eval_gamma[1] if composite.gamma_norm == "batchnorm" else 0.0
+            alpha = composite.alpha_bias + composite.alpha_scale / (1 + math.exp(-centre))
         return ExtraAttacks(False, nonlinear.transfer_attacks, float(alpha),
                             nonlinear.square_examples, nonlinear.square_queries)
     return None

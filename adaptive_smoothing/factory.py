@@ -63,7 +63,7 @@ def build_composite(model: ForwardSettings, num_classes: int,
         std_model, rob_model, mixer,
         std_scale=fwd.std_model_scale, rob_scale=fwd.rob_model_scale, gamma=fwd.gamma,
         train_gamma=fwd.gamma_consts.train, eval_gamma=fwd.gamma_consts.eval,
-        alpha_scale=fwd.alpha_scale, alpha_bias=fwd.alpha_bias,
+        alpha_scale=fwd.alpha_scale, alpha_bias=fwd.alpha_bias, gamma_norm=fwd.gamma_norm,
         unsafe_detach_mixer_inputs=not fwd.policy_graph, mixer_inputs=fwd.mixer_inputs)
     logger.info("built composite: STD %s, ROB %s, mixer %s", fwd.std_model_type,
                 fwd.rob_model_type, _describe_mixer(mixer, fwd.mixer_inputs))

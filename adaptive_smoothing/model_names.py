@@ -1,5 +1,6 @@
 """The model names a config is checked against, as tables that need no torch: the registered
-base architectures, and the kinds of mixer input (``MixerInputs``, read by ``models/composite.py``).
+base architectures, the kinds of mixer input (``MixerInputs``) and of gamma normalisation
+(``GammaNorm``), both read by ``models/composite.py``.
 
 The config checks ``forward_settings.std_model_type`` / ``rob_model_type`` against it, so that
 loading and validating a config does not import torch and every architecture module (names
@@ -11,11 +12,16 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["MIXER_INPUTS", "MODEL_NAMES", "MixerInputs"]
+__all__ = ["GAMMA_NORMS", "GammaNorm", "MIXER_INPUTS", "MODEL_NAMES", "MixerInputs"]
 
 # What the mixer reads (docs/METHOD.md, "Mixer inputs").
 MixerInputs = Literal["both", "rob_features", "rob_logits"]
 MIXER_INPUTS: tuple[str, ...] = get_args(MixerInputs)
+
+# How the mixer's output becomes gamma (docs/METHOD.md, "Gamma normalisation"): the paper's
+# clamp + BatchNorm + (scale, bias) constants, or the mixer's output as it is.
+GammaNorm = Literal["batchnorm", "none"]
+GAMMA_NORMS: tuple[str, ...] = get_args(GammaNorm)
 
 _BIT_SIZES = ("r50x1", "r50x3", "r101x1", "r101x3", "r152x2", "r152x4")
 

@@ -34,7 +34,13 @@ from test_training import _assert_states_close, _Interrupted, _load, _tiny_confi
 
 CPU = torch.device("cpu")
 NEW_KEYS = ("forward_settings.mixer_inputs", "forward_settings.mixer_width",
-            "randomized_attack_settings.curriculum_steps")
+            "forward_settings.gamma_norm", "randomized_attack_settings.curriculum_steps")
+# The trainings of the `runs` fixture: name -> (mixer kind, further overrides); `rob_logits_raw`
+# is the gate with gamma = its own output over the whole alpha range (gamma_norm none).
+RUNS = {"rob_features": ("rob_features", {}), "rob_logits": ("rob_logits", {}),
+        "rob_logits_raw": ("rob_logits", {"forward_settings.gamma_norm": "none",
+                                          "forward_settings.alpha_bias": 0.0,
+                                          "forward_settings.alpha_scale": 1.0})}
 KINDS = ("both", "rob_features", "rob_logits")
 
 
@@ -59,8 +65,8 @@ def runs(tiny_root: Path) -> dict[str, dict[str, Any]]:
     """Per new kind, an uninterrupted run: its checkpoint, initial mixer, losses and the
     training attacks' (global step, eps, comp_loss_wmax)."""
     out: dict[str, dict[str, Any]] = {}
-    for kind in ("rob_features", "rob_logits"):
-        config = _config(tiny_root, f"{kind}_reference", kind)
+    for name, (kind, overrides) in RUNS.items():
+        config = _config(tiny_root, f"{name}_reference", kind, **overrides)
         record: dict[str, list] = {"losses": [], "attacks": []}
         original_iteration = Trainer._train_iteration
         original_attacks = training_loop.generate_training_attacks
@@ -82,14 +88,15 @@ def runs(tiny_root: Path) -> dict[str, dict[str, Any]]:
             trainer = build_trainer(prepare(config))
             initial = {k: v.clone() for k, v in trainer.mixer.state_dict().items()}
             path = trainer.fit()
-        out[kind] = {"config": config, "path": path, "initial": initial, **record,
+        out[name] = {"config": config, "path": path, "initial": initial, **record,
                      "mixer": type(trainer.mixer)}
     return out
 
 
-@pytest.mark.parametrize("kind, mixer", [("rob_features", MixingNet), ("rob_logits", LogitGate)])
-def test_each_kind_builds_trains_and_changes_its_mixer(runs: dict, kind: str, mixer: type) -> None:
-    run = runs[kind]
+@pytest.mark.parametrize("name, mixer", [("rob_features", MixingNet), ("rob_logits", LogitGate),
+                                         ("rob_logits_raw", LogitGate)])
+def test_each_kind_builds_trains_and_changes_its_mixer(runs: dict, name: str, mixer: type) -> None:
+    run = runs[name]
     assert run["mixer"] is mixer
     assert len(run["losses"]) == 2 and all(torch.isfinite(torch.tensor(run["losses"])))
     state = _load(run["path"])
@@ -98,10 +105,11 @@ def test_each_kind_builds_trains_and_changes_its_mixer(runs: dict, kind: str, mi
     assert any(k.endswith("weight") for k in changed)
 
 
-@pytest.mark.parametrize("kind", ["rob_features", "rob_logits"])
-def test_each_kind_resumes_exactly(runs: dict, tiny_root: Path, kind: str,
+@pytest.mark.parametrize("name", list(RUNS))
+def test_each_kind_resumes_exactly(runs: dict, tiny_root: Path, name: str,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _config(tiny_root, f"{kind}_resumed", kind)
+    kind, overrides = RUNS[name]
+    config = _config(tiny_root, f"{name}_resumed", kind, **overrides)
     original = Trainer._train_iteration
 
     def crash_at_second(self: Trainer, *args: Any) -> Any:
@@ -113,10 +121,52 @@ def test_each_kind_resumes_exactly(runs: dict, tiny_root: Path, kind: str,
     with pytest.raises(_Interrupted):
         run_training(config)
     monkeypatch.setattr(Trainer, "_train_iteration", original)
-    resumed, reference = _load(run_training(config)), _load(runs[kind]["path"])
+    resumed, reference = _load(run_training(config)), _load(runs[name]["path"])
     assert resumed["global_step"] == reference["global_step"] == 4
     _assert_states_close(resumed["model"], reference["model"])
     _assert_states_close(resumed["bn"], reference["bn"])
+
+
+# -- gamma_norm none: gamma is the mixer's output, in training and evaluation alike ----------------
+def test_with_gamma_norm_none_gamma_is_the_gates_output_and_training_computes_what_is_evaluated(
+        bases) -> None:
+    std, rob = bases
+    torch.manual_seed(3)
+    x, y = synthetic_data(8, seed=5)
+    raw = CompositeModel(std, rob, LogitGate(10), mixer_inputs="rob_logits", gamma_norm="none")
+    paper = CompositeModel(std, rob, LogitGate(10), mixer_inputs="rob_logits")
+    paper.mixer.load_state_dict(raw.mixer.state_dict())
+    with torch.no_grad():
+        gate_output = raw.mixer(rob(x).float()).reshape(-1)
+        bn_before = {k: v.clone() for k, v in raw.gamma_bn.state_dict().items()}
+        outputs = {}
+        for training in (True, False):
+            with raw.mode(training):
+                outputs[training] = raw(x)
+            torch.testing.assert_close(outputs[training].gamma, gate_output, rtol=0, atol=0)
+        # Alpha range (0, 1): the training composite (scale_alpha off) is the evaluated one.
+        torch.testing.assert_close(outputs[True].log_probs, outputs[False].log_probs)
+        torch.testing.assert_close(outputs[False].alpha, torch.sigmoid(gate_output))
+        # No gamma BN is touched, by a training forward or by its re-estimation.
+        assert raw.reestimate_gamma_bn([x]) == 0
+        for k, v in raw.gamma_bn.state_dict().items():
+            assert torch.equal(v, bn_before[k])
+        # The paper's normalisation computes another gamma from the same gate, and its training
+        # forward another composite than its evaluation.
+        with paper.mode(False):
+            assert not torch.allclose(paper(x).gamma, gate_output)
+        with paper.mode(True):
+            trained = paper(x).log_probs
+        assert not torch.allclose(trained, paper.eval()(x).log_probs)
+    # The gate's steepness is its own: doubling its output doubles gamma (the BN would undo it).
+    with torch.no_grad():
+        raw.mixer.out.weight.mul_(2)
+        raw.mixer.out.bias.mul_(2)
+        getattr(raw.mixer, "raw_margin_weight").copy_(
+            torch.log(torch.expm1(2 * raw.mixer.margin_weight)))
+        torch.testing.assert_close(raw.eval()(x).gamma, 2 * gate_output, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="gamma_norm"):
+        CompositeModel(std, rob, LogitGate(10), mixer_inputs="rob_logits", gamma_norm="layer")
 
 
 # -- the curriculum -------------------------------------------------------------------------------
@@ -307,6 +357,11 @@ def test_the_new_keys_block_no_earlier_checkpoint_and_count_away_from_their_defa
         changed = provenance.differences(earlier, identity, Config)
         assert changed["forward_settings.mixer_inputs"] == (None, kind)
         assert changed["randomized_attack_settings.curriculum_steps"] == (None, 3)
+        assert "forward_settings.gamma_norm" not in changed  # at its default
+    kind, overrides = RUNS["rob_logits_raw"]
+    identity = training_identity(prepare(_config(tiny_root, "identity_raw", kind, **overrides)))
+    changed = provenance.differences(earlier, identity, Config)
+    assert changed["forward_settings.gamma_norm"] == (None, "none")
 
 
 def test_the_new_keys_block_no_earlier_evaluation_and_count_away_from_their_defaults(
@@ -315,13 +370,19 @@ def test_the_new_keys_block_no_earlier_evaluation_and_count_away_from_their_defa
                               **{"evaluation_settings.n_examples": 4})
     *_, info = evaluation._load(prepare(default))
     plan = evaluation._plan(default.evaluation_settings, info)
-    earlier = {k: v for k, v in plan.items() if not k.startswith("forward_settings.mixer_")}
+    earlier = {k: v for k, v in plan.items() if not k.startswith(
+        ("forward_settings.mixer_", "forward_settings.gamma_norm"))}
     assert provenance.differences(earlier, plan, Config) == {}
     gate = apply_overrides(default, **{"forward_settings.mixer_inputs": "rob_logits"})
     *_, info = evaluation._load(prepare(gate))
     changed = provenance.differences(earlier, evaluation._plan(gate.evaluation_settings, info),
                                      Config)
     assert changed["forward_settings.mixer_inputs"] == (None, "rob_logits")
+    raw = apply_overrides(gate, **{"forward_settings.gamma_norm": "none"})
+    *_, info = evaluation._load(prepare(raw))
+    changed = provenance.differences(earlier, evaluation._plan(raw.evaluation_settings, info),
+                                     Config)
+    assert changed["forward_settings.gamma_norm"] == (None, "none")
 
 
 # -- the rob_logits gate's evaluation: transfer attacks and Square too ---------------------------

@@ -22,7 +22,7 @@ from adaptive_smoothing.alpha_range import check_alpha_range
 from adaptive_smoothing.config.randomized_attack import RandomizedAttackSettings
 from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.model_names import MODEL_NAMES
-from adaptive_smoothing.model_names import MixerInputs
+from adaptive_smoothing.model_names import GammaNorm, MixerInputs
 from .provenance import NOTHING, RESULTS, WEIGHTS, WEIGHTS_AND_RESULTS
 
 # The original code's short model names -> this project's registry names.
@@ -236,6 +236,12 @@ class ForwardSettings(Section):
                             affects=WEIGHTS_AND_RESULTS)
     alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1",
                            affects=WEIGHTS_AND_RESULTS)
+    gamma_norm: GammaNorm = key(
+        "batchnorm", "how the mixer's output becomes gamma (docs/METHOD.md, \"Gamma "
+                     "normalisation\"): `batchnorm` (the paper's: clamped in training, the gamma "
+                     "BN, then `gamma_consts`) or `none` (the output as it is, in training and "
+                     "evaluation alike: the mixer sets its own scale; `gamma_consts` unused)",
+        affects=WEIGHTS_AND_RESULTS)
     gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)")
     parallel: int = key(1, "authors' key, not used (one process per GPU)", ge=0, affects=NOTHING)
     ema_decay: Optional[float] = key(None, "authors' key, not used", affects=NOTHING)
@@ -441,7 +447,8 @@ class NonlinearSettings(Section):
     surrogate_alpha: Optional[Unit] = key(
         None, "alpha of the gradient surrogate's linear mixture (the authors': the linear "
               "mixture calibrated for its own beta), also the transfer attacks' one; None = "
-              "`alpha` (for a `rob_logits` gate: its alpha at gamma = the evaluation bias)",
+              "`alpha` (for a `rob_logits` gate: its alpha at gamma = the evaluation bias, or at "
+              "gamma = 0 with `gamma_norm: none`)",
         affects=RESULTS)
     surrogate_raw_share: Unit = key(0.9, "share of ROB's raw softmax in the surrogate's ROB "
                                     "term (the rest: the transformed softmax)", affects=RESULTS)

@@ -18,7 +18,8 @@ from torch import nn
 
 # The check lives in a torch-free module: the config validates with it too.
 from adaptive_smoothing.alpha_range import ALPHA_RANGE_TOLERANCE, check_alpha_range  # noqa: F401
-from adaptive_smoothing.model_names import MIXER_INPUTS, MixerInputs  # noqa: F401
+from adaptive_smoothing.model_names import (GAMMA_NORMS, MIXER_INPUTS, GammaNorm,  # noqa: F401
+                                            MixerInputs)
 from adaptive_smoothing.models.base import BaseClassifier, BaseOutput
 from adaptive_smoothing.models.distributed_bn import convert_to_global_batchnorm, global_mean_std
 from adaptive_smoothing.models.gate import LogitGate
@@ -52,6 +53,11 @@ class CompositeModel(nn.Module):
         gamma: fixed gamma when there is no mixer; -inf = STD only, +inf = ROB only.
         train_gamma, eval_gamma: (scale, bias) applied to the BN-normalised gamma in training and
             evaluation mode.
+        gamma_norm: ``"batchnorm"`` (the paper's: the mixer's output clamped in training, then
+            the gamma BN and ``train_gamma`` / ``eval_gamma``) or ``"none"``: gamma is the
+            mixer's output as it is, in training and evaluation alike, so the mixer sets its
+            own scale and steepness (docs/METHOD.md, "Gamma normalisation"); the gamma BN and
+            the gamma constants are then unused.
         alpha_scale, alpha_bias: with scale_alpha on, alpha <- alpha * alpha_scale + alpha_bias.
             (0, 0) means STD only, alpha_bias == 1 ROB only.
         unsafe_detach_mixer_inputs: detach the features (or logits) fed to the mixer, hiding
@@ -66,6 +72,7 @@ class CompositeModel(nn.Module):
                  train_gamma: tuple[float, float] = (2.0, 0.4),
                  eval_gamma: tuple[float, float] = (2.0, 1.3),
                  alpha_scale: float = 1.0, alpha_bias: float = 0.0,
+                 gamma_norm: GammaNorm = "batchnorm",
                  unsafe_detach_mixer_inputs: bool = False) -> None:
         super().__init__()
         if not (std_scale > 0 and rob_scale > 0):
@@ -76,6 +83,8 @@ class CompositeModel(nn.Module):
             raise ValueError("gamma must not be NaN")
         if mixer_inputs not in MIXER_INPUTS:
             raise ValueError(f"mixer_inputs must be one of {MIXER_INPUTS}, got {mixer_inputs!r}")
+        if gamma_norm not in GAMMA_NORMS:
+            raise ValueError(f"gamma_norm must be one of {GAMMA_NORMS}, got {gamma_norm!r}")
         expected = LogitGate if mixer_inputs == "rob_logits" else MixingNet
         if mixer is not None and not isinstance(mixer, expected):
             raise ValueError(f"mixer_inputs {mixer_inputs!r} needs a {expected.__name__}, got "
@@ -87,6 +96,7 @@ class CompositeModel(nn.Module):
             model.requires_grad_(False)
         self.mixer = mixer
         self.mixer_inputs: MixerInputs = mixer_inputs
+        self.gamma_norm: GammaNorm = gamma_norm
         # Running statistics of gamma are learned with the mixer and saved as its "bn" state.
         self.gamma_bn = nn.BatchNorm1d(1, affine=False, momentum=0.01)
         self.std_scale = float(std_scale)
@@ -248,6 +258,8 @@ class CompositeModel(nn.Module):
             return torch.logit(_full(batch, self.alpha_bias, x))
 
         gamma = self._mixer_output(std_out, rob_out, mixer)  # (B, 1)
+        if self.gamma_norm == "none":
+            return gamma.reshape(-1)
         if self.training:
             # Clamping before the BN keeps outliers from dominating its running statistics.
             mean, std = (global_mean_std(gamma) if self.global_batch_stats
@@ -269,9 +281,10 @@ class CompositeModel(nn.Module):
         untouched here), clamped per batch exactly as in training, and the running mean/var
         become the plain average of the batch means/variances (BatchNorm's momentum-None
         cumulative average). So an input at the training batches' centre gets gamma = the
-        evaluation bias, with the spread training used. The caller sets autocast.
+        evaluation bias, with the spread training used. The caller sets autocast. With
+        ``gamma_norm`` "none" there is no BN to set: returns 0.
         """
-        if self.mixer is None:
+        if self.mixer is None or self.gamma_norm == "none":
             return 0
         mixer_mode = self.mixer.training
         self.mixer.eval()

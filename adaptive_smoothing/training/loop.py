@@ -253,7 +253,7 @@ class Trainer:
         if base_weight_sums(self.composite) != self.base_fingerprint:
             raise RuntimeError("a base model's weights changed during training; only the mixer "
                                "may learn (this is a bug)")
-        if self.settings.reestimate_gamma_bn:
+        if self.settings.reestimate_gamma_bn and self.composite.gamma_norm == "batchnorm":
             self._reestimate_gamma_bn()
         self._sync_gamma_bn()
         self.last_validation = self.monitor.validate(self.global_step)
