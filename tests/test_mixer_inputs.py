@@ -36,11 +36,14 @@ CPU = torch.device("cpu")
 NEW_KEYS = ("forward_settings.mixer_inputs", "forward_settings.mixer_width",
             "forward_settings.gamma_norm", "randomized_attack_settings.curriculum_steps")
 # The trainings of the `runs` fixture: name -> (mixer kind, further overrides); `rob_logits_raw`
-# is the gate with gamma = its own output over the whole alpha range (gamma_norm none).
+# is the gate with gamma = its own output over the whole alpha range (gamma_norm none), its loss
+# on the decisive images only (training_settings.loss_images).
 RUNS = {"rob_features": ("rob_features", {}), "rob_logits": ("rob_logits", {}),
         "rob_logits_raw": ("rob_logits", {"forward_settings.gamma_norm": "none",
                                           "forward_settings.alpha_bias": 0.0,
-                                          "forward_settings.alpha_scale": 1.0})}
+                                          "forward_settings.alpha_scale": 1.0,
+                                          "training_settings.loss_images": "decisive",
+                                          "training_settings.comp_loss_params.consts.ce": 1.0})}
 KINDS = ("both", "rob_features", "rob_logits")
 
 
@@ -167,6 +170,46 @@ def test_with_gamma_norm_none_gamma_is_the_gates_output_and_training_computes_wh
         torch.testing.assert_close(raw.eval()(x).gamma, 2 * gate_output, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="gamma_norm"):
         CompositeModel(std, rob, LogitGate(10), mixer_inputs="rob_logits", gamma_norm="layer")
+
+
+def test_decisive_images_keep_their_scale_and_the_others_get_zero(tiny_root: Path) -> None:
+    kind, overrides = RUNS["rob_logits_raw"]
+    trainer = build_trainer(prepare(_config(tiny_root, "decisive_scales", kind, **overrides)))
+    std, rob = trainer.composite.std_model, trainer.composite.rob_model
+    x, _ = synthetic_data(24, seed=6)
+    with torch.no_grad():
+        std_pred, rob_pred = std(x).argmax(1), rob(x).argmax(1)
+    # Labels that make every case appear: both right, STD only, ROB only, both wrong.
+    other = (std_pred + 1) % 10
+    ys = torch.where(torch.arange(24) % 4 == 0, std_pred,
+                     torch.where(torch.arange(24) % 4 == 1, rob_pred, other))
+    labels = (torch.arange(24) % 2).float()  # clean and attacked images alike
+    scales = trainer._decisive_scales(x, ys, labels, None)
+    decisive = (std_pred == ys) != (rob_pred == ys)
+    assert decisive.any() and (~decisive).any()
+    clean_scale, adv_scale = trainer.loss_fn.clean_scale, trainer.loss_fn.adv_scale
+    expected = torch.where(labels > 0.5, adv_scale, clean_scale) * decisive.float()
+    torch.testing.assert_close(scales, expected)
+    # Given scales (pre-attacked data's) are kept on the decisive images.
+    given = torch.rand(24)
+    torch.testing.assert_close(trainer._decisive_scales(x, ys, labels, given),
+                               given * decisive.float())
+    # A training iteration hands its optimizer steps these scales for the whole buffer.
+    seen: list[Any] = []
+
+    def step(xs: torch.Tensor, ys_: torch.Tensor, labels_: torch.Tensor, groups: list,
+             scales_: Any = None) -> Any:
+        seen.append((xs, ys_, labels_, scales_))
+        return original(xs, ys_, labels_, groups, scales_)
+
+    original = trainer._optimizer_step
+    trainer._optimizer_step = step  # type: ignore[method-assign]
+    trainer._train_iteration(x[:6], ys[:6], x[6:12], ys[6:12])
+    xs, ys_, labels_, scales_ = seen[0]
+    with torch.no_grad():
+        buffer_decisive = (std(xs).argmax(1) == ys_) != (rob(xs).argmax(1) == ys_)
+    torch.testing.assert_close(scales_, torch.where(labels_ > 0.5, adv_scale, clean_scale)
+                               * buffer_decisive.float())
 
 
 # -- the curriculum -------------------------------------------------------------------------------

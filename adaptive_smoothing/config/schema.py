@@ -320,6 +320,10 @@ class TrainingSettings(Section):
     lr: Num = key(5e-5, "AdamW learning rate", gt=0, affects=WEIGHTS)
     weight_decay: Num = key(1e-5, "AdamW weight decay", ge=0, affects=WEIGHTS)
     comp_loss_params: CompLossParams = key(CompLossParams(), "loss")
+    loss_images: Literal["all", "decisive"] = key(
+        "all", "the images the loss counts: `all` (the paper's) or `decisive`, those where "
+               "exactly one base model is right (elsewhere alpha hardly changes the decision; "
+               "docs/TRAINING.md, \"Decisive images\")", affects=WEIGHTS)
     accum_grad: Annotated[int, _check(lambda v: v == -1 or v >= 1, "expected -1 (one step per "
                                       "buffer) or >= 1")] = key(
         4, "mini-batches per optimizer step; -1 = one step per attack buffer", affects=WEIGHTS)

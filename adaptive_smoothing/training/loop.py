@@ -409,6 +409,8 @@ class Trainer:
             xs = torch.cat([xs, x_pa])
             ys = torch.cat([ys, y_pa])
             labels = torch.cat([labels, label_pa])
+        if self.settings.loss_images == "decisive":
+            scales = self._decisive_scales(xs, ys, labels, scales)
         order = torch.randperm(len(xs), generator=stream(self.seed, "buffer", self.iteration,
                                                          self.rank)).to(self.device)
         minibatches = list(order.chunk(self.n_mini))
@@ -424,6 +426,25 @@ class Trainer:
         if self.world > 1:
             stats = stats.all_reduced()
         return stats.metrics(steps, self.world)
+
+    @torch.no_grad()
+    def _decisive_scales(self, xs: torch.Tensor, ys: torch.Tensor, labels: torch.Tensor,
+                         scales: Optional[torch.Tensor]) -> torch.Tensor:
+        """The per-sample loss scales with every image where not exactly one base model is
+        right set to 0 (``training_settings.loss_images: decisive``; docs/TRAINING.md). Where
+        both models are right, any alpha classifies the image correctly (the mixture of two
+        distributions that both rank y first ranks y first); where both are wrong, almost no
+        alpha helps: only on the others does the mixer decide the outcome."""
+        if scales is None:
+            scales = torch.where(labels > 0.5, torch.full_like(labels, self.loss_fn.adv_scale),
+                                 torch.full_like(labels, self.loss_fn.clean_scale))
+        right = []
+        for model in (self.composite.std_model, self.composite.rob_model):
+            with autocast_context(self.device, self.dtype):
+                predictions = torch.cat([model(chunk).argmax(1)
+                                         for chunk in xs.chunk(self.n_mini)])
+            right.append(predictions == ys)
+        return scales * (right[0] != right[1]).to(scales.dtype)
 
     def _log_iteration(self, metrics: dict[str, float], bar: Any) -> None:
         if self.rank != 0:
