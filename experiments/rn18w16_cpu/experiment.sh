@@ -14,6 +14,10 @@
 #   experiment.sh calibrate        # the nonlinear composite's constants, on test images 5000..6999
 #                                  # -> $HERE/nonlinear/calibration/, configs/rn18w16_nonlinear_cpu.yaml
 #   experiment.sh nonlinear        # its sweep: fixed mixtures (reused) + nonlinear + matched alpha
+#   experiment.sh gate NAME        # the sweep of the rob_logits gate trained in rob_logits_pilots/NAME
+#                                  # (GATE_CONFIG, default configs/rn18w16_rob_logits_raw_cpu.yaml;
+#                                  # GATE_SET: extra --set arguments): fixed mixtures (reused) + the
+#                                  # gate composite (AutoAttack, adaptive, transfer, Square) + matched alpha
 # Settings: configs/rn18w16_cifar10_cpu.yaml. Evaluations: APGD-CE + APGD-T (9 targets) of
 # pyautoattack, 100 iterations, Linf 8/255; the composite also gets the adaptive attack.
 set -euo pipefail
@@ -29,7 +33,7 @@ RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
     --set dataset_settings.blocks=8)
 
-case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, calibrate or nonlinear}" in
+case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, calibrate, nonlinear or gate NAME}" in
   clean)
     "${RUN[@]}" --eval --alpha-sweep 0,1 --fixed-alphas-only --n-examples 10000 --no-adaptive \
       --set 'evaluation_settings.attacks_to_run=[]' --output-dir "$EVAL/clean" ;;
@@ -83,5 +87,20 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, 
     cp "$OUT/sweep.json" "$HERE/nonlinear/sweep.json"
     python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/nonlinear" \
       --title "ResNet-18 (width 16), CIFAR-10: nonlinear mixing" ;;
+  gate)
+    NAME=${2:?a training folder of $HERE/rob_logits_pilots}
+    OUT="$EVAL/gate_$NAME"
+    mkdir -p "$OUT" "$HERE/gate_$NAME"
+    shopt -s nullglob
+    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    LAUNCH=(python3)
+    [ "${NPROC:-1}" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+    # shellcheck disable=SC2086  # GATE_SET holds several --set arguments
+    nice -n 19 "${LAUNCH[@]}" run.py --config "${GATE_CONFIG:-configs/rn18w16_rob_logits_raw_cpu.yaml}" \
+      --data-dir "$DATA" --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --adaptive \
+      --mixer-checkpoint "rob_logits_pilots/$NAME/checkpoints/mixer.pt" --output-dir "$OUT" ${GATE_SET:-}
+    cp "$OUT/sweep.json" "$HERE/gate_$NAME/sweep.json"
+    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/gate_$NAME" \
+      --title "ResNet-18 (width 16), CIFAR-10: rob_logits gate ($NAME)" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac

@@ -4,7 +4,7 @@ attack settings), so that a pilot's validation curve has its fixed-alpha referen
 
     python3 experiments/rn18w16_cpu/rob_logits_pilots/fixed_validation.py [ALPHA ...]
 
-Writes fixed_validation.json beside this file; one thread, ~1 minute per alpha on 2 cores.
+Adds to fixed_validation.json beside this file; one thread, ~1 minute per alpha on 2 cores.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def main(alphas: list[float]) -> None:
     out = {"images": f"test {ts.val_start}..{ts.val_start + ts.n_val_examples - 1}",
            "attack": f"APGD-CE then APGD-T ({run.attack.n_target} target), "
                      f"{pgd.iters_test} iterations each, Linf {pgd.eps:.5f}", "alphas": {}}
+    if (HERE / "fixed_validation.json").exists():  # add to the alphas measured before
+        out["alphas"] = json.loads((HERE / "fixed_validation.json").read_text())["alphas"]
     for alpha in alphas:
         result = validate(fixed_alpha_composite(composite, alpha), x, y, eps=pgd.eps,
                           norm=pgd.norm, n_iter=pgd.iters_test, n_target=run.attack.n_target,
@@ -51,6 +53,7 @@ def main(alphas: list[float]) -> None:
                                           "robust": result["robust_acc"]}
         logging.info("alpha %.3f: clean %.3f robust %.3f", alpha, result["clean_acc"],
                      result["robust_acc"])
+        out["alphas"] = dict(sorted(out["alphas"].items()))
         (HERE / "fixed_validation.json").write_text(json.dumps(out, indent=2))
 
 
