@@ -49,8 +49,13 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 MANIFEST_FILE = "manifest.json"
 
-# forward_settings keys that choose the mixer, which a fixed mixture does not read.
-_MIXER_KEYS: dict[str, Any] = {"mixer_inputs": "both", "mixer_width": None}
+# The forward_settings keys a fixed-alpha mixture reads: its base models and logit scales. The
+# rest (the mixer, its inputs, the gamma normalisation and constants, the alpha range) shape only
+# the composite, so they stay out of a fixed mixture's manifest, and a sweep of a composite
+# configured otherwise reuses the fixed mixtures' finished results.
+_FIXED_MIXTURE_READS = ("std_model_type", "rob_model_type", "std_model_kwargs",
+                        "rob_model_kwargs", "std_model_scale", "rob_model_scale", "std_resize",
+                        "robustbench_model_dir")
 # Per-image outcomes kept for paired comparisons (analysis.paired_comparison): 1 = correct.
 PER_IMAGE_FILE = "per_image.json"
 
@@ -662,9 +667,8 @@ def _alpha_sweep(run: Run, alphas: Sequence[float], *, overwrite: bool = False,
     fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
                       fingerprints=dict(model_info["fingerprints"], comp=None))
     fixed_info.pop("nonlinear_settings", None)
-    # Nor does it read what a mixer reads.
     fixed_info["forward_settings"] = {k: v for k, v in fixed_info["forward_settings"].items()
-                                      if k not in _MIXER_KEYS}
+                                      if k in _FIXED_MIXTURE_READS}
     # The adaptive attack's extra term pushes the mixer's gamma; a fixed mixture has no mixer,
     # so there it would only be AutoAttack's cascade again from other random starts. Fixed
     # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.

@@ -158,6 +158,22 @@ def test_alpha_sweep_of_a_new_mixer_reuses_the_fixed_alpha_results(tmp_path, sha
     record = json.loads((out / "adaptive" / "results.json").read_text())["model"]
     assert record["model_load_path"]["comp"] == "new_mixer.pt"
 
+    # A composite configured otherwise (another mixer kind, gamma normalisation and alpha range)
+    # shapes only itself: the fixed mixture's results are still reused.
+    from adaptive_smoothing.models.gate import LogitGate
+    gate = CompositeModel(create_model("resnet18", width=4), create_model("resnet18", width=4),
+                          LogitGate(10), mixer_inputs="rob_logits")
+    save_checkpoint(mixer_checkpoint(gate), tmp_path / "models" / "gate.pt")
+    shutil.rmtree(out / "adaptive")
+    result = CliRunner().invoke(run.main, args + [
+        "--mixer-checkpoint", "gate.pt", "--set", "forward_settings.mixer_inputs=rob_logits",
+        "--set", "forward_settings.gamma_norm=none", "--set", "forward_settings.alpha_bias=0",
+        "--set", "forward_settings.alpha_scale=1", "--set", "forward_settings.in_planes=None",
+        "--set", "nonlinear_settings.transfer_attacks=false",
+        "--set", "nonlinear_settings.square_examples=0"])
+    assert result.exit_code == 0, result.output
+    assert (fixed_batch.stat().st_mtime_ns, fixed_batch.read_bytes()) == before
+
 
 def test_fixed_alpha_composite_is_the_constant_mixture():
     composite = tiny_composite(mixer=True, std_scale=1.5, rob_scale=0.5, alpha_bias=0.2,
