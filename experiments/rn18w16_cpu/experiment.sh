@@ -32,6 +32,24 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 RUN=(nice -n 19 python3 run.py --config "$CONFIG" --data-dir "$DATA" --threads 1 --device cpu)
 PA=(--set "dataset_settings.pa_path=$RUNS/pa.pt" --set dataset_settings.gamma_0=7.1
     --set dataset_settings.blocks=8)
+# NPROC=2: two CPU processes (torchrun over gloo) share an evaluation's batches, one thread each.
+LAUNCH=(nice -n 19 python3)
+[ "${NPROC:-1}" -gt 1 ] && LAUNCH=(nice -n 19 torchrun --standalone --nproc_per_node "$NPROC")
+
+# The fixed mixtures' results do not depend on the composite: copy the finished ones into a sweep's
+# folder (without a `fixed` run, nullglob lets the sweep evaluate them itself).
+reuse_fixed() {
+  mkdir -p "$1"
+  shopt -s nullglob
+  for d in "$EVAL"/fixed/alpha_*; do [ -e "$1/$(basename "$d")" ] || cp -r "$d" "$1/"; done
+}
+
+# A finished sweep's record: sweep.json, comparison.json and the trade-off plot in $2.
+record_sweep() {
+  mkdir -p "$2"
+  cp "$1/sweep.json" "$2/sweep.json"
+  python3 -m adaptive_smoothing.cli.plot_results "$1" --output-dir "$2" --title "$3"
+}
 
 case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, calibrate, nonlinear or gate NAME}" in
   clean)
@@ -57,17 +75,12 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, 
   sweep)
     RECIPE=${2:?online or pa}
     OUT="$EVAL/$RECIPE"
-    mkdir -p "$OUT" "$HERE/$RECIPE"
-    # The fixed mixtures' results do not depend on the mixer: reuse them (without a `fixed` run,
-    # nullglob lets the sweep evaluate them itself instead of failing on a literal pattern).
-    shopt -s nullglob
-    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
+    reuse_fixed "$OUT"
+    mkdir -p "$HERE/$RECIPE"
     cp "$RUNS/$RECIPE/checkpoints/mixer.pt" "$HERE/$RECIPE/mixer.pt"  # the mixer alone
     "${RUN[@]}" --eval --alpha-sweep "$ALPHAS" --adaptive --output-dir "$OUT" \
       --mixer-checkpoint "$RECIPE/mixer.pt"
-    cp "$OUT/sweep.json" "$HERE/$RECIPE/sweep.json"  # the acceptance file of issue 11
-    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/$RECIPE" \
-      --title "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
+    record_sweep "$OUT" "$HERE/$RECIPE" "ResNet-18 (width 16), CIFAR-10, $RECIPE recipe" ;;
   calibrate)
     # Held-out: test images from val_start (5000) on, never the 1,000 evaluated ones.
     nice -n 19 python3 -m adaptive_smoothing.cli.calibrate --config "$CONFIG" --data-dir "$DATA" \
@@ -76,31 +89,18 @@ case "${1:?clean, fixed, pre-attack, train RECIPE, curves RECIPE, sweep RECIPE, 
       --s-range 0.1,100 --p-range 1,10 ;;  # BETA=98.5 with the default grid: calibration_beta98.5.json
   nonlinear)
     OUT="$EVAL/nonlinear"
-    mkdir -p "$OUT" "$HERE/nonlinear"
-    shopt -s nullglob
-    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
-    # NPROC=2: two CPU processes (torchrun over gloo) share the batches, one thread each.
-    LAUNCH=(python3)
-    [ "${NPROC:-1}" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
-    nice -n 19 "${LAUNCH[@]}" run.py --config configs/rn18w16_nonlinear_cpu.yaml \
+    reuse_fixed "$OUT"
+    "${LAUNCH[@]}" run.py --config configs/rn18w16_nonlinear_cpu.yaml \
       --data-dir "$DATA" --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --output-dir "$OUT"
-    cp "$OUT/sweep.json" "$HERE/nonlinear/sweep.json"
-    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/nonlinear" \
-      --title "ResNet-18 (width 16), CIFAR-10: nonlinear mixing" ;;
+    record_sweep "$OUT" "$HERE/nonlinear" "ResNet-18 (width 16), CIFAR-10: nonlinear mixing" ;;
   gate)
     NAME=${2:?a training folder of $HERE/rob_logits_pilots}
     OUT="$EVAL/gate_$NAME"
-    mkdir -p "$OUT" "$HERE/gate_$NAME"
-    shopt -s nullglob
-    for d in "$EVAL"/fixed/alpha_*; do [ -e "$OUT/$(basename "$d")" ] || cp -r "$d" "$OUT/"; done
-    LAUNCH=(python3)
-    [ "${NPROC:-1}" -gt 1 ] && LAUNCH=(torchrun --standalone --nproc_per_node "$NPROC")
+    reuse_fixed "$OUT"
     # shellcheck disable=SC2086  # GATE_SET holds several --set arguments
-    nice -n 19 "${LAUNCH[@]}" run.py --config "${GATE_CONFIG:-configs/rn18w16_rob_logits_raw_cpu.yaml}" \
+    "${LAUNCH[@]}" run.py --config "${GATE_CONFIG:-configs/rn18w16_rob_logits_raw_cpu.yaml}" \
       --data-dir "$DATA" --threads 1 --device cpu --eval --alpha-sweep "$ALPHAS" --adaptive \
       --mixer-checkpoint "rob_logits_pilots/$NAME/checkpoints/mixer.pt" --output-dir "$OUT" ${GATE_SET:-}
-    cp "$OUT/sweep.json" "$HERE/gate_$NAME/sweep.json"
-    python3 -m adaptive_smoothing.cli.plot_results "$OUT" --output-dir "$HERE/gate_$NAME" \
-      --title "ResNet-18 (width 16), CIFAR-10: rob_logits gate ($NAME)" ;;
+    record_sweep "$OUT" "$HERE/gate_$NAME" "ResNet-18 (width 16), CIFAR-10: rob_logits gate ($NAME)" ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
