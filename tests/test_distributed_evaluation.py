@@ -8,9 +8,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from adaptive_smoothing.evaluation import evaluate
+from spawn import spawn
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
 
@@ -44,7 +44,7 @@ def test_two_processes_match_one(tmp_path):
     single = evaluate(composite, x, y, _settings(attacks_to_run=("apgd-ce",), batch_size=8),
                       tmp_path / "single", device=torch.device("cpu"))
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "composite.pt"),
+    spawn(_worker, args=(2, _free_port(), str(tmp_path / "composite.pt"),
                             tmp_path / "multi"), nprocs=2, join=True)
     multi = json.loads((tmp_path / "multi" / "results.json").read_text())
     assert multi == json.loads(json.dumps(single))

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
 from adaptive_smoothing import analysis, base_training
@@ -26,6 +25,7 @@ from adaptive_smoothing.checkpoints import save_checkpoint
 from adaptive_smoothing.tools.readiness import SyncRecorder
 from adaptive_smoothing.training import Trainer, build_trainer
 from adaptive_smoothing.prepare import prepare
+from spawn import spawn
 from synthetic import synthetic_data, tiny_composite
 from test_evaluation import _settings
 from test_training import _tiny_config, tiny_root  # noqa: F401  (a fixture)
@@ -81,7 +81,7 @@ def _uneven_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.distributed
 def test_rank_that_finishes_early_does_not_hit_the_process_group_timeout(tmp_path: Path) -> None:
-    mp.spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
+    spawn(_uneven_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["n_examples"] == 16
 
@@ -116,7 +116,7 @@ def _download_worker(rank: int, world: int, port: int, root: str) -> None:
 @pytest.mark.distributed
 def test_only_rank_zero_downloads_the_dataset_and_a_slow_download_does_not_time_out(
         tmp_path: Path) -> None:
-    mp.spawn(_download_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_download_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     assert len((tmp_path / "downloads.log").read_text().split()) == 1
 
 
@@ -378,7 +378,7 @@ def test_torchrun_evaluation_prints_once_and_shuts_the_process_group_down(
     from test_cli import _write_config
     config = _write_config(tmp_path, shared_cifar10)
     out = tmp_path / "out"
-    mp.spawn(_torchrun_eval_worker, args=(2, _free_port(), str(config), str(shared_cifar10),
+    spawn(_torchrun_eval_worker, args=(2, _free_port(), str(config), str(shared_cifar10),
                                           str(out)), nprocs=2, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert "clean accuracy" in ranks[0]["table"] and ranks[1]["table"] is None
