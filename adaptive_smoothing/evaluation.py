@@ -27,7 +27,7 @@ from tqdm import tqdm
 from adaptive_smoothing.attacks import PerImageRandom, adaptive_attack, pgd
 from adaptive_smoothing.compat import import_autoattack, use_per_image_random_starts
 from adaptive_smoothing.config import (MOVED, STANDARD_AUTOATTACK, Config, EvaluationSettings,
-                                       NonlinearSettings, provenance)
+                                       ForwardSettings, NonlinearSettings, provenance)
 from adaptive_smoothing.errors import UserError
 from adaptive_smoothing.models import CompositeModel, LogProbClassifier
 from adaptive_smoothing.models.composite import fixed_alpha_composite
@@ -49,13 +49,6 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 MANIFEST_FILE = "manifest.json"
 
-# The forward_settings keys a fixed-alpha mixture reads: its base models and logit scales. The
-# rest (the mixer, its inputs, the gamma normalisation and constants, the alpha range) shape only
-# the composite, so they stay out of a fixed mixture's manifest, and a sweep of a composite
-# configured otherwise reuses the fixed mixtures' finished results.
-_FIXED_MIXTURE_READS = ("std_model_type", "rob_model_type", "std_model_kwargs",
-                        "rob_model_kwargs", "std_model_scale", "rob_model_scale", "std_resize",
-                        "robustbench_model_dir")
 # Per-image outcomes kept for paired comparisons (analysis.paired_comparison): 1 = correct.
 PER_IMAGE_FILE = "per_image.json"
 
@@ -667,8 +660,11 @@ def _alpha_sweep(run: Run, alphas: Sequence[float], *, overwrite: bool = False,
     fixed_info = dict(model_info, model_load_path=dict(model_info["model_load_path"], comp=None),
                       fingerprints=dict(model_info["fingerprints"], comp=None))
     fixed_info.pop("nonlinear_settings", None)
+    # Nor does it read what shapes the mixing (declared `mixer` on the schema): a sweep of a
+    # composite configured otherwise reuses the fixed mixtures' finished results.
+    mixing = provenance.mixer_keys(ForwardSettings)
     fixed_info["forward_settings"] = {k: v for k, v in fixed_info["forward_settings"].items()
-                                      if k in _FIXED_MIXTURE_READS}
+                                      if k not in mixing}
     # The adaptive attack's extra term pushes the mixer's gamma; a fixed mixture has no mixer,
     # so there it would only be AutoAttack's cascade again from other random starts. Fixed
     # mixtures get the standard evaluation (AutoAttack, PGD if asked) and the composite all.

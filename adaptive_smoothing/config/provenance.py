@@ -52,6 +52,14 @@ def field_affects(field: FieldInfo) -> Optional[frozenset[str]]:
     return None if value is None else frozenset(value)
 
 
+def mixer_keys(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` declared ``mixer`` (schema.key): those only the composite's
+    mixing reads, not a fixed-alpha mixture of the same base models."""
+    return frozenset(name for name, field in model.model_fields.items()
+                     if isinstance(field.json_schema_extra, dict)
+                     and field.json_schema_extra.get("mixer"))
+
+
 def _is_section(field: FieldInfo) -> bool:
     return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 

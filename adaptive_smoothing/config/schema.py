@@ -134,14 +134,19 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 def key(default: Any, description: str, derived: str = "", *,
-        affects: Optional[frozenset[str]] = None, **constraints: Any) -> Any:
+        affects: Optional[frozenset[str]] = None, mixer: bool = False,
+        **constraints: Any) -> Any:
     """A documented key. ``derived``: the rule that fills it in at load (:mod:`.legacy`) when a
     file leaves it out or writes 'default'. ``affects``: what its value changes (every leaf key
     must say; sections do not), which is all that training's resume and evaluation's manifest
-    read (:mod:`.provenance`)."""
+    read (:mod:`.provenance`). ``mixer``: a forward_settings key that shapes how the composite
+    mixes (its mixer, gamma, alpha range), which a fixed-alpha mixture of the same base models
+    does not read, so its results stay valid when the key changes."""
     extra: dict[str, Any] = {"derived": derived} if derived else {}
     if affects is not None:
         extra["affects"] = sorted(affects)
+    if mixer:
+        extra["mixer"] = True
     return Field(default, description=description, **constraints,
                  json_schema_extra=extra or None)
 
@@ -209,40 +214,41 @@ class ForwardSettings(Section):
                                        affects=WEIGHTS_AND_RESULTS)
     in_planes: Optional[Annotated[tuple[PosInt, PosInt], BeforeValidator(_tuple_text)]] = key(
         None, "first-feature channels (STD, ROB), e.g. `'(512, 256)'`; None = read from the "
-              "models; checked against them when the model is built", affects=WEIGHTS_AND_RESULTS)
+              "models; checked against them when the model is built", affects=WEIGHTS_AND_RESULTS, mixer=True)
     gamma: Annotated[float, _check(lambda v: not math.isnan(v), "expected a number, not NaN")] = (
         key(0.0, "fixed gamma when `use_policy` is false (alpha = sigmoid(gamma)); `-inf` = STD "
-                 "only, `inf` = ROB only", allow_inf_nan=True, affects=WEIGHTS_AND_RESULTS))
+                 "only, `inf` = ROB only", allow_inf_nan=True, affects=WEIGHTS_AND_RESULTS, mixer=True))
     use_policy: bool = key(True, "use the mixing network (false: fixed `gamma`)",
-                           affects=WEIGHTS_AND_RESULTS)
+                           affects=WEIGHTS_AND_RESULTS, mixer=True)
     policy_graph: bool = key(True, "false detaches the mixer's inputs, hiding it from attacks: "
                              "robust accuracy so measured is **not valid**",
-                             affects=WEIGHTS_AND_RESULTS)
+                             affects=WEIGHTS_AND_RESULTS, mixer=True)
     pn_version: Literal[3, 4] = key(4, "mixing network version (V4 adds a 1x1 conv on the "
-                                    "second features)", affects=WEIGHTS_AND_RESULTS)
+                                    "second features)", affects=WEIGHTS_AND_RESULTS, mixer=True)
     mixer_inputs: MixerInputs = key(
         "both", "what the mixer reads (docs/METHOD.md, \"Mixer inputs\"): `both` models' "
                 "feature maps (the paper's; every published checkpoint), `rob_features` (the "
                 "same network on ROB's feature maps only), `rob_logits` (a gate of ~240 "
                 "parameters on ROB's scaled logits, adaptive_smoothing/models/gate.py); with "
                 "`rob_*` gamma does not depend on STD, so an attacker cannot steer it through "
-                "STD's features", affects=WEIGHTS_AND_RESULTS)
+                "STD's features", affects=WEIGHTS_AND_RESULTS, mixer=True)
     mixer_width: Optional[Annotated[float, Field(gt=0)]] = key(
         None, "multiplier of the mixing network's last two stage widths (c2, c3 of each "
               "channel plan; docs/METHOD.md, \"Mixing network\"), e.g. 0.5 for a network of "
               "about a third of the parameters; None = the plan as is (the paper's); not for "
-              "`mixer_inputs: rob_logits`", affects=WEIGHTS_AND_RESULTS)
+              "`mixer_inputs: rob_logits`", affects=WEIGHTS_AND_RESULTS, mixer=True)
     alpha_scale: Unit = key(1.0, "alpha <- alpha * alpha_scale + alpha_bias",
-                            affects=WEIGHTS_AND_RESULTS)
+                            affects=WEIGHTS_AND_RESULTS, mixer=True)
     alpha_bias: Unit = key(0.0, "lower end of the alpha range; alpha_bias + alpha_scale <= 1",
-                           affects=WEIGHTS_AND_RESULTS)
+                           affects=WEIGHTS_AND_RESULTS, mixer=True)
     gamma_norm: GammaNorm = key(
         "batchnorm", "how the mixer's output becomes gamma (docs/METHOD.md, \"Gamma "
                      "normalisation\"): `batchnorm` (the paper's: clamped in training, the gamma "
                      "BN, then `gamma_consts`) or `none` (the output as it is, in training and "
                      "evaluation alike: the mixer sets its own scale; `gamma_consts` unused)",
-        affects=WEIGHTS_AND_RESULTS)
-    gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)")
+        affects=WEIGHTS_AND_RESULTS, mixer=True)
+    gamma_consts: GammaConsts = key(GammaConsts(), "gamma constants (files: training_settings)",
+                                    mixer=True)
     parallel: int = key(1, "authors' key, not used (one process per GPU)", ge=0, affects=NOTHING)
     ema_decay: Optional[float] = key(None, "authors' key, not used", affects=NOTHING)
 
