@@ -134,9 +134,15 @@ class CompLoss(nn.Module):
         ce = F.cross_entropy(log_probs.float(), y, reduction="none")
         loss = self.c_bce * bce + self.c_ce * ce + self.c_prod * bce * ce
         if scale is None:
-            scale = torch.where(label > 0.5, torch.full_like(label, self.adv_scale),
-                                torch.full_like(label, self.clean_scale))
+            scale = self.group_scales(label)
         return loss * scale.to(loss.dtype)
+
+    def group_scales(self, mixer_label: torch.Tensor) -> torch.Tensor:
+        """The per-sample scales when none are given: ``adv_scale`` for attacked samples (mixer
+        label 1), ``clean_scale`` for clean ones."""
+        label = mixer_label if mixer_label.is_floating_point() else mixer_label.float()
+        return torch.where(label > 0.5, torch.full_like(label, self.adv_scale),
+                           torch.full_like(label, self.clean_scale))
 
     def forward(self, log_probs: torch.Tensor, gamma: torch.Tensor, y: torch.Tensor,
                 mixer_label: torch.Tensor, scale: Optional[torch.Tensor] = None,

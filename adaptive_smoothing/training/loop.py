@@ -436,8 +436,7 @@ class Trainer:
         distributions that both rank y first ranks y first); where both are wrong, almost no
         alpha helps: only on the others does the mixer decide the outcome."""
         if scales is None:
-            scales = torch.where(labels > 0.5, torch.full_like(labels, self.loss_fn.adv_scale),
-                                 torch.full_like(labels, self.loss_fn.clean_scale))
+            scales = self.loss_fn.group_scales(labels)
         right = []
         for model in (self.composite.std_model, self.composite.rob_model):
             with autocast_context(self.device, self.dtype):
